@@ -1,0 +1,243 @@
+//! `tributary check`: can every configured service be reached with this configuration?
+//!
+//! Each probe runs concurrently under its own timeout and yields one line: what was probed (with
+//! any password redacted) and `ok` with what it found, or the error. Probes only read: they
+//! create no slot, topic, table or object.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::config::{Config, KafkaSource};
+use crate::secret::ConnString;
+
+/// One probe's outcome.
+#[derive(Debug)]
+pub struct Probe {
+    pub service: &'static str,
+    pub target: String,
+    pub result: Result<String, String>,
+}
+
+/// Probes every service `config` names; `timeout` bounds each probe.
+pub async fn run(config: &Config, timeout: Duration) -> Vec<Probe> {
+    let mut probes: Vec<futures::future::BoxFuture<'_, Probe>> = Vec::new();
+    if let Some(pg) = &config.sources.postgres {
+        probes.push(Box::pin(probe(
+            "postgres source",
+            pg.url.redacted(),
+            timeout,
+            postgres_source(&pg.url),
+        )));
+    }
+    if let Some(k) = &config.sources.kafka {
+        let target = k
+            .librdkafka_properties()
+            .ok()
+            .and_then(|p| p.get("bootstrap.servers").map(str::to_owned))
+            .unwrap_or_default();
+        probes.push(Box::pin(probe(
+            "kafka source",
+            target,
+            timeout,
+            kafka(k, timeout),
+        )));
+    }
+    if let Some(e) = &config.embedding {
+        probes.push(Box::pin(probe(
+            "embedding model",
+            e.model_dir.display().to_string(),
+            timeout,
+            model_files(&e.model_dir),
+        )));
+    }
+    if let Some(d) = &config.sinks.delta {
+        probes.push(Box::pin(probe(
+            "delta sink",
+            d.uri.clone(),
+            timeout,
+            object_store_list(&d.uri, &d.storage),
+        )));
+    }
+    if let Some(p) = &config.sinks.pgvector {
+        probes.push(Box::pin(probe(
+            "pgvector sink",
+            p.url.redacted(),
+            timeout,
+            pgvector(&p.url),
+        )));
+    }
+    futures::future::join_all(probes).await
+}
+
+async fn probe(
+    service: &'static str,
+    target: String,
+    timeout: Duration,
+    fut: impl Future<Output = Result<String, String>>,
+) -> Probe {
+    let result = match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    };
+    Probe {
+        service,
+        target,
+        result,
+    }
+}
+
+async fn connect(url: &ConnString) -> Result<tokio_postgres::Client, String> {
+    let (client, connection) = tokio_postgres::connect(url.expose(), tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("cannot connect: {}", pg_error_text(&e)))?;
+    tokio::spawn(async move {
+        // The connection ends when the client is dropped; an error after that is of no interest.
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// tokio-postgres's `Display` for a server error is just "db error"; the server's message is in
+/// the source.
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s.push_str(": ");
+                s.push_str(&inner.to_string());
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+async fn postgres_source(url: &ConnString) -> Result<String, String> {
+    let client = connect(url).await?;
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version'), current_setting('wal_level'), \
+             (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_error_text(&e))?;
+    let (version, wal_level, can_replicate): (String, String, Option<bool>) =
+        (row.get(0), row.get(1), row.get(2));
+    if wal_level != "logical" {
+        return Err(format!(
+            "wal_level is {wal_level:?}: set wal_level = logical in postgresql.conf and restart \
+             the server"
+        ));
+    }
+    if can_replicate != Some(true) {
+        return Err(
+            "the user lacks the REPLICATION attribute: ALTER ROLE … WITH REPLICATION".into(),
+        );
+    }
+    Ok(format!(
+        "PostgreSQL {version}, wal_level=logical, replication allowed"
+    ))
+}
+
+async fn pgvector(url: &ConnString) -> Result<String, String> {
+    let client = connect(url).await?;
+    let row = client
+        .query_opt(
+            "SELECT default_version, installed_version FROM pg_available_extensions \
+             WHERE name = 'vector'",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_error_text(&e))?;
+    match row {
+        None => {
+            Err("the pgvector extension is not available on this server: install pgvector".into())
+        }
+        Some(row) => {
+            let (available, installed): (String, Option<String>) = (row.get(0), row.get(1));
+            Ok(match installed {
+                Some(v) => format!("pgvector {v} installed"),
+                None => format!("pgvector {available} available (created on first run)"),
+            })
+        }
+    }
+}
+
+async fn kafka(k: &KafkaSource, timeout: Duration) -> Result<String, String> {
+    let props = k.librdkafka_properties().map_err(|e| e.to_string())?;
+    let topics: Vec<String> = k.topics.iter().map(|t| t.name.clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut cc = ClientConfig::new();
+        for (key, value) in props.iter() {
+            cc.set(key, value);
+        }
+        let consumer: BaseConsumer = cc.create().map_err(|e| e.to_string())?;
+        let md = consumer
+            .fetch_metadata(None, timeout)
+            .map_err(|e| format!("cannot fetch metadata: {e}"))?;
+        let mut found = Vec::new();
+        for name in &topics {
+            match md.topics().iter().find(|t| t.name() == name) {
+                Some(t) if t.error().is_none() => {
+                    found.push(format!("{name} ({} partitions)", t.partitions().len()))
+                }
+                _ => return Err(format!("topic {name:?} does not exist on the cluster")),
+            }
+        }
+        Ok(format!(
+            "{} broker(s); {}",
+            md.brokers().len(),
+            found.join(", ")
+        ))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+async fn model_files(dir: &std::path::Path) -> Result<String, String> {
+    for file in ["model.onnx", "tokenizer.json"] {
+        let p = dir.join(file);
+        if !p.is_file() {
+            return Err(format!("{} is missing", p.display()));
+        }
+    }
+    match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(p) if std::path::Path::new(&p).is_file() => Ok(format!(
+            "model.onnx and tokenizer.json present; ONNX Runtime at {}",
+            std::path::Path::new(&p).display()
+        )),
+        Some(p) => Err(format!(
+            "ORT_DYLIB_PATH={} is not a file",
+            std::path::Path::new(&p).display()
+        )),
+        None => Err("ORT_DYLIB_PATH is not set: point it at libonnxruntime.so".into()),
+    }
+}
+
+async fn object_store_list(
+    uri: &str,
+    options: &crate::secret::SecretMap,
+) -> Result<String, String> {
+    let (store, prefix) = crate::storage::open(uri, options).map_err(|e| e.to_string())?;
+    let mut listing = store.list(Some(&prefix));
+    let mut n = 0usize;
+    while let Some(item) = listing.next().await {
+        item.map_err(|e| format!("cannot list: {e}"))?;
+        n += 1;
+        if n >= 1000 {
+            break;
+        }
+    }
+    Ok(match n {
+        0 => "reachable, empty".to_owned(),
+        1000 => "reachable, 1000+ objects".to_owned(),
+        n => format!("reachable, {n} objects"),
+    })
+}

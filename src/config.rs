@@ -1,0 +1,857 @@
+//! The connector's TOML configuration: what to read, how to embed, where to write.
+//!
+//! Loading is three steps, each of which names the key it rejects:
+//! 1. parse TOML (syntax errors give line and column, never the offending line: it may hold a
+//!    password);
+//! 2. interpolate `${VAR}` and `${VAR:-default}` in every string from the environment (`$${`
+//!    writes a literal `${`); an unset variable without a default is an error at its key;
+//! 3. deserialize into typed structs that reject unknown keys, then validate values that types
+//!    cannot (URI schemes, slot names, template syntax, references between sections).
+//!
+//! Secrets are held in [`crate::secret`] types, so `format!("{config:?}")` never shows them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::secret::{ConnString, SecretMap};
+
+/// A configuration problem, naming where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TOML syntax error at line {line}, column {column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A key holds a value Tributary cannot use. `key` is the dotted path (`sinks.delta.uri`).
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The dotted key path the error is about, when it is about one key.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names this connector: prefixes Delta `txn` app ids and default slot/group names.
+    pub name: String,
+    pub sources: Sources,
+    #[serde(default)]
+    pub embedding: Option<EmbeddingConfig>,
+    pub sinks: Sinks,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sources {
+    pub postgres: Option<PostgresSource>,
+    pub kafka: Option<KafkaSource>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSource {
+    /// `postgres://user:pw@host:port/db` or libpq `host=… user=… password=…`.
+    pub url: ConnString,
+    /// Publication to read; created for `tables` (or every table of `schema`) when missing.
+    pub publication: String,
+    /// Logical replication slot (pgoutput); created when missing.
+    pub slot: String,
+    /// Tables to publish, `schema.table` or `table` (schema `public`); identifiers may be quoted:
+    /// `public."Order Items"`.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Publish every table of this schema instead of a list.
+    pub schema: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSource {
+    /// `host:port,host:port`; may instead come from `client_properties` (`bootstrap.servers`).
+    pub brokers: Option<String>,
+    /// A Confluent-style `client.properties` file whose keys are librdkafka properties.
+    pub client_properties: Option<PathBuf>,
+    pub group_id: String,
+    #[serde(default)]
+    pub start: StartFrom,
+    pub topics: Vec<TopicConfig>,
+    /// Any librdkafka property; overrides `client_properties`.
+    #[serde(default)]
+    pub properties: SecretMap,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    pub name: String,
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// Columns of the message value that form the key; empty means the Kafka message key.
+    #[serde(default)]
+    pub key_columns: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageFormat {
+    /// A JSON object per message.
+    #[default]
+    Json,
+    /// A Debezium JSON change envelope, with or without the `schema`/`payload` wrapper.
+    Debezium,
+    /// The bytes as they are.
+    Raw,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingConfig {
+    /// Folder holding `model.onnx` and `tokenizer.json`.
+    pub model_dir: PathBuf,
+    /// Per source (`schema.table` or topic): the text to embed, e.g.
+    /// `"{customer} ordered {items}: {note}"`. Sources without a template are not embedded.
+    #[serde(default)]
+    pub templates: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sinks {
+    pub delta: Option<DeltaSink>,
+    pub pgvector: Option<PgvectorSink>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaSink {
+    /// Root of the Bronze tables (one table per source beneath it): `file:///…`, a plain local
+    /// path, `s3://bucket/prefix`, `az://container/prefix` or
+    /// `abfss://container@account.dfs.core.windows.net/prefix`.
+    pub uri: String,
+    /// object_store options (`aws_endpoint`, `azure_storage_account_key`, …); the usual `AWS_*` /
+    /// `AZURE_*` environment variables apply too.
+    #[serde(default)]
+    pub storage: SecretMap,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgvectorSink {
+    pub url: ConnString,
+    /// Schema holding the target tables (one per source).
+    #[serde(default = "default_pg_schema")]
+    pub schema: String,
+}
+
+fn default_pg_schema() -> String {
+    "public".to_owned()
+}
+
+/// The URI schemes the Delta sink can write to.
+pub const DELTA_SCHEMES: [&str; 7] = ["file", "s3", "s3a", "az", "azure", "abfs", "abfss"];
+
+impl Config {
+    /// Reads and validates `path`, interpolating from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base, |name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates `text`. `base_dir` anchors relative paths; `env` looks up variables.
+    pub fn parse(
+        text: &str,
+        base_dir: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
+        interpolate(&mut value, &mut Vec::new(), &env)?;
+        let mut config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.inner().to_string();
+            // toml appends "\nin `a.b`": the path is already in front.
+            let inner = inner.split("\nin `").next().unwrap_or_default();
+            let message = sanitize_serde_message(inner.trim());
+            ConfigError::invalid(
+                if path == "." {
+                    "(top level)".into()
+                } else {
+                    path
+                },
+                message,
+            )
+        })?;
+        config.resolve_paths(base_dir);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if let Some(k) = &mut self.sources.kafka {
+            if let Some(p) = &mut k.client_properties {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+        if let Some(e) = &mut self.embedding {
+            if e.model_dir.is_relative() {
+                e.model_dir = base.join(&e.model_dir);
+            }
+        }
+        if let Some(d) = &mut self.sinks.delta {
+            if !d.uri.contains("://") && Path::new(&d.uri).is_relative() {
+                d.uri = base.join(&d.uri).to_string_lossy().into_owned();
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ConfigError::invalid(
+                "name",
+                format!(
+                    "{:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
+                    self.name
+                ),
+            ));
+        }
+        if self.sources.postgres.is_none() && self.sources.kafka.is_none() {
+            return Err(ConfigError::invalid(
+                "sources",
+                "configure at least one of [sources.postgres] or [sources.kafka]",
+            ));
+        }
+        if self.sinks.delta.is_none() && self.sinks.pgvector.is_none() {
+            return Err(ConfigError::invalid(
+                "sinks",
+                "configure at least one of [sinks.delta] or [sinks.pgvector]",
+            ));
+        }
+        if let Some(pg) = &self.sources.postgres {
+            validate_pg_url("sources.postgres.url", &pg.url)?;
+            validate_pg_name("sources.postgres.publication", &pg.publication)?;
+            validate_slot_name(&pg.slot)?;
+            if !pg.tables.is_empty() && pg.schema.is_some() {
+                return Err(ConfigError::invalid(
+                    "sources.postgres.schema",
+                    "give either `tables` or `schema`, not both",
+                ));
+            }
+            for (i, t) in pg.tables.iter().enumerate() {
+                parse_table_name(t).map_err(|m| {
+                    ConfigError::invalid(format!("sources.postgres.tables[{i}]"), m)
+                })?;
+            }
+        }
+        if let Some(k) = &self.sources.kafka {
+            k.validate()?;
+        }
+        if let Some(e) = &self.embedding {
+            let known = self.known_sources();
+            for (source, template) in &e.templates {
+                let key = format!("embedding.templates.{source:?}");
+                parse_template(template).map_err(|m| ConfigError::invalid(&key, m))?;
+                if let Some(known) = &known {
+                    if !known.contains(source) {
+                        return Err(ConfigError::invalid(
+                            key,
+                            format!(
+                                "no configured source is named {source:?} (sources: {})",
+                                known.join(", ")
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(d) = &self.sinks.delta {
+            validate_delta_uri(&d.uri)?;
+        }
+        if let Some(p) = &self.sinks.pgvector {
+            validate_pg_url("sinks.pgvector.url", &p.url)?;
+            validate_pg_name("sinks.pgvector.schema", &p.schema)?;
+        }
+        Ok(())
+    }
+
+    /// Every source name, when the configuration lists them all (`None` when a whole Postgres
+    /// schema is published and the tables are only known at run time).
+    pub fn known_sources(&self) -> Option<Vec<String>> {
+        let mut names = Vec::new();
+        if let Some(pg) = &self.sources.postgres {
+            if pg.tables.is_empty() {
+                return None;
+            }
+            for t in &pg.tables {
+                let (schema, table) = parse_table_name(t).ok()?;
+                names.push(format!("{schema}.{table}"));
+            }
+        }
+        if let Some(k) = &self.sources.kafka {
+            names.extend(k.topics.iter().map(|t| t.name.clone()));
+        }
+        Some(names)
+    }
+}
+
+impl KafkaSource {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.topics.is_empty() {
+            return Err(ConfigError::invalid(
+                "sources.kafka.topics",
+                "list at least one topic ([[sources.kafka.topics]] name = \"orders\")",
+            ));
+        }
+        if self.group_id.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "sources.kafka.group_id",
+                "must not be empty",
+            ));
+        }
+        for (i, t) in self.topics.iter().enumerate() {
+            let valid = !t.name.is_empty()
+                && t.name.len() <= 249
+                && t.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !valid {
+                return Err(ConfigError::invalid(
+                    format!("sources.kafka.topics[{i}].name"),
+                    format!("{:?} is not a valid Kafka topic name", t.name),
+                ));
+            }
+        }
+        let props = self.client_properties()?;
+        let has_brokers = self
+            .brokers
+            .as_deref()
+            .is_some_and(|b| !b.trim().is_empty())
+            || props.contains_key("bootstrap.servers")
+            || self.properties.get("bootstrap.servers").is_some();
+        if !has_brokers {
+            return Err(ConfigError::invalid(
+                "sources.kafka.brokers",
+                "missing: set `brokers`, or `bootstrap.servers` in `properties` or in the \
+                 `client_properties` file",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The librdkafka properties to use: the `client_properties` file, then `properties`, then
+    /// `brokers` and `group_id` on top.
+    pub fn librdkafka_properties(&self) -> Result<SecretMap, ConfigError> {
+        let mut all = self.client_properties()?;
+        all.extend(self.properties.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(b) = &self.brokers {
+            all.insert("bootstrap.servers".into(), b.clone());
+        }
+        all.insert("group.id".into(), self.group_id.clone());
+        Ok(SecretMap(all))
+    }
+
+    fn client_properties(&self) -> Result<BTreeMap<String, String>, ConfigError> {
+        let Some(path) = &self.client_properties else {
+            return Ok(BTreeMap::new());
+        };
+        let key = "sources.kafka.client_properties";
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::invalid(key, format!("cannot read {}: {e}", path.display()))
+        })?;
+        parse_properties(&text)
+            .map_err(|m| ConfigError::invalid(key, format!("{}: {m}", path.display())))
+    }
+}
+
+/// Parses a Java-style `.properties` file as Confluent Cloud hands them out: `key=value` (or
+/// `key: value`) per line, `#`/`!` comments, blank lines ignored.
+pub fn parse_properties(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        let Some(sep) = line.find(['=', ':']) else {
+            return Err(format!("line {}: expected key=value", n + 1));
+        };
+        let (k, v) = (line[..sep].trim(), line[sep + 1..].trim());
+        if k.is_empty() {
+            return Err(format!("line {}: empty key", n + 1));
+        }
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(out)
+}
+
+fn validate_pg_url(key: &str, url: &ConnString) -> Result<(), ConfigError> {
+    url.expose()
+        .parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| {
+            ConfigError::invalid(key, format!("invalid PostgreSQL connection string: {e}"))
+        })
+}
+
+fn validate_pg_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{name:?} must be 1 to 63 bytes (PostgreSQL's identifier limit)"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_slot_name(slot: &str) -> Result<(), ConfigError> {
+    let ok = !slot.is_empty()
+        && slot.len() <= 63
+        && slot
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            "sources.postgres.slot",
+            format!(
+                "{slot:?} is not a valid replication slot name (lowercase letters, digits and \
+                 underscores, at most 63)"
+            ),
+        ))
+    }
+}
+
+fn validate_delta_uri(uri: &str) -> Result<(), ConfigError> {
+    let key = "sinks.delta.uri";
+    if !uri.contains("://") {
+        return Ok(()); // a local path, made absolute by resolve_paths
+    }
+    let parsed = url::Url::parse(uri)
+        .map_err(|e| ConfigError::invalid(key, format!("invalid URI {uri:?}: {e}")))?;
+    let scheme = parsed.scheme();
+    if !DELTA_SCHEMES.contains(&scheme) {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "unsupported scheme {scheme:?} (use one of {})",
+                DELTA_SCHEMES.join(", ")
+            ),
+        ));
+    }
+    if scheme != "file" && parsed.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{uri:?} names no bucket or container"),
+        ));
+    }
+    if parsed.password().is_some() {
+        return Err(ConfigError::invalid(
+            key,
+            "put credentials in [sinks.delta.storage] or the environment, not in the URI",
+        ));
+    }
+    Ok(())
+}
+
+/// Splits `schema.table` (identifiers optionally double-quoted, `""` escaping a quote) into its
+/// parts; a bare `table` is in schema `public`.
+pub fn parse_table_name(s: &str) -> Result<(String, String), String> {
+    let mut parts = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                    None => return Err(format!("{s:?}: unterminated quoted identifier")),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                if c == '"' {
+                    return Err(format!("{s:?}: a quote inside an unquoted identifier"));
+                }
+                part.push(c.to_ascii_lowercase());
+                chars.next();
+            }
+        }
+        if part.is_empty() {
+            return Err(format!("{s:?}: empty identifier"));
+        }
+        parts.push(part);
+        match chars.next() {
+            None => break,
+            Some('.') => continue,
+            Some(c) => return Err(format!("{s:?}: unexpected {c:?} after a quoted identifier")),
+        }
+    }
+    match <[String; 2]>::try_from(parts) {
+        Ok([schema, table]) => Ok((schema, table)),
+        Err(parts) if parts.len() == 1 => Ok((
+            "public".into(),
+            parts.into_iter().next().unwrap_or_default(),
+        )),
+        Err(_) => Err(format!("{s:?}: expected `table` or `schema.table`")),
+    }
+}
+
+/// A piece of a text template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    Literal(String),
+    Column(String),
+}
+
+/// Parses `"{customer} ordered {items}"`; `{{` and `}}` are literal braces.
+pub fn parse_template(t: &str) -> Result<Vec<TemplatePart>, String> {
+    let mut parts = Vec::new();
+    let mut lit = String::new();
+    let mut chars = t.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '{' if chars.peek().map(|p| p.1) == Some('{') => {
+                chars.next();
+                lit.push('{');
+            }
+            '}' if chars.peek().map(|p| p.1) == Some('}') => {
+                chars.next();
+                lit.push('}');
+            }
+            '{' => {
+                let mut name = String::new();
+                loop {
+                    match chars.next() {
+                        Some((_, '}')) => break,
+                        Some((_, '{')) | None => {
+                            return Err(format!("unclosed '{{' at byte {i} of {t:?}"));
+                        }
+                        Some((_, c)) => name.push(c),
+                    }
+                }
+                let name = name.trim();
+                if name.is_empty() {
+                    return Err(format!("empty column name '{{}}' at byte {i} of {t:?}"));
+                }
+                if !lit.is_empty() {
+                    parts.push(TemplatePart::Literal(std::mem::take(&mut lit)));
+                }
+                parts.push(TemplatePart::Column(name.to_owned()));
+            }
+            '}' => {
+                return Err(format!(
+                    "unmatched '}}' at byte {i} of {t:?} (write '}}}}')"
+                ));
+            }
+            c => lit.push(c),
+        }
+    }
+    if !lit.is_empty() {
+        parts.push(TemplatePart::Literal(lit));
+    }
+    if !parts.iter().any(|p| matches!(p, TemplatePart::Column(_))) {
+        return Err(format!("{t:?} names no column: write e.g. \"{{note}}\""));
+    }
+    Ok(parts)
+}
+
+/// A dotted key path while walking the TOML tree.
+#[derive(Debug, Clone)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+struct KeyPath<'a>(&'a [Seg]);
+
+impl fmt::Display for KeyPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Seg::Key(k) if i == 0 => f.write_str(k)?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn interpolate(
+    value: &mut toml::Value,
+    path: &mut Vec<Seg>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) => {
+            if s.contains('$') {
+                *s = interpolate_str(s, env)
+                    .map_err(|m| ConfigError::invalid(KeyPath(path).to_string(), m))?;
+            }
+        }
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                path.push(Seg::Index(i));
+                interpolate(item, path, env)?;
+                path.pop();
+            }
+        }
+        toml::Value::Table(table) => {
+            for (k, v) in table.iter_mut() {
+                path.push(Seg::Key(k.clone()));
+                interpolate(v, path, env)?;
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Expands `${VAR}` and `${VAR:-default}`; `$${` is a literal `${`; any other `$` is kept.
+pub fn interpolate_str(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(tail) = after.strip_prefix("${") {
+            out.push_str("${");
+            rest = tail;
+            continue;
+        }
+        let Some(body_start) = after.strip_prefix('{') else {
+            out.push('$');
+            rest = after;
+            continue;
+        };
+        let Some(end) = body_start.find('}') else {
+            return Err(format!("unclosed \"${{\" in {:?}", redact_for_message(s)));
+        };
+        let body = &body_start[..end];
+        let (name, default) = match body.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (body, None),
+        };
+        let valid_name = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        if !valid_name {
+            return Err(format!(
+                "\"${{{name}}}\" is not a valid environment variable name"
+            ));
+        }
+        match (env(name), default) {
+            (Some(v), Some(d)) if v.is_empty() => out.push_str(d),
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable {name} is not set and \"${{{name}}}\" has no default \
+                     (write \"${{{name}:-default}}\" to give one)"
+                ));
+            }
+        }
+        rest = &body_start[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A string as it may appear in an error: connection-string passwords hidden.
+fn redact_for_message(s: &str) -> String {
+    crate::secret::redact_conn_str(s)
+}
+
+/// serde echoes mistyped string values (`invalid type: string "hunter2", expected …`): a password
+/// put where a number belongs would reach the error. Keep the kind, drop the value.
+fn sanitize_serde_message(msg: &str) -> String {
+    let marker = "invalid type: string \"";
+    match msg.find(marker) {
+        Some(start) => {
+            let value_start = start + marker.len();
+            match msg[value_start..].find("\", expected") {
+                Some(len) => format!(
+                    "{}invalid type: string{}",
+                    &msg[..start],
+                    &msg[value_start + len + 1..]
+                ),
+                None => format!("{}invalid type: string", &msg[..start]),
+            }
+        }
+        None => msg.to_owned(),
+    }
+}
+
+fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, column) = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |p| p + 1) + 1;
+            (line, column)
+        }
+        None => (0, 0),
+    };
+    ConfigError::Syntax {
+        line,
+        column,
+        message: e.message().trim().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn interpolation_expands_defaults_and_escapes() {
+        let env = env_of(&[("A", "1"), ("EMPTY", "")]);
+        assert_eq!(interpolate_str("x${A}y", &env).unwrap(), "x1y");
+        assert_eq!(interpolate_str("${B:-dflt}", &env).unwrap(), "dflt");
+        assert_eq!(interpolate_str("${EMPTY:-d}", &env).unwrap(), "d");
+        assert_eq!(interpolate_str("${EMPTY}", &env).unwrap(), "");
+        assert_eq!(interpolate_str("$${A} $5", &env).unwrap(), "${A} $5");
+        assert_eq!(interpolate_str("${B:-}", &env).unwrap(), "");
+        let err = interpolate_str("${NOPE}", &env).unwrap_err();
+        assert!(err.contains("NOPE") && err.contains("not set"), "{err}");
+        assert!(
+            interpolate_str("${A", &env)
+                .unwrap_err()
+                .contains("unclosed")
+        );
+        assert!(
+            interpolate_str("${1X}", &env)
+                .unwrap_err()
+                .contains("not a valid")
+        );
+    }
+
+    #[test]
+    fn table_names_parse_with_quotes() {
+        assert_eq!(
+            parse_table_name("orders").unwrap(),
+            ("public".into(), "orders".into())
+        );
+        assert_eq!(
+            parse_table_name("Sales.Orders").unwrap(),
+            ("sales".into(), "orders".into())
+        );
+        assert_eq!(
+            parse_table_name(r#"public."Order Items""#).unwrap(),
+            ("public".into(), "Order Items".into())
+        );
+        assert_eq!(
+            parse_table_name(r#""we""ird"."a.b""#).unwrap(),
+            (r#"we"ird"#.into(), "a.b".into())
+        );
+        for bad in ["", "a.", ".a", "a.b.c", r#""open"#, r#"a"b"#] {
+            assert!(parse_table_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn templates_parse_and_reject_malformed() {
+        assert_eq!(
+            parse_template("{customer} ordered {{x}}: {note}").unwrap(),
+            vec![
+                TemplatePart::Column("customer".into()),
+                TemplatePart::Literal(" ordered {x}: ".into()),
+                TemplatePart::Column("note".into()),
+            ]
+        );
+        for bad in ["{", "a}", "{}", "no columns", "{a{b}"] {
+            assert!(parse_template(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn properties_files_parse() {
+        let p = parse_properties(
+            "# Required connection configs\nbootstrap.servers=pkc-1.aws.confluent.cloud:9092\n\
+             security.protocol = SASL_SSL\n\nsasl.mechanisms=PLAIN\n! comment\nsasl.password=a=b\n",
+        )
+        .unwrap();
+        assert_eq!(p["bootstrap.servers"], "pkc-1.aws.confluent.cloud:9092");
+        assert_eq!(p["security.protocol"], "SASL_SSL");
+        assert_eq!(p["sasl.password"], "a=b");
+        assert!(
+            parse_properties("novalue\n")
+                .unwrap_err()
+                .contains("line 1")
+        );
+    }
+
+    #[test]
+    fn serde_messages_lose_string_values() {
+        assert_eq!(
+            sanitize_serde_message("invalid type: string \"hunter2\", expected u32"),
+            "invalid type: string, expected u32"
+        );
+        assert_eq!(
+            sanitize_serde_message("missing field `x`"),
+            "missing field `x`"
+        );
+    }
+}

@@ -1,0 +1,495 @@
+//! The one event type every stage speaks.
+//!
+//! Both sources decode into [`ChangeEvent`]; the enrichment stage fills [`ChangeEvent::embedding`];
+//! both sinks consume it. The types say what the sources really deliver:
+//! - a column value is typed ([`Value`]), and a TOASTed column that an update did not touch is
+//!   [`Value::UnchangedToast`], never a silent NULL;
+//! - a position is a [`Position`], comparable only within one stream (one replication slot, or one
+//!   Kafka topic-partition): positions of different streams have no order, so `partial_cmp` says
+//!   `None` rather than inventing one.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// What happened to the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    /// A row read by the initial snapshot, before streaming began.
+    Snapshot,
+    Truncate,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Snapshot => "snapshot",
+            Op::Truncate => "truncate",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A PostgreSQL write-ahead-log position, shown the way PostgreSQL shows it (`16/B374D848`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid LSN {0:?}: expected two hexadecimal halves like \"16/B374D848\"")]
+pub struct LsnParseError(String);
+
+impl FromStr for Lsn {
+    type Err = LsnParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || LsnParseError(s.to_owned());
+        let (hi, lo) = s.split_once('/').ok_or_else(err)?;
+        let hi = u32::from_str_radix(hi, 16).map_err(|_| err())?;
+        let lo = u32::from_str_radix(lo, 16).map_err(|_| err())?;
+        Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
+    }
+}
+
+impl Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where an event sits in its source. Ordered only within one [`StreamId`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Position {
+    /// A change inside a PostgreSQL transaction: the transaction's commit LSN, then the change's
+    /// ordinal within the transaction (so a transaction's changes keep their order).
+    Lsn { commit_lsn: Lsn, tx_ordinal: u64 },
+    /// A Kafka message.
+    Kafka {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
+}
+
+/// The stream a position belongs to: positions are totally ordered within one stream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StreamId {
+    /// One logical replication slot's stream.
+    Postgres,
+    Kafka {
+        topic: String,
+        partition: i32,
+    },
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamId::Postgres => f.write_str("postgres"),
+            StreamId::Kafka { topic, partition } => write!(f, "kafka:{topic}:{partition}"),
+        }
+    }
+}
+
+impl Position {
+    pub fn stream(&self) -> StreamId {
+        match self {
+            Position::Lsn { .. } => StreamId::Postgres,
+            Position::Kafka {
+                topic, partition, ..
+            } => StreamId::Kafka {
+                topic: topic.clone(),
+                partition: *partition,
+            },
+        }
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Lsn {
+                commit_lsn,
+                tx_ordinal,
+            } => write!(f, "{commit_lsn}#{tx_ordinal}"),
+            Position::Kafka {
+                topic,
+                partition,
+                offset,
+            } => write!(f, "{topic}[{partition}]@{offset}"),
+        }
+    }
+}
+
+impl PartialOrd for Position {
+    /// `None` when the two positions belong to different streams.
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        match (self, other) {
+            (
+                Position::Lsn {
+                    commit_lsn: a,
+                    tx_ordinal: i,
+                },
+                Position::Lsn {
+                    commit_lsn: b,
+                    tx_ordinal: j,
+                },
+            ) => Some((a, i).cmp(&(b, j))),
+            (
+                Position::Kafka {
+                    topic: t1,
+                    partition: p1,
+                    offset: o1,
+                },
+                Position::Kafka {
+                    topic: t2,
+                    partition: p2,
+                    offset: o2,
+                },
+            ) if t1 == t2 && p1 == p2 => Some(o1.cmp(o2)),
+            _ => None,
+        }
+    }
+}
+
+/// A typed column value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "value", rename_all = "snake_case")]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int16(i16),
+    Int32(i32),
+    Int64(i64),
+    Float32(f32),
+    Float64(f64),
+    /// Arbitrary-precision decimal, kept as its exact text (`numeric` has no lossless float).
+    Numeric(String),
+    Text(String),
+    Bytes(Vec<u8>),
+    Uuid(Uuid),
+    Date(NaiveDate),
+    Timestamp(NaiveDateTime),
+    TimestampTz(DateTime<Utc>),
+    Json(serde_json::Value),
+    Array(Vec<Value>),
+    /// A pgvector `vector` (or an embedding carried in the source row).
+    Vector(Vec<f32>),
+    /// A TOASTed column the change did not touch: its value is whatever the row held before.
+    UnchangedToast,
+}
+
+impl Value {
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// The value as JSON, for `_key`/`_payload` columns and templates. `UnchangedToast` has no
+    /// JSON form of its own and must be resolved by the caller; here it maps to `null`.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
+        match self {
+            Value::Null | Value::UnchangedToast => J::Null,
+            Value::Bool(b) => J::Bool(*b),
+            Value::Int16(i) => J::from(*i),
+            Value::Int32(i) => J::from(*i),
+            Value::Int64(i) => J::from(*i),
+            Value::Float32(x) => J::from(f64::from(*x)),
+            Value::Float64(x) => J::from(*x),
+            Value::Numeric(s) | Value::Text(s) => J::String(s.clone()),
+            Value::Bytes(b) => {
+                use base64::Engine as _;
+                J::String(base64::engine::general_purpose::STANDARD.encode(b))
+            }
+            Value::Uuid(u) => J::String(u.to_string()),
+            Value::Date(d) => J::String(d.to_string()),
+            Value::Timestamp(t) => J::String(t.format("%Y-%m-%dT%H:%M:%S%.f").to_string()),
+            Value::TimestampTz(t) => J::String(t.to_rfc3339()),
+            Value::Json(j) => j.clone(),
+            Value::Array(items) => J::Array(items.iter().map(Value::to_json).collect()),
+            Value::Vector(v) => J::Array(v.iter().map(|x| J::from(f64::from(*x))).collect()),
+        }
+    }
+}
+
+/// One named column of a row or key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Column {
+    pub name: String,
+    pub value: Value,
+}
+
+/// A row (or a key) in column order.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Row(pub Vec<Column>);
+
+impl Row {
+    pub fn new() -> Self {
+        Row(Vec::new())
+    }
+
+    pub fn push(&mut self, name: impl Into<String>, value: Value) {
+        self.0.push(Column {
+            name: name.into(),
+            value,
+        });
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0.iter().find(|c| c.name == name).map(|c| &c.value)
+    }
+
+    pub fn columns(&self) -> impl Iterator<Item = &Column> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The row as a JSON object (column order kept by `serde_json`'s map only if its
+    /// `preserve_order` feature is on; consumers must not rely on key order).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Object(
+            self.0
+                .iter()
+                .map(|c| (c.name.clone(), c.value.to_json()))
+                .collect(),
+        )
+    }
+}
+
+impl<S: Into<String>> FromIterator<(S, Value)> for Row {
+    fn from_iter<I: IntoIterator<Item = (S, Value)>>(iter: I) -> Self {
+        Row(iter
+            .into_iter()
+            .map(|(name, value)| Column {
+                name: name.into(),
+                value,
+            })
+            .collect())
+    }
+}
+
+/// One change, from either source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeEvent {
+    /// The source table (`schema.table`) or Kafka topic; names the Bronze and pgvector tables.
+    pub source: String,
+    pub op: Op,
+    /// Primary key (Postgres) or the configured key columns / message key (Kafka).
+    pub key: Row,
+    /// The row before the change, when the source sends it (updates/deletes; with REPLICA
+    /// IDENTITY FULL the whole row, otherwise only the old key when the key changed).
+    pub before: Option<Row>,
+    /// The row after the change; `None` for deletes and truncates.
+    pub after: Option<Row>,
+    /// Bumped by the source each time the shape of `source` changes (Relation message, new
+    /// declared schema); sinks use it to notice that they must evolve.
+    pub schema_version: u32,
+    pub position: Position,
+    /// When the source committed the change (Postgres commit time, Kafka message timestamp).
+    pub source_ts: Option<DateTime<Utc>>,
+    /// Filled by the enrichment stage for sources that have a text template.
+    pub embedding: Option<Vec<f32>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lsn_pos(lsn: u64, ord: u64) -> Position {
+        Position::Lsn {
+            commit_lsn: Lsn(lsn),
+            tx_ordinal: ord,
+        }
+    }
+
+    fn kafka_pos(topic: &str, partition: i32, offset: i64) -> Position {
+        Position::Kafka {
+            topic: topic.into(),
+            partition,
+            offset,
+        }
+    }
+
+    #[test]
+    fn lsn_positions_order_by_commit_then_ordinal() {
+        assert!(lsn_pos(100, 5) < lsn_pos(101, 0));
+        assert!(lsn_pos(100, 1) < lsn_pos(100, 2));
+        assert_eq!(
+            lsn_pos(7, 3).partial_cmp(&lsn_pos(7, 3)),
+            Some(Ordering::Equal)
+        );
+        let mut v = vec![lsn_pos(3, 0), lsn_pos(1, 9), lsn_pos(1, 2), lsn_pos(2, 0)];
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(
+            v,
+            vec![lsn_pos(1, 2), lsn_pos(1, 9), lsn_pos(2, 0), lsn_pos(3, 0)]
+        );
+    }
+
+    #[test]
+    fn kafka_positions_order_within_a_partition_only() {
+        assert!(kafka_pos("orders", 0, 9) < kafka_pos("orders", 0, 10));
+        assert_eq!(
+            kafka_pos("orders", 0, 1).partial_cmp(&kafka_pos("orders", 1, 2)),
+            None
+        );
+        assert_eq!(
+            kafka_pos("orders", 0, 1).partial_cmp(&kafka_pos("payments", 0, 2)),
+            None
+        );
+        assert_eq!(lsn_pos(1, 0).partial_cmp(&kafka_pos("orders", 0, 0)), None);
+        assert_eq!(
+            kafka_pos("orders", 2, 5).stream(),
+            StreamId::Kafka {
+                topic: "orders".into(),
+                partition: 2
+            }
+        );
+    }
+
+    #[test]
+    fn lsn_text_form_round_trips_and_rejects_garbage() {
+        let lsn: Lsn = "16/B374D848".parse().unwrap();
+        assert_eq!(lsn.0, 0x16_B374_D848);
+        assert_eq!(lsn.to_string(), "16/B374D848");
+        assert_eq!("0/0".parse::<Lsn>().unwrap(), Lsn(0));
+        for bad in ["", "16", "16/", "x/1", "1/2/3", "100000000/0"] {
+            let err = bad.parse::<Lsn>().unwrap_err().to_string();
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn event_round_trips_through_json_with_every_value_kind() {
+        let ts = DateTime::parse_from_rfc3339("2026-11-23T10:11:12.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let after: Row = [
+            ("id", Value::Int64(42)),
+            ("small", Value::Int16(-3)),
+            ("mid", Value::Int32(70_000)),
+            ("ok", Value::Bool(true)),
+            ("ratio", Value::Float32(0.25)),
+            ("amount", Value::Float64(12.5)),
+            (
+                "price",
+                Value::Numeric("123456789012345678901234.5678".into()),
+            ),
+            ("note", Value::Text("héllo \"quoted\"".into())),
+            ("blob", Value::Bytes(vec![0, 255, 7])),
+            ("uid", Value::Uuid(Uuid::nil())),
+            (
+                "day",
+                Value::Date(NaiveDate::from_ymd_opt(2026, 2, 28).unwrap()),
+            ),
+            ("local", Value::Timestamp(ts.naive_utc())),
+            ("at", Value::TimestampTz(ts)),
+            ("doc", Value::Json(serde_json::json!({"a": [1, null]}))),
+            (
+                "tags",
+                Value::Array(vec![Value::Text("x".into()), Value::Null]),
+            ),
+            ("vec", Value::Vector(vec![0.5, -1.0])),
+            ("big_text", Value::UnchangedToast),
+            ("gone", Value::Null),
+        ]
+        .into_iter()
+        .collect();
+        let event = ChangeEvent {
+            source: "public.orders".into(),
+            op: Op::Update,
+            key: [("id", Value::Int64(42))].into_iter().collect(),
+            before: Some([("id", Value::Int64(41))].into_iter().collect()),
+            after: Some(after),
+            schema_version: 3,
+            position: lsn_pos(0x16_B374_D848, 7),
+            source_ts: Some(ts),
+            embedding: Some(vec![0.1, 0.2]),
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        let back: ChangeEvent = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, event);
+        // The unchanged-TOAST marker survives as itself, not as a NULL.
+        let after = back.after.unwrap();
+        assert_eq!(after.get("big_text"), Some(&Value::UnchangedToast));
+        assert_ne!(after.get("big_text"), after.get("gone"));
+        // Positions serialise readably.
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["position"]["commit_lsn"], "16/B374D848");
+        assert_eq!(v["op"], "update");
+    }
+
+    #[test]
+    fn kafka_event_round_trips() {
+        let event = ChangeEvent {
+            source: "orders".into(),
+            op: Op::Delete,
+            key: [("order_id", Value::Text("o-1".into()))]
+                .into_iter()
+                .collect(),
+            before: None,
+            after: None,
+            schema_version: 0,
+            position: kafka_pos("orders", 2, 99),
+            source_ts: None,
+            embedding: None,
+        };
+        let back: ChangeEvent =
+            serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();
+        assert_eq!(back, event);
+        assert_eq!(back.position.to_string(), "orders[2]@99");
+    }
+
+    #[test]
+    fn row_json_form_is_an_object_of_plain_values() {
+        let row: Row = [
+            ("id", Value::Int32(1)),
+            ("blob", Value::Bytes(b"hi".to_vec())),
+            ("t", Value::UnchangedToast),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            row.to_json(),
+            serde_json::json!({"id": 1, "blob": "aGk=", "t": null})
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! Tributary: streaming change-data-capture from PostgreSQL and Kafka into Bronze Delta tables
+//! and a pgvector index, with embeddings computed in-process.
+//!
+//! The data path, stage by stage (see `DESIGN.md`):
+//! source (`postgres`, `kafka`) → [`event::ChangeEvent`] → enrich → sinks (`delta`, `pgvector`),
+//! wired by the pipeline, which acknowledges a position to its source only once every sink has
+//! durably committed everything up to it.
+
+pub mod check;
+pub mod config;
+pub mod event;
+pub mod secret;
+pub mod storage;
+pub mod telemetry;

@@ -1,0 +1,276 @@
+//! Values that must never reach a log line, an error message or `Debug` output.
+//!
+//! Three shapes of secret reach Tributary: whole values (a password, a storage key), connection
+//! strings with a password inside (`postgres://u:pw@h/db`, `host=h password=pw`), and property maps
+//! whose *keys* say which values are secret (`sasl.password`, `azure_storage_account_key`). Each has
+//! a type here whose `Debug` redacts, so deriving `Debug` on a config struct is safe.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer};
+
+pub const REDACTED: &str = "***";
+
+/// A secret value; only [`Secret::expose`] reveals it.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// A connection string that may carry a password, in URL form or libpq key=value form.
+/// `Debug` and `Display` show it with the password replaced by `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnString(String);
+
+impl ConnString {
+    pub fn new(value: impl Into<String>) -> Self {
+        ConnString(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn redacted(&self) -> String {
+        redact_conn_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ConnString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for ConnString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl<'de> Deserialize<'de> for ConnString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(ConnString)
+    }
+}
+
+/// Replaces passwords in a URL (`scheme://user:pw@host`, `?password=pw`) or in a libpq
+/// key=value string (`password=pw`, `password='p w'`).
+pub fn redact_conn_str(s: &str) -> String {
+    if s.contains("://") {
+        if let Ok(mut url) = url::Url::parse(s) {
+            if url.password().is_some() {
+                let _ = url.set_password(Some(REDACTED));
+            }
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if is_sensitive_key(&k) {
+                        REDACTED.to_owned()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            if !pairs.is_empty() {
+                url.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            return url.to_string();
+        }
+        // Not a parseable URL: hide everything between "://" and the last '@'.
+        if let (Some(start), Some(at)) = (s.find("://"), s.rfind('@')) {
+            if at > start {
+                return format!("{}://{REDACTED}{}", &s[..start], &s[at..]);
+            }
+        }
+        return s.to_owned();
+    }
+    redact_key_values(s)
+}
+
+fn redact_key_values(s: &str) -> String {
+    // libpq syntax: key = value, value optionally single-quoted with backslash escapes.
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('=') {
+        let (before, after) = rest.split_at(pos);
+        out.push_str(before);
+        out.push('=');
+        let key = before
+            .rsplit(|c: char| c.is_whitespace())
+            .find(|k| !k.is_empty())
+            .unwrap_or("");
+        let after = &after[1..];
+        let trimmed = after.trim_start();
+        out.push_str(&after[..after.len() - trimmed.len()]);
+        let value_len = if let Some(q) = trimmed.strip_prefix('\'') {
+            let mut escaped = false;
+            let mut end = q.len();
+            for (i, c) in q.char_indices() {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == '\'' {
+                    end = i + 1;
+                    break;
+                }
+            }
+            1 + end
+        } else {
+            trimmed.find(char::is_whitespace).unwrap_or(trimmed.len())
+        };
+        if is_sensitive_key(key) {
+            out.push_str(REDACTED);
+        } else {
+            out.push_str(&trimmed[..value_len]);
+        }
+        rest = &trimmed[value_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether a property/option key names a secret (librdkafka, object_store and libpq spellings):
+/// any of its `.`/`_`/`-` separated words is one of the words below.
+pub fn is_sensitive_key(key: &str) -> bool {
+    const WORDS: [&str; 11] = [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "sas",
+        "jaas",
+        "credential",
+        "credentials",
+        "key",
+        "pem",
+        "private",
+    ];
+    key.to_ascii_lowercase()
+        .split(['.', '_', '-'])
+        .any(|w| WORDS.contains(&w))
+}
+
+/// A string map (librdkafka properties, object-store options) whose `Debug` hides the values of
+/// sensitive keys.
+#[derive(Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(transparent)]
+pub struct SecretMap(pub BTreeMap<String, String>);
+
+impl SecretMap {
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SecretMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown = if is_sensitive_key(k) {
+                    REDACTED
+                } else {
+                    v.as_str()
+                };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_passwords_are_redacted() {
+        assert_eq!(
+            redact_conn_str("postgres://app:hunter2@db:5432/x?sslmode=require"),
+            "postgres://app:***@db:5432/x?sslmode=require"
+        );
+        let r = redact_conn_str("postgres://app@db/x?password=hunter2&application_name=t");
+        assert!(!r.contains("hunter2"), "{r}");
+        assert!(r.contains("application_name=t"), "{r}");
+        assert_eq!(redact_conn_str("http://h:1/p"), "http://h:1/p");
+    }
+
+    #[test]
+    fn key_value_passwords_are_redacted() {
+        let r = redact_conn_str("host=db user=app password=hunter2 dbname=x");
+        assert_eq!(r, "host=db user=app password=*** dbname=x");
+        let r = redact_conn_str("host=db password = 'hun ter\\'2' dbname=x");
+        assert!(!r.contains("hun"), "{r}");
+        assert!(r.ends_with("dbname=x"), "{r}");
+    }
+
+    #[test]
+    fn sensitive_keys_are_recognised() {
+        for k in [
+            "sasl.password",
+            "ssl.key.password",
+            "sasl.jaas.config",
+            "aws_secret_access_key",
+            "azure_storage_account_key",
+            "azure_storage_sas_key",
+            "sasl.oauthbearer.client.secret",
+            "ssl.key.pem",
+            "token",
+        ] {
+            assert!(is_sensitive_key(k), "{k}");
+        }
+        for k in [
+            "bootstrap.servers",
+            "sasl.mechanisms",
+            "sasl.username",
+            "aws_region",
+            "aws_endpoint",
+        ] {
+            assert!(!is_sensitive_key(k), "{k}");
+        }
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let m = SecretMap(
+            [
+                ("sasl.password".to_owned(), "hunter2".to_owned()),
+                ("sasl.username".to_owned(), "alice".to_owned()),
+            ]
+            .into(),
+        );
+        let d = format!("{m:?} {:?}", Secret::new("hunter2"));
+        assert!(!d.contains("hunter2"), "{d}");
+        assert!(d.contains("alice"), "{d}");
+    }
+}

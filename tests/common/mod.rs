@@ -1,0 +1,32 @@
+//! Shared test harness: where the services are, fresh names, connections.
+#![allow(dead_code)]
+
+/// An environment variable the services script exports; a clear panic when it is missing.
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the tests with scripts/test, or first \
+             `scripts/services up && eval \"$(scripts/services env)\"`"
+        )
+    })
+}
+
+/// A fresh lowercase identifier, unique per call, usable as a database/topic/slot/path name.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The services' PostgreSQL URL pointed at another database.
+pub fn pg_url_for_db(db: &str) -> String {
+    let mut url = url::Url::parse(&env("TRIBUTARY_PG_URL")).unwrap();
+    url.set_path(db);
+    url.to_string()
+}
+
+pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL: {e}"));
+    tokio::spawn(conn);
+    client
+}
