@@ -8,6 +8,8 @@
 
 pub mod check;
 pub mod config;
+pub mod dead_letter;
+pub mod error;
 pub mod event;
 pub mod secret;
 pub mod storage;
