@@ -46,10 +46,16 @@ async fn postgres_has_logical_wal_pgvector_and_pgoutput_slots() {
     assert_eq!(nearest, 2);
 
     let slot = unique("slot");
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .unwrap();
     let plugin: String = client
         .query_one(
-            "SELECT plugin FROM pg_create_logical_replication_slot($1, 'pgoutput') s
-             JOIN pg_replication_slots r USING (slot_name)",
+            "SELECT plugin FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
