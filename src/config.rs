@@ -175,10 +175,75 @@ pub struct PgvectorSink {
     /// Schema holding the target tables (one per source).
     #[serde(default = "default_pg_schema")]
     pub schema: String,
+    /// Target table per source; by default the source name (`public.orders` → `orders`, other
+    /// schemas → `schema_table`, a topic → its name).
+    #[serde(default)]
+    pub tables: BTreeMap<String, String>,
+    /// Columns of the source row kept in the `payload` jsonb column, per source (default: all).
+    #[serde(default)]
+    pub payload_columns: BTreeMap<String, Vec<String>>,
+    /// Dimension of the `embedding` column; must equal the model's output dimension.
+    #[serde(default = "default_dimension")]
+    pub dimension: u32,
+    /// Store embeddings as `halfvec` (half the space; for large dimensions).
+    #[serde(default)]
+    pub halfvec: bool,
+    #[serde(default)]
+    pub index: VectorIndex,
 }
 
 fn default_pg_schema() -> String {
     "public".to_owned()
+}
+
+fn default_dimension() -> u32 {
+    384
+}
+
+/// The similarity index built once the initial snapshot is loaded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VectorIndex {
+    #[serde(default = "default_true")]
+    pub hnsw: bool,
+    #[serde(default)]
+    pub distance: Distance,
+    #[serde(default = "default_hnsw_m")]
+    pub m: u32,
+    #[serde(default = "default_ef_construction")]
+    pub ef_construction: u32,
+}
+
+impl Default for VectorIndex {
+    fn default() -> Self {
+        VectorIndex {
+            hnsw: true,
+            distance: Distance::default(),
+            m: default_hnsw_m(),
+            ef_construction: default_ef_construction(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_hnsw_m() -> u32 {
+    16
+}
+
+fn default_ef_construction() -> u32 {
+    64
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Distance {
+    #[default]
+    Cosine,
+    L2,
+    InnerProduct,
 }
 
 /// The URI schemes the Delta sink can write to.
@@ -313,6 +378,40 @@ impl Config {
         if let Some(p) = &self.sinks.pgvector {
             validate_pg_url("sinks.pgvector.url", &p.url)?;
             validate_pg_name("sinks.pgvector.schema", &p.schema)?;
+            for (source, table) in &p.tables {
+                validate_pg_name(&format!("sinks.pgvector.tables.{source:?}"), table)?;
+            }
+            // pgvector's limits: vector ≤ 16000 dimensions, an HNSW index ≤ 2000 (4000 halfvec).
+            let max = match (p.index.hnsw, p.halfvec) {
+                (false, _) => 16_000,
+                (true, false) => 2_000,
+                (true, true) => 4_000,
+            };
+            if p.dimension == 0 || p.dimension > max {
+                return Err(ConfigError::invalid(
+                    "sinks.pgvector.dimension",
+                    format!(
+                        "{} is outside 1..={max} (pgvector's limit for this storage and index)",
+                        p.dimension
+                    ),
+                ));
+            }
+            if !(2..=100).contains(&p.index.m) {
+                return Err(ConfigError::invalid(
+                    "sinks.pgvector.index.m",
+                    format!("{} is outside pgvector's 2..=100", p.index.m),
+                ));
+            }
+            if p.index.ef_construction < 2 * p.index.m || p.index.ef_construction > 1000 {
+                return Err(ConfigError::invalid(
+                    "sinks.pgvector.index.ef_construction",
+                    format!(
+                        "{} must be between 2 × m ({}) and 1000",
+                        p.index.ef_construction,
+                        2 * p.index.m
+                    ),
+                ));
+            }
         }
         Ok(())
     }

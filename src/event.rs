@@ -325,8 +325,13 @@ pub struct ChangeEvent {
     pub position: Position,
     /// When the source committed the change (Postgres commit time, Kafka message timestamp).
     pub source_ts: Option<DateTime<Utc>>,
-    /// Filled by the enrichment stage for sources that have a text template.
+    /// Filled by the enrichment stage for sources that have a text template. `None` on such a
+    /// source means "the text did not change: keep the stored vector".
     pub embedding: Option<Vec<f32>>,
+    /// Content hash of the text the embedding was computed from (set with `embedding`), kept by
+    /// the pgvector sink so a later unchanged text can reuse the stored vector.
+    #[serde(default)]
+    pub text_hash: Option<u64>,
 }
 
 #[cfg(test)]
@@ -443,6 +448,7 @@ mod tests {
             position: lsn_pos(0x16_B374_D848, 7),
             source_ts: Some(ts),
             embedding: Some(vec![0.1, 0.2]),
+            text_hash: Some(u64::MAX),
         };
         let json = serde_json::to_string(&event).unwrap();
         let back: ChangeEvent = serde_json::from_str(&json).unwrap();
@@ -471,6 +477,7 @@ mod tests {
             position: kafka_pos("orders", 2, 99),
             source_ts: None,
             embedding: None,
+            text_hash: None,
         };
         let back: ChangeEvent =
             serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();

@@ -12,5 +12,6 @@ pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod secret;
+pub mod sink;
 pub mod storage;
 pub mod telemetry;

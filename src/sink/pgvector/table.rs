@@ -1,0 +1,276 @@
+//! Target tables: naming, quoting, creation, the dimension check and the HNSW index.
+
+use std::fmt::Write as _;
+
+use tokio_postgres::GenericClient;
+
+use super::PgvectorError;
+use crate::config::{Distance, PgvectorSink as Config};
+use crate::event::{Row, Value};
+
+/// Quotes an identifier for PostgreSQL (`Order "Items"` → `"Order ""Items"""`).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The target table of a source, unquoted (see [`Config::tables`]).
+pub fn target_name(config: &Config, source: &str) -> String {
+    if let Some(t) = config.tables.get(source) {
+        return t.clone();
+    }
+    let name = source.strip_prefix("public.").unwrap_or(source);
+    // PostgreSQL truncates identifiers at 63 bytes; do it here so the name we query is the name
+    // that exists.
+    truncate(&name.replace('.', "_"), 63).to_owned()
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The SQL type a key value is stored as.
+pub fn sql_type(v: &Value) -> &'static str {
+    match v {
+        Value::Bool(_) => "boolean",
+        Value::Int16(_) => "smallint",
+        Value::Int32(_) => "integer",
+        Value::Int64(_) => "bigint",
+        Value::Float32(_) => "real",
+        Value::Float64(_) => "double precision",
+        Value::Numeric(_) => "numeric",
+        Value::Uuid(_) => "uuid",
+        Value::Date(_) => "date",
+        Value::Timestamp(_) => "timestamp",
+        Value::TimestampTz(_) => "timestamptz",
+        Value::Bytes(_) => "bytea",
+        Value::Json(_) | Value::Array(_) | Value::Vector(_) => "jsonb",
+        Value::Null | Value::UnchangedToast | Value::Text(_) => "text",
+    }
+}
+
+/// A key value as the text PostgreSQL parses back into its [`sql_type`] (staging holds keys as
+/// text and the merge casts them, so one COPY layout serves every key type).
+pub fn key_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null | Value::UnchangedToast => None,
+        Value::Text(s) | Value::Numeric(s) => Some(s.clone()),
+        Value::Bytes(b) => {
+            let mut s = String::with_capacity(2 + 2 * b.len());
+            s.push_str("\\x");
+            for byte in b {
+                let _ = write!(s, "{byte:02x}");
+            }
+            Some(s)
+        }
+        Value::Timestamp(t) => Some(t.format("%Y-%m-%d %H:%M:%S%.f").to_string()),
+        other => match other.to_json() {
+            serde_json::Value::String(s) => Some(s),
+            j => Some(j.to_string()),
+        },
+    }
+}
+
+/// What the sink knows about one target table.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `"schema"."table"`, quoted.
+    pub qualified: String,
+    pub table: String,
+    /// Key columns, in key order, with their SQL types.
+    pub keys: Vec<(String, &'static str)>,
+    pub has_index: bool,
+}
+
+impl Target {
+    /// `t."a" = s.k0::integer AND …` (staging holds key `i` as text column `k{i}`).
+    pub fn key_match(&self, t: &str, s: &str) -> String {
+        self.keys
+            .iter()
+            .enumerate()
+            .map(|(i, (k, ty))| format!("{t}.{} = {s}.k{i}::{ty}", quote_ident(k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+}
+
+/// Creates the extension (if permitted), the table and the positions table if missing; checks an
+/// existing table's key and dimension against what this source sends.
+pub async fn ensure(
+    client: &impl GenericClient,
+    config: &Config,
+    source: &str,
+    key: &Row,
+) -> Result<Target, PgvectorError> {
+    let table = target_name(config, source);
+    let schema = &config.schema;
+    let qualified = format!("{}.{}", quote_ident(schema), quote_ident(&table));
+    let keys: Vec<(String, &'static str)> = key
+        .columns()
+        .map(|c| (c.name.clone(), sql_type(&c.value)))
+        .collect();
+    if keys.is_empty() {
+        return Err(PgvectorError::Data(format!(
+            "{source}: an event without key columns cannot be upserted (give the table a primary \
+             key, or set key_columns for the topic)"
+        )));
+    }
+    let existing = client
+        .query_opt(
+            "SELECT format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a
+              WHERE a.attrelid = to_regclass($1) AND a.attname = 'embedding' AND NOT a.attisdropped",
+            &[&qualified],
+        )
+        .await
+        .map_err(PgvectorError::from_pg)?;
+    let storage = if config.halfvec { "halfvec" } else { "vector" };
+    let wanted = format!("{storage}({})", config.dimension);
+    match existing {
+        Some(row) => {
+            let found: String = row.get(0);
+            if found != wanted {
+                return Err(PgvectorError::Config(format!(
+                    "{schema}.{table}.embedding is {found} but the configuration \
+                     (sinks.pgvector.dimension / halfvec) says {wanted}: the model's dimension must \
+                     match the column — use another table, or drop it to rebuild"
+                )));
+            }
+        }
+        None => {
+            create_extension(client).await?;
+            let cols: Vec<String> = keys
+                .iter()
+                .map(|(k, ty)| format!("{} {ty} NOT NULL", quote_ident(k)))
+                .collect();
+            let pk: Vec<String> = keys.iter().map(|(k, _)| quote_ident(k)).collect();
+            let ddl = format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema_q};
+                 CREATE TABLE IF NOT EXISTS {qualified} (
+                   {cols},
+                   payload jsonb,
+                   embedding {wanted},
+                   text_hash bigint,
+                   _pos_partition integer,
+                   _pos_major bigint NOT NULL,
+                   _pos_minor bigint NOT NULL,
+                   _source_ts timestamptz,
+                   _updated_at timestamptz NOT NULL DEFAULT now(),
+                   PRIMARY KEY ({pk})
+                 )",
+                schema_q = quote_ident(schema),
+                cols = cols.join(",\n"),
+                pk = pk.join(", "),
+            );
+            client
+                .batch_execute(&ddl)
+                .await
+                .map_err(PgvectorError::from_pg)?;
+        }
+    }
+    ensure_positions_table(client, schema).await?;
+    let has_index = index_exists(client, schema, &table).await?;
+    Ok(Target {
+        qualified,
+        table,
+        keys,
+        has_index,
+    })
+}
+
+async fn create_extension(client: &impl GenericClient) -> Result<(), PgvectorError> {
+    let installed = client
+        .query_opt("SELECT 1 FROM pg_extension WHERE extname = 'vector'", &[])
+        .await
+        .map_err(PgvectorError::from_pg)?
+        .is_some();
+    if installed {
+        return Ok(());
+    }
+    client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS vector")
+        .await
+        .map_err(|e| {
+            PgvectorError::Config(format!(
+                "the pgvector extension is not installed and could not be created ({}): install \
+                 pgvector on the server, or have a superuser run CREATE EXTENSION vector",
+                crate::check::pg_error_text(&e)
+            ))
+        })
+}
+
+/// Where the sink records, per source stream, the last position it applied — in the same
+/// transaction as the rows, so it is exactly as durable as they are.
+pub fn positions_table(schema: &str) -> String {
+    format!("{}._tributary_positions", quote_ident(schema))
+}
+
+async fn ensure_positions_table(
+    client: &impl GenericClient,
+    schema: &str,
+) -> Result<(), PgvectorError> {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+               source text NOT NULL,
+               stream text NOT NULL,
+               position jsonb NOT NULL,
+               updated_at timestamptz NOT NULL DEFAULT now(),
+               PRIMARY KEY (source, stream)
+             )",
+            positions_table(schema)
+        ))
+        .await
+        .map_err(PgvectorError::from_pg)
+}
+
+async fn index_exists(
+    client: &impl GenericClient,
+    schema: &str,
+    table: &str,
+) -> Result<bool, PgvectorError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (
+               SELECT 1 FROM pg_index i
+                 JOIN pg_class c ON c.oid = i.indexrelid
+                 JOIN pg_am am ON am.oid = c.relam
+                WHERE i.indrelid = to_regclass($1) AND am.amname IN ('hnsw', 'ivfflat'))",
+            &[&format!("{}.{}", quote_ident(schema), quote_ident(table))],
+        )
+        .await
+        .map_err(PgvectorError::from_pg)?;
+    Ok(row.get(0))
+}
+
+/// Builds the HNSW index (once; an existing one is kept).
+pub async fn build_index(
+    client: &impl GenericClient,
+    config: &Config,
+    target: &Target,
+) -> Result<(), PgvectorError> {
+    let prefix = if config.halfvec { "halfvec" } else { "vector" };
+    let ops = match config.index.distance {
+        Distance::Cosine => "cosine_ops",
+        Distance::L2 => "l2_ops",
+        Distance::InnerProduct => "ip_ops",
+    };
+    let name = quote_ident(&format!("{}_embedding_hnsw", truncate(&target.table, 45)));
+    // A one-off build is far cheaper with room to sort in memory.
+    client
+        .batch_execute(&format!(
+            "SET maintenance_work_mem = '512MB';
+             CREATE INDEX IF NOT EXISTS {name} ON {table} USING hnsw (embedding {prefix}_{ops})
+               WITH (m = {m}, ef_construction = {ef});
+             RESET maintenance_work_mem",
+            table = target.qualified,
+            m = config.index.m,
+            ef = config.index.ef_construction,
+        ))
+        .await
+        .map_err(PgvectorError::from_pg)
+}
