@@ -238,6 +238,19 @@ async fn replays_and_older_changes_change_nothing() {
         "rows were rewritten"
     );
 
+    // A re-read snapshot row that exists already (a restarted snapshot) falls back from the
+    // bulk COPY to the merge and, being unchanged, writes nothing.
+    let out = fresh
+        .write(&[event(Op::Snapshot, 1, Some("a2"), pos(25, 0))])
+        .await
+        .unwrap();
+    assert_eq!(out.applied, 1);
+    assert_eq!(
+        xmins(&client, &schema).await,
+        xmin_before,
+        "an unchanged snapshot row was rewritten"
+    );
+
     // An update whose payload and embedding are unchanged writes nothing.
     let out = fresh
         .write(&[event(Op::Update, 2, Some("b"), pos(30, 0))])

@@ -19,6 +19,7 @@
 //! table (keys as text, cast by the merge), fill unchanged-TOAST columns from the stored payload,
 //! then one `MERGE` per source table.
 
+mod load;
 mod table;
 
 use std::collections::{HashMap, HashSet};
@@ -343,12 +344,12 @@ impl PgvectorSink {
         let mut seq = self.stage_seq;
         let client = self.client().await?;
         let result = {
-            let tx = client.transaction().await.map_err(PgvectorError::from_pg)?;
+            let mut tx = client.transaction().await.map_err(PgvectorError::from_pg)?;
             let mut applied = 0;
             let mut first_error = None;
             for (source, group) in group_by_source(events) {
                 let target = &targets[source];
-                match apply_source(&tx, &config, target, &group, &mut seq).await {
+                match apply_source(&mut tx, &config, target, &group, &mut seq).await {
                     Ok(n) => applied += n,
                     Err(PgvectorError::Data(msg)) => {
                         first_error = Some(msg);
@@ -421,8 +422,8 @@ async fn apply_row_by_row(
         let Some(target) = targets.get(&e.source) else {
             continue; // a truncate of a table that was never created
         };
-        let sp = tx.savepoint("row").await.map_err(PgvectorError::from_pg)?;
-        match apply_source(&sp, config, target, &[*e], seq).await {
+        let mut sp = tx.savepoint("row").await.map_err(PgvectorError::from_pg)?;
+        match apply_source(&mut sp, config, target, &[*e], seq).await {
             Ok(n) => {
                 sp.commit().await.map_err(PgvectorError::from_pg)?;
                 outcome.applied += n;
@@ -476,7 +477,7 @@ async fn record_positions(
 
 /// A position as the three sortable columns rows carry: (partition, major, minor). Postgres:
 /// (NULL, commit LSN, ordinal); Kafka: (partition, offset, 0).
-fn position_columns(p: &Position) -> (Option<i32>, i64, i64) {
+pub(crate) fn position_columns(p: &Position) -> (Option<i32>, i64, i64) {
     match p {
         Position::Lsn {
             commit_lsn,
@@ -490,7 +491,7 @@ fn position_columns(p: &Position) -> (Option<i32>, i64, i64) {
 
 /// Applies one source's events (in order) inside `tx`; returns how many rows were staged.
 async fn apply_source(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &mut tokio_postgres::Transaction<'_>,
     config: &Config,
     target: &Target,
     events: &[&ChangeEvent],
@@ -547,6 +548,10 @@ async fn apply_source(
     if rows.is_empty() {
         return Ok(0);
     }
+    let events: Vec<&ChangeEvent> = rows.iter().map(|(_, e)| *e).collect();
+    if load::try_direct_copy(tx, config, target, &events).await? {
+        return Ok(rows.len());
+    }
     *seq += 1;
     let stage = format!("_tributary_stage_{seq}");
     let key_cols: Vec<String> = (0..target.keys.len())
@@ -576,9 +581,11 @@ async fn apply_source(
         .map_err(PgvectorError::from_pg)?;
     let writer = BinaryCopyInWriter::new(sink, &types);
     pin_mut!(writer);
+    let mut has_toast = false;
     for (key, e) in &rows {
         let op = if e.op == Op::Delete { "d" } else { "u" };
         let (payload, toast_keys) = payload_of(config, e);
+        has_toast |= toast_keys.is_some();
         let embedding = e.embedding.clone().map(pgvector::Vector::from);
         let text_hash = e.text_hash.map(|h| h as i64);
         let (partition, major, minor) = position_columns(&e.position);
@@ -603,7 +610,7 @@ async fn apply_source(
             .map_err(PgvectorError::from_pg)?;
     }
     writer.finish().await.map_err(PgvectorError::from_pg)?;
-    merge(tx, config, target, &stage).await?;
+    merge(tx, config, target, &stage, has_toast).await?;
     tx.batch_execute(&format!("DROP TABLE {stage}"))
         .await
         .map_err(PgvectorError::from_pg)?;
@@ -612,7 +619,7 @@ async fn apply_source(
 
 /// The row's payload (selected columns as jsonb) and the names of its unchanged-TOAST columns,
 /// whose stored values the merge keeps.
-fn payload_of(
+pub(crate) fn payload_of(
     config: &Config,
     e: &ChangeEvent,
 ) -> (Option<serde_json::Value>, Option<Vec<String>>) {
@@ -644,6 +651,7 @@ async fn merge(
     config: &Config,
     target: &Target,
     stage: &str,
+    has_toast: bool,
 ) -> Result<(), PgvectorError> {
     let t = &target.qualified;
     let on = target.key_match("t", "s");
@@ -657,14 +665,21 @@ async fn merge(
         .collect();
     let newer = "(t._pos_partition IS DISTINCT FROM s._pos_partition \
                  OR (t._pos_major, t._pos_minor) < (s._pos_major, s._pos_minor))";
+    if has_toast {
+        // Unchanged TOAST columns take their stored values before the merge compares payloads.
+        tx.batch_execute(&format!(
+            "UPDATE {stage} s
+                SET payload = s.payload || COALESCE(
+                      (SELECT jsonb_object_agg(k, t.payload -> k) FROM unnest(s.toast_keys) k
+                        WHERE t.payload ? k), '{{}}'::jsonb)
+               FROM {t} t
+              WHERE s.toast_keys IS NOT NULL AND {on}"
+        ))
+        .await
+        .map_err(PgvectorError::from_pg)?;
+    }
     let sql = format!(
-        "UPDATE {stage} s
-            SET payload = s.payload || COALESCE(
-                  (SELECT jsonb_object_agg(k, t.payload -> k) FROM unnest(s.toast_keys) k
-                    WHERE t.payload ? k), '{{}}'::jsonb)
-           FROM {t} t
-          WHERE s.toast_keys IS NOT NULL AND {on};
-         MERGE INTO {t} t USING {stage} s ON {on}
+        "MERGE INTO {t} t USING {stage} s ON {on}
          WHEN MATCHED AND s._op = 'd' AND {newer} THEN DELETE
          WHEN MATCHED AND s._op = 'u' AND {newer}
               AND (t.payload IS DISTINCT FROM s.payload
