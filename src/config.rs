@@ -104,6 +104,61 @@ pub struct KafkaSource {
     /// Any librdkafka property; overrides `client_properties`.
     #[serde(default)]
     pub properties: SecretMap,
+    /// A message value larger than this goes to the dead-letter destination.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// How long a revoke (or shutdown) waits for in-flight events of the revoked partitions to
+    /// become durable before releasing them; must be shorter than `session.timeout.ms`.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    /// How often acknowledged offsets are committed to the group.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// Where undecodable messages go (until the Delta `_dlq` table takes over).
+    #[serde(default)]
+    pub dead_letter: Option<KafkaDeadLetter>,
+}
+
+fn default_max_message_bytes() -> usize {
+    1024 * 1024
+}
+
+fn default_drain_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_commit_interval_ms() -> u64 {
+    1_000
+}
+
+/// librdkafka's default `session.timeout.ms`.
+const DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
+
+/// The dead-letter destination of the Kafka source: exactly one of `topic` or `path`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaDeadLetter {
+    /// A Kafka topic on the same cluster (same security properties).
+    pub topic: Option<String>,
+    /// A local JSONL file, appended to and fsynced before offsets move past a dead letter.
+    pub path: Option<PathBuf>,
+}
+
+/// The type a JSON topic declares for a column; a value of another JSON type is a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    Bool,
+    Int32,
+    Int64,
+    Float64,
+    /// A decimal kept as exact text (a JSON number or a numeric string).
+    Numeric,
+    Text,
+    Uuid,
+    /// An RFC 3339 timestamp string.
+    Timestamptz,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -123,6 +178,9 @@ pub struct TopicConfig {
     /// Columns of the message value that form the key; empty means the Kafka message key.
     #[serde(default)]
     pub key_columns: Vec<String>,
+    /// Declared column types (`json`/`debezium`); undeclared columns are typed from the JSON.
+    #[serde(default)]
+    pub columns: BTreeMap<String, ColumnType>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -291,6 +349,11 @@ impl Config {
     fn resolve_paths(&mut self, base: &Path) {
         if let Some(k) = &mut self.sources.kafka {
             if let Some(p) = &mut k.client_properties {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+            if let Some(p) = k.dead_letter.as_mut().and_then(|d| d.path.as_mut()) {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
@@ -477,7 +540,81 @@ impl KafkaSource {
                  `client_properties` file",
             ));
         }
+        self.validate_consumer_settings()
+    }
+
+    fn validate_consumer_settings(&self) -> Result<(), ConfigError> {
+        if self.max_message_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "sources.kafka.max_message_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if self.commit_interval_ms == 0 {
+            return Err(ConfigError::invalid(
+                "sources.kafka.commit_interval_ms",
+                "must be greater than 0",
+            ));
+        }
+        let session = self.session_timeout_ms()?;
+        if self.drain_timeout_ms == 0 || self.drain_timeout_ms >= session {
+            return Err(ConfigError::invalid(
+                "sources.kafka.drain_timeout_ms",
+                format!(
+                    "{} must be above 0 and below session.timeout.ms ({session}): a revoke that \
+                     drains longer than the session is expelled from the group",
+                    self.drain_timeout_ms
+                ),
+            ));
+        }
+        for key in ["enable.auto.commit", "enable.auto.offset.store"] {
+            if self.properties.get(key).is_some_and(|v| v.trim() == "true") {
+                return Err(ConfigError::invalid(
+                    format!("sources.kafka.properties.{key:?}"),
+                    "must stay false: offsets are committed only once events are durable",
+                ));
+            }
+        }
+        if let Some(d) = &self.dead_letter {
+            match (&d.topic, &d.path) {
+                (Some(t), None) if !t.trim().is_empty() => {}
+                (None, Some(p)) if !p.as_os_str().is_empty() => {}
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "sources.kafka.dead_letter",
+                        "give exactly one of `topic` or `path`",
+                    ));
+                }
+            }
+        }
+        for (i, t) in self.topics.iter().enumerate() {
+            if t.format == MessageFormat::Raw && (!t.key_columns.is_empty() || !t.columns.is_empty())
+            {
+                return Err(ConfigError::invalid(
+                    format!("sources.kafka.topics[{i}].format"),
+                    "`raw` messages have no columns: remove `key_columns` and `columns`",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// `session.timeout.ms` as librdkafka will see it (properties, then the properties file).
+    pub fn session_timeout_ms(&self) -> Result<u64, ConfigError> {
+        let file = self.client_properties()?;
+        let raw = self
+            .properties
+            .get("session.timeout.ms")
+            .or(file.get("session.timeout.ms").map(String::as_str));
+        match raw {
+            None => Ok(DEFAULT_SESSION_TIMEOUT_MS),
+            Some(v) => v.trim().parse().map_err(|_| {
+                ConfigError::invalid(
+                    "sources.kafka.properties.\"session.timeout.ms\"",
+                    format!("{v:?} is not a number of milliseconds"),
+                )
+            }),
+        }
     }
 
     /// The librdkafka properties to use: the `client_properties` file, then `properties`, then
@@ -489,6 +626,17 @@ impl KafkaSource {
             all.insert("bootstrap.servers".into(), b.clone());
         }
         all.insert("group.id".into(), self.group_id.clone());
+        // Offsets move only when the pipeline says the events are durable.
+        all.insert("enable.auto.commit".into(), "false".into());
+        all.insert("enable.auto.offset.store".into(), "false".into());
+        all.insert(
+            "auto.offset.reset".into(),
+            match self.start {
+                StartFrom::Earliest => "earliest",
+                StartFrom::Latest => "latest",
+            }
+            .into(),
+        );
         Ok(SecretMap(all))
     }
 

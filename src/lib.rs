@@ -13,5 +13,6 @@ pub mod error;
 pub mod event;
 pub mod secret;
 pub mod sink;
+pub mod source;
 pub mod storage;
 pub mod telemetry;

@@ -1,0 +1,418 @@
+//! The consumer loop, its rebalance callbacks and offset commits (see the module doc of
+//! [`super`] for the guarantees).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use metrics::Counter;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::KafkaSourceError;
+use super::dead_letters::DeadLetterWriter;
+use super::decode::{Decoded, Decoder, KafkaEvent, RawMessage};
+use super::offsets::{OffsetTracker, Tp};
+use crate::config::KafkaSource as KafkaConfig;
+use crate::dead_letter::DeadLetter;
+use crate::event::Position;
+use crate::secret::SecretMap;
+
+struct Shared {
+    tracker: Mutex<OffsetTracker>,
+    /// Signalled on every acknowledgement, so a draining revoke wakes up.
+    acked: Condvar,
+    drain_timeout: Duration,
+}
+
+impl Shared {
+    fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
+        // A panic while holding the lock leaves plain offsets behind: still usable.
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Acknowledges durable events to the source; cheap to clone, usable from any task or thread.
+#[derive(Clone)]
+pub struct KafkaAcker {
+    shared: Arc<Shared>,
+}
+
+impl KafkaAcker {
+    /// Everything up to and including `position` on its partition is durable in every sink.
+    /// Positions of other sources are ignored.
+    pub fn ack(&self, position: &Position) {
+        if let Position::Kafka {
+            topic,
+            partition,
+            offset,
+        } = position
+        {
+            self.shared.tracker().ack(topic, *partition, *offset);
+            self.shared.acked.notify_all();
+        }
+    }
+}
+
+/// The running source: acknowledge through [`KafkaSourceHandle::acker`], stop with
+/// [`KafkaSourceHandle::shutdown`].
+pub struct KafkaSourceHandle {
+    acker: KafkaAcker,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), KafkaSourceError>>,
+}
+
+impl KafkaSourceHandle {
+    pub fn acker(&self) -> KafkaAcker {
+        self.acker.clone()
+    }
+
+    /// Stops taking messages, waits up to the drain timeout for in-flight events to be
+    /// acknowledged, commits, and leaves the group.
+    pub async fn shutdown(self) -> Result<(), KafkaSourceError> {
+        // The task may already have ended (its result says why).
+        let _ = self.stop.send(true);
+        self.task
+            .await
+            .map_err(|e| KafkaSourceError::Client(format!("consumer task failed: {e}")))?
+    }
+
+    /// Whether the consumer task has ended (after an error, or because the events receiver
+    /// was dropped).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// Starts the consumer group on the configured topics. Events arrive on the returned receiver
+/// (bounded by `capacity`: a slow pipeline slows the consumer).
+pub async fn start(
+    config: &KafkaConfig,
+    capacity: usize,
+) -> Result<(mpsc::Receiver<KafkaEvent>, KafkaSourceHandle), KafkaSourceError> {
+    let props = config
+        .librdkafka_properties()
+        .map_err(|e| KafkaSourceError::Config(e.to_string()))?;
+    let dlq_config = config.dead_letter.as_ref().ok_or_else(|| {
+        KafkaSourceError::Config(
+            "sources.kafka.dead_letter: set `topic` or `path` (where undecodable messages go)"
+                .into(),
+        )
+    })?;
+    let dead_letters = DeadLetterWriter::open(dlq_config, &props).await?;
+    let shared = Arc::new(Shared {
+        tracker: Mutex::new(OffsetTracker::default()),
+        acked: Condvar::new(),
+        drain_timeout: Duration::from_millis(config.drain_timeout_ms),
+    });
+    let mut cc = ClientConfig::new();
+    for (k, v) in props.iter() {
+        cc.set(k, v);
+    }
+    let consumer: StreamConsumer<SourceContext> = cc
+        .create_with_context(SourceContext {
+            shared: Arc::clone(&shared),
+        })
+        .map_err(|e| KafkaSourceError::client(e, &props))?;
+    let topics: Vec<&str> = config.topics.iter().map(|t| t.name.as_str()).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| KafkaSourceError::client(e, &props))?;
+    tracing::info!(group = %config.group_id, topics = ?topics, "Kafka source subscribed");
+
+    let decoders = config
+        .topics
+        .iter()
+        .map(|t| {
+            let labels = [("source", t.name.clone())];
+            let topic = TopicState {
+                decoder: Decoder::new(t, config.max_message_bytes),
+                events: metrics::counter!("tributary_source_events_total", &labels),
+            };
+            (t.name.clone(), topic)
+        })
+        .collect();
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let (stop, stopped) = watch::channel(false);
+    let worker = Worker {
+        consumer: Arc::new(consumer),
+        shared: Arc::clone(&shared),
+        topics: decoders,
+        dead_letters,
+        tx,
+        props,
+        commit_interval: Duration::from_millis(config.commit_interval_ms),
+    };
+    let task = tokio::spawn(worker.run(stopped));
+    Ok((
+        rx,
+        KafkaSourceHandle {
+            acker: KafkaAcker { shared },
+            stop,
+            task,
+        },
+    ))
+}
+
+struct TopicState {
+    decoder: Decoder,
+    events: Counter,
+}
+
+struct Worker {
+    consumer: Arc<StreamConsumer<SourceContext>>,
+    shared: Arc<Shared>,
+    topics: HashMap<String, TopicState>,
+    dead_letters: DeadLetterWriter,
+    tx: mpsc::Sender<KafkaEvent>,
+    props: SecretMap,
+    commit_interval: Duration,
+}
+
+/// What one received message led to.
+enum Step {
+    Continue,
+    Stop,
+}
+
+impl Worker {
+    async fn run(mut self, mut stopped: watch::Receiver<bool>) -> Result<(), KafkaSourceError> {
+        let mut tick = tokio::time::interval(self.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures: u32 = 0;
+        let consumer = Arc::clone(&self.consumer);
+        let result = loop {
+            let received = tokio::select! {
+                biased;
+                _ = stopped.changed() => break Ok(()),
+                _ = tick.tick() => {
+                    commit(&*consumer, &self.shared, None, CommitMode::Async);
+                    continue;
+                }
+                m = consumer.recv() => m,
+            };
+            match received {
+                Ok(message) => {
+                    if failures > 0 {
+                        tracing::info!("Kafka consumer receiving again");
+                        failures = 0;
+                    }
+                    match self.handle(message, &mut stopped).await {
+                        Ok(Step::Continue) => {}
+                        Ok(Step::Stop) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+                Err(e) => {
+                    if let Some((_, reason)) = consumer.client().fatal_error() {
+                        break Err(KafkaSourceError::Client(format!("fatal: {reason}")));
+                    }
+                    failures = failures.saturating_add(1);
+                    let delay = Duration::from_millis(100 * 2u64.pow(failures.min(7)))
+                        .min(Duration::from_secs(10));
+                    let error = KafkaSourceError::client(e, &self.props);
+                    tracing::warn!(%error, retry_in = ?delay, "Kafka consumer error; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        // Shutdown (or failure): give in-flight events their chance, commit, leave the group.
+        drain_and_commit(&*consumer, &self.shared, None);
+        consumer.unsubscribe();
+        result
+    }
+
+    async fn handle(
+        &mut self,
+        m: BorrowedMessage<'_>,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<Step, KafkaSourceError> {
+        let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+        let Some(state) = self.topics.get(topic) else {
+            return Ok(Step::Continue);
+        };
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let raw = RawMessage {
+            topic,
+            partition,
+            offset,
+            key: m.key(),
+            payload: m.payload(),
+            timestamp_ms: m.timestamp().to_millis(),
+            headers,
+        };
+        match state.decoder.decode(&raw) {
+            Ok(Decoded::Event(event)) => {
+                if !self
+                    .shared
+                    .tracker()
+                    .consumed(topic, partition, offset, true)
+                {
+                    return Ok(Step::Continue);
+                }
+                state.events.increment(1);
+                tokio::select! {
+                    sent = self.tx.send(*event) => {
+                        sent.map_err(|_| KafkaSourceError::Closed)?;
+                        Ok(Step::Continue)
+                    }
+                    _ = stopped.changed() => {
+                        self.shared.tracker().forget(topic, partition, offset);
+                        Ok(Step::Stop)
+                    }
+                }
+            }
+            Ok(Decoded::Tombstone) => {
+                self.shared
+                    .tracker()
+                    .consumed(topic, partition, offset, false);
+                Ok(Step::Continue)
+            }
+            Err(error) => {
+                if !self.shared.tracker().is_assigned(topic, partition) {
+                    return Ok(Step::Continue);
+                }
+                let letter = DeadLetter::new(
+                    topic,
+                    Position::Kafka {
+                        topic: topic.to_owned(),
+                        partition,
+                        offset,
+                    },
+                    raw.key.map(|k| String::from_utf8_lossy(k).into_owned()),
+                    raw.payload.unwrap_or_default(),
+                    error.to_string(),
+                );
+                tracing::warn!(%topic, partition, offset, %error, "message dead-lettered");
+                self.dead_letters.write(&letter).await?;
+                metrics::counter!(
+                    "tributary_dead_letters_total",
+                    "source" => topic.to_owned(),
+                    "reason" => error.reason()
+                )
+                .increment(1);
+                self.shared
+                    .tracker()
+                    .consumed(topic, partition, offset, false);
+                Ok(Step::Continue)
+            }
+        }
+    }
+}
+
+/// Commits the tracker's committable offsets (of `only`, or of every assigned partition).
+fn commit<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    shared: &Shared,
+    only: Option<&[Tp]>,
+    mode: CommitMode,
+) {
+    let commits = shared.tracker().take_commits(only);
+    if commits.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in &commits {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            tracing::warn!(error = %e, "cannot build the offset commit");
+            shared.tracker().commit_failed(&commits);
+            return;
+        }
+    }
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => tracing::debug!(?commits, "offsets committed"),
+        Err(e) => {
+            tracing::warn!(error = %e, "offset commit failed; will retry");
+            shared.tracker().commit_failed(&commits);
+        }
+    }
+}
+
+/// Waits (bounded by the drain timeout) until the pipeline acknowledged every in-flight event of
+/// `only` (or of all partitions), then commits synchronously.
+fn drain_and_commit<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    shared: &Shared,
+    only: Option<&[Tp]>,
+) {
+    let deadline = Instant::now() + shared.drain_timeout;
+    let mut tracker = shared.tracker();
+    loop {
+        let in_flight = match only {
+            Some(tps) => tracker.in_flight(tps),
+            None => tracker.in_flight_all(),
+        };
+        let now = Instant::now();
+        if in_flight == 0 {
+            break;
+        }
+        if now >= deadline {
+            tracing::warn!(
+                in_flight,
+                "drain timeout: releasing partitions with unacknowledged events (they will be \
+                 re-delivered to the next owner)"
+            );
+            break;
+        }
+        tracker = shared
+            .acked
+            .wait_timeout(tracker, deadline - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    drop(tracker);
+    commit(consumer, shared, only, CommitMode::Sync);
+}
+
+struct SourceContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let tps: Vec<Tp> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            tracing::info!(partitions = ?tps, "partitions revoked: draining");
+            drain_and_commit(consumer, &self.shared, Some(&tps));
+            let mut tracker = self.shared.tracker();
+            for tp in &tps {
+                tracker.revoke(tp);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut tracker = self.shared.tracker();
+                let mut tps = Vec::new();
+                for e in tpl.elements() {
+                    let tp = (e.topic().to_owned(), e.partition());
+                    tps.push(tp.clone());
+                    tracker.assign(tp);
+                }
+                tracing::info!(partitions = ?tps, "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}

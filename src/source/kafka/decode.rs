@@ -1,0 +1,435 @@
+//! Kafka message → [`ChangeEvent`], one format per topic, with no I/O.
+//!
+//! Decoding is a pure function of the message so that it can be unit-tested and benchmarked apart
+//! from the consumer. Every way a message can be unusable is a [`DecodeError`] whose text names the
+//! problem and the field; the consumer turns it into a dead letter and goes on. A Debezium
+//! tombstone (a null value after a delete) is recognised and yields [`Decoded::Tombstone`], which
+//! carries nothing to write but whose offset still counts as processed.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value as J};
+
+use crate::config::{ColumnType, MessageFormat, TopicConfig};
+use crate::event::{ChangeEvent, Op, Position, Row, Value};
+
+/// A consumed message, borrowed from the client.
+#[derive(Debug, Clone)]
+pub struct RawMessage<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    /// Message timestamp (create or log-append time), milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// What the Kafka message carried beyond the row: kept for Bronze.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KafkaMeta {
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The Kafka message timestamp.
+    pub timestamp: Option<DateTime<Utc>>,
+    /// Debezium `source.lsn` (PostgreSQL connector), when present.
+    pub source_lsn: Option<i64>,
+    /// Debezium `source.ts_ms`: when the change was committed in the origin database.
+    pub source_ts_ms: Option<i64>,
+    /// Debezium envelope `ts_ms`: when the connector processed the change.
+    pub envelope_ts_ms: Option<i64>,
+}
+
+/// A decoded message with its Kafka metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaEvent {
+    pub event: ChangeEvent,
+    pub meta: KafkaMeta,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    Event(Box<KafkaEvent>),
+    /// A Debezium tombstone: nothing to write, the offset is simply done.
+    Tombstone,
+}
+
+/// Why a message cannot become an event. The text never quotes the message body.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message of {size} bytes exceeds max_message_bytes ({max})")]
+    TooLarge { size: usize, max: usize },
+    #[error("value is not valid UTF-8 (first invalid byte at {valid_up_to})")]
+    InvalidUtf8 { valid_up_to: usize },
+    #[error("value is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("{what} must be a JSON object, found {found}")]
+    NotAnObject {
+        what: &'static str,
+        found: &'static str,
+    },
+    #[error("key column {0:?} is missing or null")]
+    MissingKey(String),
+    #[error("message has no key and no key_columns are configured")]
+    NoKey,
+    #[error("column {column:?} is declared {expected:?} but holds {found}")]
+    WrongType {
+        column: String,
+        expected: ColumnType,
+        found: String,
+    },
+    #[error("invalid Debezium envelope: {0}")]
+    Envelope(String),
+}
+
+impl DecodeError {
+    /// A short, stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::InvalidUtf8 { .. } => "invalid_utf8",
+            DecodeError::InvalidJson(_) => "invalid_json",
+            DecodeError::NotAnObject { .. } => "not_an_object",
+            DecodeError::MissingKey(_) | DecodeError::NoKey => "missing_key",
+            DecodeError::WrongType { .. } => "wrong_type",
+            DecodeError::Envelope(_) => "invalid_envelope",
+        }
+    }
+}
+
+/// Decodes the messages of one topic.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    format: MessageFormat,
+    key_columns: Vec<String>,
+    columns: BTreeMap<String, ColumnType>,
+    max_bytes: usize,
+}
+
+impl Decoder {
+    pub fn new(topic: &TopicConfig, max_message_bytes: usize) -> Self {
+        Decoder {
+            format: topic.format,
+            key_columns: topic.key_columns.clone(),
+            columns: topic.columns.clone(),
+            max_bytes: max_message_bytes,
+        }
+    }
+
+    pub fn decode(&self, msg: &RawMessage<'_>) -> Result<Decoded, DecodeError> {
+        let size = msg.payload.map_or(0, <[u8]>::len);
+        if size > self.max_bytes {
+            return Err(DecodeError::TooLarge {
+                size,
+                max: self.max_bytes,
+            });
+        }
+        let mut meta = KafkaMeta {
+            headers: msg.headers.clone(),
+            timestamp: msg.timestamp_ms.and_then(DateTime::from_timestamp_millis),
+            ..KafkaMeta::default()
+        };
+        let (op, key, before, after) = match self.format {
+            MessageFormat::Raw => self.raw(msg),
+            MessageFormat::Json => self.json(msg)?,
+            MessageFormat::Debezium => match self.debezium(msg, &mut meta)? {
+                Some(parts) => parts,
+                None => return Ok(Decoded::Tombstone),
+            },
+        };
+        let source_ts = meta
+            .source_ts_ms
+            .and_then(DateTime::from_timestamp_millis)
+            .or(meta.timestamp);
+        Ok(Decoded::Event(Box::new(KafkaEvent {
+            event: ChangeEvent {
+                source: msg.topic.to_owned(),
+                op,
+                key,
+                before,
+                after,
+                schema_version: 0,
+                position: Position::Kafka {
+                    topic: msg.topic.to_owned(),
+                    partition: msg.partition,
+                    offset: msg.offset,
+                },
+                source_ts,
+                embedding: None,
+                text_hash: None,
+            },
+            meta,
+        })))
+    }
+
+    fn raw(&self, msg: &RawMessage<'_>) -> Parts {
+        let mut key = Row::new();
+        if let Some(k) = msg.key {
+            key.push("key", Value::Bytes(k.to_vec()));
+        }
+        let value = msg
+            .payload
+            .map_or(Value::Null, |p| Value::Bytes(p.to_vec()));
+        let after: Row = [("value", value)].into_iter().collect();
+        (Op::Insert, key, None, Some(after))
+    }
+
+    fn json(&self, msg: &RawMessage<'_>) -> Result<Parts, DecodeError> {
+        let Some(payload) = msg.payload else {
+            // A null value on a JSON topic is a compaction delete of the message key.
+            if !self.key_columns.is_empty() {
+                return Err(DecodeError::MissingKey(self.key_columns[0].clone()));
+            }
+            let key = message_key(msg.key)?.ok_or(DecodeError::NoKey)?;
+            return Ok((Op::Delete, key, None, None));
+        };
+        let object = parse_object(payload, "message value")?;
+        let row = self.typed_row(object)?;
+        let key = self.key(msg.key, Some(&row))?;
+        Ok((Op::Insert, key, None, Some(row)))
+    }
+
+    /// `None` for a tombstone.
+    fn debezium(
+        &self,
+        msg: &RawMessage<'_>,
+        meta: &mut KafkaMeta,
+    ) -> Result<Option<Parts>, DecodeError> {
+        let Some(payload) = msg.payload else {
+            return Ok(None);
+        };
+        let mut envelope = parse_object(payload, "Debezium message")?;
+        // With the JSON converter's schemas enabled, the envelope sits under `payload`.
+        if envelope.contains_key("schema") && envelope.contains_key("payload") {
+            match envelope.remove("payload") {
+                Some(J::Object(inner)) => envelope = inner,
+                Some(J::Null) => return Ok(None),
+                Some(other) => {
+                    return Err(DecodeError::NotAnObject {
+                        what: "Debezium `payload`",
+                        found: json_kind(&other),
+                    });
+                }
+                None => unreachable!("checked by contains_key"),
+            }
+        }
+        let op = match envelope.get("op") {
+            Some(J::String(s)) => match s.as_str() {
+                "c" => Op::Insert,
+                "u" => Op::Update,
+                "d" => Op::Delete,
+                "r" => Op::Snapshot,
+                "t" => Op::Truncate,
+                other => return Err(DecodeError::Envelope(format!("unknown op {other:?}"))),
+            },
+            Some(other) => {
+                return Err(DecodeError::Envelope(format!(
+                    "`op` must be a string, found {}",
+                    json_kind(other)
+                )));
+            }
+            None => return Err(DecodeError::Envelope("missing `op`".into())),
+        };
+        if let Some(J::Object(source)) = envelope.get("source") {
+            meta.source_lsn = source.get("lsn").and_then(J::as_i64);
+            meta.source_ts_ms = source.get("ts_ms").and_then(J::as_i64);
+        }
+        meta.envelope_ts_ms = envelope.get("ts_ms").and_then(J::as_i64);
+        let before = self.image(&mut envelope, "before")?;
+        let after = self.image(&mut envelope, "after")?;
+        let missing = match op {
+            Op::Insert | Op::Update | Op::Snapshot => after.is_none().then_some("after"),
+            Op::Delete => (before.is_none() && msg.key.is_none()).then_some("before"),
+            Op::Truncate => None,
+        };
+        if let Some(field) = missing {
+            return Err(DecodeError::Envelope(format!(
+                "op {:?} needs `{field}`",
+                op.as_str()
+            )));
+        }
+        let key = if op == Op::Truncate {
+            Row::new()
+        } else {
+            self.key(msg.key, after.as_ref().or(before.as_ref()))?
+        };
+        Ok(Some((op, key, before, after)))
+    }
+
+    fn image(
+        &self,
+        envelope: &mut Map<String, J>,
+        field: &'static str,
+    ) -> Result<Option<Row>, DecodeError> {
+        match envelope.remove(field) {
+            None | Some(J::Null) => Ok(None),
+            Some(J::Object(o)) => self.typed_row(o).map(Some),
+            Some(other) => Err(DecodeError::NotAnObject {
+                what: if field == "before" {
+                    "Debezium `before`"
+                } else {
+                    "Debezium `after`"
+                },
+                found: json_kind(&other),
+            }),
+        }
+    }
+
+    fn key(&self, msg_key: Option<&[u8]>, row: Option<&Row>) -> Result<Row, DecodeError> {
+        if self.key_columns.is_empty() {
+            return Ok(message_key(msg_key)?.unwrap_or_default());
+        }
+        let mut key = Row::new();
+        for name in &self.key_columns {
+            match row.and_then(|r| r.get(name)) {
+                Some(v) if !v.is_null() => key.push(name.clone(), v.clone()),
+                _ => return Err(DecodeError::MissingKey(name.clone())),
+            }
+        }
+        Ok(key)
+    }
+
+    fn typed_row(&self, object: Map<String, J>) -> Result<Row, DecodeError> {
+        let mut row = Row(Vec::with_capacity(object.len()));
+        for (name, json) in object {
+            let value = match self.columns.get(&name) {
+                Some(ty) => typed(&name, *ty, json)?,
+                None => inferred(json),
+            };
+            row.push(name, value);
+        }
+        Ok(row)
+    }
+}
+
+type Parts = (Op, Row, Option<Row>, Option<Row>);
+
+fn parse_object(bytes: &[u8], what: &'static str) -> Result<Map<String, J>, DecodeError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidUtf8 {
+        valid_up_to: e.valid_up_to(),
+    })?;
+    match serde_json::from_str::<J>(text) {
+        Ok(J::Object(o)) => Ok(o),
+        Ok(other) => Err(DecodeError::NotAnObject {
+            what,
+            found: json_kind(&other),
+        }),
+        Err(e) => Err(DecodeError::InvalidJson(e.to_string())),
+    }
+}
+
+/// The Kafka message key as key columns: a JSON object (Debezium's `{schema, payload}` key
+/// unwrapped) gives its fields, any other UTF-8 text one `key` text column, other bytes one `key`
+/// bytes column.
+pub fn message_key(key: Option<&[u8]>) -> Result<Option<Row>, DecodeError> {
+    let Some(bytes) = key else {
+        return Ok(None);
+    };
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Ok(Some(
+            [("key", Value::Bytes(bytes.to_vec()))]
+                .into_iter()
+                .collect(),
+        ));
+    };
+    if text.trim_start().starts_with('{') {
+        if let Ok(J::Object(mut o)) = serde_json::from_str::<J>(text) {
+            if o.contains_key("schema") {
+                if let Some(J::Object(inner)) = o.remove("payload") {
+                    o = inner;
+                }
+            }
+            return Ok(Some(o.into_iter().map(|(k, v)| (k, inferred(v))).collect()));
+        }
+    }
+    Ok(Some(
+        [("key", Value::Text(text.to_owned()))]
+            .into_iter()
+            .collect(),
+    ))
+}
+
+fn inferred(json: J) -> Value {
+    match json {
+        J::Null => Value::Null,
+        J::Bool(b) => Value::Bool(b),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int64(i),
+            None if n.is_u64() => Value::Numeric(n.to_string()),
+            None => Value::Float64(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        J::String(s) => Value::Text(s),
+        other @ (J::Array(_) | J::Object(_)) => Value::Json(other),
+    }
+}
+
+fn typed(column: &str, ty: ColumnType, json: J) -> Result<Value, DecodeError> {
+    if json.is_null() {
+        return Ok(Value::Null);
+    }
+    let wrong = |json: &J| DecodeError::WrongType {
+        column: column.to_owned(),
+        expected: ty,
+        found: json_kind(json).to_owned(),
+    };
+    let value = match (ty, &json) {
+        (ColumnType::Json, _) => Value::Json(json),
+        (ColumnType::Bool, J::Bool(b)) => Value::Bool(*b),
+        (ColumnType::Int32, J::Number(n)) => n
+            .as_i64()
+            .and_then(|i| i32::try_from(i).ok())
+            .map(Value::Int32)
+            .ok_or_else(|| wrong(&json))?,
+        (ColumnType::Int64, J::Number(n)) => {
+            n.as_i64().map(Value::Int64).ok_or_else(|| wrong(&json))?
+        }
+        (ColumnType::Float64, J::Number(n)) => {
+            n.as_f64().map(Value::Float64).ok_or_else(|| wrong(&json))?
+        }
+        (ColumnType::Numeric, J::Number(n)) => Value::Numeric(n.to_string()),
+        (ColumnType::Numeric, J::String(s)) if s.trim().parse::<f64>().is_ok() => {
+            Value::Numeric(s.trim().to_owned())
+        }
+        (ColumnType::Text, J::String(_)) => match json {
+            J::String(s) => Value::Text(s),
+            _ => unreachable!("matched a string"),
+        },
+        (ColumnType::Uuid, J::String(s)) => Value::Uuid(
+            s.parse()
+                .map_err(|_| wrong_text(column, ty, "a string that is not a UUID"))?,
+        ),
+        (ColumnType::Timestamptz, J::String(s)) => Value::TimestampTz(
+            DateTime::parse_from_rfc3339(s)
+                .map_err(|_| wrong_text(column, ty, "a string that is not an RFC 3339 timestamp"))?
+                .with_timezone(&Utc),
+        ),
+        // Debezium sends timestamps as epoch milliseconds.
+        (ColumnType::Timestamptz, J::Number(n)) => Value::TimestampTz(
+            n.as_i64()
+                .and_then(DateTime::from_timestamp_millis)
+                .ok_or_else(|| wrong(&json))?,
+        ),
+        _ => return Err(wrong(&json)),
+    };
+    Ok(value)
+}
+
+fn wrong_text(column: &str, expected: ColumnType, found: &str) -> DecodeError {
+    DecodeError::WrongType {
+        column: column.to_owned(),
+        expected,
+        found: found.to_owned(),
+    }
+}
+
+fn json_kind(j: &J) -> &'static str {
+    match j {
+        J::Null => "null",
+        J::Bool(_) => "a boolean",
+        J::Number(_) => "a number",
+        J::String(_) => "a string",
+        J::Array(_) => "an array",
+        J::Object(_) => "an object",
+    }
+}
