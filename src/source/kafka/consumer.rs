@@ -72,6 +72,11 @@ impl KafkaSourceHandle {
         self.acker.clone()
     }
 
+    /// The partitions this instance currently owns, sorted.
+    pub fn assignment(&self) -> Vec<(String, i32)> {
+        self.acker.shared.tracker().assigned()
+    }
+
     /// Stops taking messages, waits up to the drain timeout for in-flight events to be
     /// acknowledged, commits, and leaves the group.
     pub async fn shutdown(self) -> Result<(), KafkaSourceError> {

@@ -44,6 +44,13 @@ impl OffsetTracker {
         self.parts.remove(tp);
     }
 
+    /// The partitions tracked (assigned), sorted.
+    pub fn assigned(&self) -> Vec<Tp> {
+        let mut tps: Vec<Tp> = self.parts.keys().cloned().collect();
+        tps.sort();
+        tps
+    }
+
     pub fn is_assigned(&self, topic: &str, partition: i32) -> bool {
         self.parts.contains_key(&(topic.to_owned(), partition))
     }

@@ -1,0 +1,567 @@
+//! The Kafka source against the real (tansu) broker from `scripts/services`: exactly-once through
+//! commit and restart, re-delivery of unacknowledged events, dead letters, Debezium envelopes,
+//! and a rebalance between two running consumers.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::{env, unique};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::mpsc::Receiver;
+use tributary::config::KafkaSource;
+use tributary::event::{Op, Position, Value};
+use tributary::source::kafka::{self, KafkaEvent, KafkaSourceHandle};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn create_topic(partitions: i32) -> String {
+    let topic = unique("orders");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(
+                &topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    for r in results {
+        r.unwrap();
+    }
+    topic
+}
+
+fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
+        .set("message.timeout.ms", "10000")
+        .create()
+        .unwrap()
+}
+
+/// Produces `(partition, key, value)` messages in order; returns their (partition, offset).
+async fn produce(topic: &str, messages: &[(i32, Option<&[u8]>, Option<&[u8]>)]) -> Vec<(i32, i64)> {
+    let producer = producer();
+    let mut out = Vec::new();
+    for (partition, key, value) in messages {
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(topic).partition(*partition);
+        if let Some(k) = key {
+            record = record.key(*k);
+        }
+        if let Some(v) = value {
+            record = record.payload(*v);
+        }
+        let d = producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        out.push((d.partition, d.offset));
+    }
+    out
+}
+
+fn order(id: usize) -> Vec<u8> {
+    format!(
+        r#"{{"order_id":"o-{id}","customer":"c-{}","amount":{}.5,"note":"order {id}"}}"#,
+        id % 7,
+        id
+    )
+    .into_bytes()
+}
+
+fn source_config(topic: &str, group: &str, extra: &str, dlq: &Path) -> KafkaSource {
+    let text = format!(
+        r#"
+brokers = "{brokers}"
+group_id = "{group}"
+drain_timeout_ms = 2000
+commit_interval_ms = 200
+dead_letter = {{ path = "{dlq}" }}
+properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }}
+{extra}
+"#,
+        brokers = env("TRIBUTARY_KAFKA_BROKERS"),
+        dlq = dlq.display(),
+    );
+    let text = if extra.contains("[[topics]]") {
+        text
+    } else {
+        format!("{text}\n[[topics]]\nname = \"{topic}\"\nkey_columns = [\"order_id\"]\n")
+    };
+    toml::from_str(&text).unwrap()
+}
+
+async fn next(rx: &mut Receiver<KafkaEvent>) -> KafkaEvent {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("no event within 60 s")
+        .expect("the source stopped")
+}
+
+fn offset_of(e: &KafkaEvent) -> (i32, i64) {
+    match &e.event.position {
+        Position::Kafka {
+            partition, offset, ..
+        } => (*partition, *offset),
+        other => panic!("not a Kafka position: {other}"),
+    }
+}
+
+/// The group's committed offset for each of `partitions` partitions of `topic`.
+fn committed(topic: &str, group: &str, partitions: i32) -> Vec<Option<i64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).unwrap().offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumes_each_message_once_across_commit_and_restart() {
+    let topic = create_topic(3).await;
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let config = source_config(&topic, &group, "", &dir.path().join("dlq.jsonl"));
+    let first: Vec<Vec<u8>> = (0..30).map(order).collect();
+    let batch: Vec<_> = first
+        .iter()
+        .enumerate()
+        .map(|(i, v)| ((i % 3) as i32, None, Some(v.as_slice())))
+        .collect();
+    produce(&topic, &batch).await;
+
+    let (mut rx, handle) = kafka::start(&config, 16).await.unwrap();
+    let mut seen = BTreeSet::new();
+    for _ in 0..30 {
+        let e = next(&mut rx).await;
+        assert_eq!(e.event.op, Op::Insert);
+        let Some(Value::Text(id)) = e.event.key.get("order_id") else {
+            panic!("key: {:?}", e.event.key)
+        };
+        assert!(seen.insert(id.clone()), "{id} delivered twice");
+        handle.acker().ack(&e.event.position);
+    }
+    assert_eq!(seen.len(), 30);
+    handle.shutdown().await.unwrap();
+    assert_eq!(
+        committed(&topic, &group, 3),
+        vec![Some(10), Some(10), Some(10)]
+    );
+
+    // After a restart only new messages arrive: a sentinel per partition, produced after the new
+    // orders, proves nothing older was re-delivered before it.
+    let second: Vec<Vec<u8>> = (30..39).map(order).collect();
+    let mut batch: Vec<_> = second
+        .iter()
+        .enumerate()
+        .map(|(i, v)| ((i % 3) as i32, None, Some(v.as_slice())))
+        .collect();
+    let sentinels: Vec<Vec<u8>> = (0..3).map(|p| order(1000 + p)).collect();
+    batch.extend(
+        sentinels
+            .iter()
+            .enumerate()
+            .map(|(p, v)| (p as i32, None, Some(v.as_slice()))),
+    );
+    produce(&topic, &batch).await;
+    let (mut rx, handle) = kafka::start(&config, 16).await.unwrap();
+    let mut again = Vec::new();
+    let mut sentinels_seen = 0;
+    while sentinels_seen < 3 {
+        let e = next(&mut rx).await;
+        handle.acker().ack(&e.event.position);
+        let Some(Value::Text(id)) = e.event.key.get("order_id").cloned() else {
+            panic!("no key")
+        };
+        if id.starts_with("o-100") {
+            sentinels_seen += 1;
+        } else {
+            again.push(id);
+        }
+    }
+    again.sort();
+    let expected: Vec<String> = (30..39).map(|i| format!("o-{i}")).collect();
+    assert_eq!(again, expected);
+    handle.shutdown().await.unwrap();
+    assert_eq!(
+        committed(&topic, &group, 3),
+        vec![Some(14), Some(14), Some(14)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unacknowledged_events_are_redelivered_after_restart() {
+    let topic = create_topic(1).await;
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = source_config(&topic, &group, "", &dir.path().join("dlq.jsonl"));
+    config.drain_timeout_ms = 300;
+    let values: Vec<Vec<u8>> = (0..20).map(order).collect();
+    let batch: Vec<_> = values
+        .iter()
+        .map(|v| (0, None, Some(v.as_slice())))
+        .collect();
+    produce(&topic, &batch).await;
+
+    let (mut rx, handle) = kafka::start(&config, 32).await.unwrap();
+    for _ in 0..20 {
+        let e = next(&mut rx).await;
+        // The pipeline made only the first ten durable.
+        if offset_of(&e).1 <= 9 {
+            handle.acker().ack(&e.event.position);
+        }
+    }
+    handle.shutdown().await.unwrap();
+    assert_eq!(committed(&topic, &group, 1), vec![Some(10)]);
+
+    let (mut rx, handle) = kafka::start(&config, 32).await.unwrap();
+    let mut redelivered = Vec::new();
+    for _ in 10..20 {
+        let e = next(&mut rx).await;
+        redelivered.push(offset_of(&e).1);
+        handle.acker().ack(&e.event.position);
+    }
+    assert_eq!(redelivered, (10..20).collect::<Vec<_>>());
+    handle.shutdown().await.unwrap();
+    assert_eq!(committed(&topic, &group, 1), vec![Some(20)]);
+}
+
+#[derive(serde::Deserialize)]
+struct Letter {
+    source: String,
+    position: Position,
+    key: Option<String>,
+    raw_base64: String,
+    error: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn undecodable_messages_are_dead_lettered_while_good_ones_flow() {
+    let topic = create_topic(1).await;
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let dlq = dir.path().join("dlq.jsonl");
+    let extra = format!(
+        "max_message_bytes = 400\n[[topics]]\nname = \"{topic}\"\nkey_columns = [\"order_id\"]\n\
+         columns = {{ amount = \"float64\", order_id = \"text\" }}\n"
+    );
+    let config = source_config(&topic, &group, &extra, &dlq);
+    let oversize = format!(r#"{{"order_id":"big","note":"{}"}}"#, "x".repeat(500));
+    let bad: Vec<(&[u8], &str)> = vec![
+        (b"{\"order_id\":\"o-\xff\"}", "not valid UTF-8"),
+        (b"{\"order_id\": ", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object, found an array"),
+        (br#"{"amount": 3.5}"#, "key column \"order_id\" is missing"),
+        (
+            br#"{"order_id": "o-x", "amount": "lots"}"#,
+            "declared Float64 but holds a string",
+        ),
+        (oversize.as_bytes(), "exceeds max_message_bytes (400)"),
+    ];
+    let good: Vec<Vec<u8>> = (0..3).map(order).collect();
+    let mut batch = vec![(0, Some(b"k-0".as_slice()), Some(good[0].as_slice()))];
+    for (raw, _) in &bad {
+        batch.push((0, Some(b"bad-key".as_slice()), Some(*raw)));
+    }
+    batch.push((0, None, Some(good[1].as_slice())));
+    batch.push((0, None, Some(good[2].as_slice())));
+    produce(&topic, &batch).await;
+
+    let (mut rx, handle) = kafka::start(&config, 16).await.unwrap();
+    let mut offsets = Vec::new();
+    for _ in 0..3 {
+        let e = next(&mut rx).await;
+        let after = e.event.after.as_ref().unwrap();
+        assert!(
+            matches!(after.get("amount"), Some(Value::Float64(_))),
+            "{after:?}"
+        );
+        offsets.push(offset_of(&e).1);
+        handle.acker().ack(&e.event.position);
+    }
+    assert_eq!(
+        offsets,
+        vec![0, 7, 8],
+        "good messages flow around the bad ones"
+    );
+    handle.shutdown().await.unwrap();
+    assert_eq!(committed(&topic, &group, 1), vec![Some(9)]);
+
+    let text = std::fs::read_to_string(&dlq).unwrap();
+    let letters: Vec<Letter> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), bad.len(), "{text}");
+    for (i, (letter, (raw, reason))) in letters.iter().zip(&bad).enumerate() {
+        assert_eq!(letter.source, topic);
+        assert_eq!(
+            letter.position,
+            Position::Kafka {
+                topic: topic.clone(),
+                partition: 0,
+                offset: i as i64 + 1
+            }
+        );
+        assert_eq!(letter.key.as_deref(), Some("bad-key"));
+        assert!(
+            letter.error.contains(reason),
+            "{} should say {reason:?}",
+            letter.error
+        );
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&letter.raw_base64)
+            .unwrap();
+        assert_eq!(bytes, *raw, "the raw bytes are kept as they arrived");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn debezium_envelopes_become_change_events_and_tombstones_are_skipped() {
+    let topic = create_topic(1).await;
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("[[topics]]\nname = \"{topic}\"\nformat = \"debezium\"\n");
+    let config = source_config(&topic, &group, &extra, &dir.path().join("dlq.jsonl"));
+    let source = r#""source":{"version":"2.7.0.Final","connector":"postgresql","name":"shop","ts_ms":1732356000000,"db":"shop","schema":"public","table":"orders","txId":771,"lsn":24023128}"#;
+    let row = |status: &str| format!(r#"{{"id":1,"status":"{status}","total":99.5}}"#);
+    // With the JSON converter's schemas enabled: {"schema": ..., "payload": envelope}.
+    let snapshot = format!(
+        r#"{{"before":null,"after":{},{source},"op":"r","ts_ms":1732356000100}}"#,
+        row("new")
+    );
+    let created = format!(
+        r#"{{"schema":{{"type":"struct","optional":false,"name":"shop.public.orders.Envelope"}},"payload":{{"before":null,"after":{},{source},"op":"c","ts_ms":1732356000200}}}}"#,
+        row("new")
+    );
+    let updated = format!(
+        r#"{{"before":{},"after":{},{source},"op":"u","ts_ms":1732356000300}}"#,
+        row("new"),
+        row("paid")
+    );
+    let deleted = format!(
+        r#"{{"before":{},"after":null,{source},"op":"d","ts_ms":1732356000400}}"#,
+        row("paid")
+    );
+    let key = br#"{"schema":{"type":"struct","fields":[{"type":"int32","optional":false,"field":"id"}],"optional":false,"name":"shop.public.orders.Key"},"payload":{"id":1}}"#;
+    let batch = vec![
+        (0, Some(key.as_slice()), Some(snapshot.as_bytes())),
+        (0, Some(key.as_slice()), Some(created.as_bytes())),
+        (0, Some(key.as_slice()), Some(updated.as_bytes())),
+        (0, Some(key.as_slice()), Some(deleted.as_bytes())),
+        (0, Some(key.as_slice()), None),
+        (0, Some(key.as_slice()), Some(snapshot.as_bytes())),
+    ];
+    produce(&topic, &batch).await;
+    // Headers are kept: one more snapshot row with a header.
+    producer()
+        .send(
+            FutureRecord::to(&topic)
+                .partition(0)
+                .key(key.as_slice())
+                .payload(snapshot.as_bytes())
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "trace",
+                    value: Some("abc"),
+                })),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+
+    let (mut rx, handle) = kafka::start(&config, 16).await.unwrap();
+    let mut events = Vec::new();
+    for _ in 0..6 {
+        let e = next(&mut rx).await;
+        handle.acker().ack(&e.event.position);
+        events.push(e);
+    }
+    handle.shutdown().await.unwrap();
+    let ops: Vec<(Op, i64)> = events
+        .iter()
+        .map(|e| (e.event.op, offset_of(e).1))
+        .collect();
+    assert_eq!(
+        ops,
+        vec![
+            (Op::Snapshot, 0),
+            (Op::Insert, 1),
+            (Op::Update, 2),
+            (Op::Delete, 3),
+            (Op::Snapshot, 5),
+            (Op::Snapshot, 6)
+        ],
+        "the tombstone at offset 4 is skipped"
+    );
+    for e in &events {
+        assert_eq!(
+            e.event.key.get("id"),
+            Some(&Value::Int64(1)),
+            "key from the Debezium key payload"
+        );
+        assert_eq!(e.meta.source_lsn, Some(24023128));
+        assert_eq!(e.event.source_ts.unwrap().timestamp_millis(), 1732356000000);
+    }
+    let update = &events[2].event;
+    assert_eq!(
+        update.before.as_ref().unwrap().get("status"),
+        Some(&Value::Text("new".into()))
+    );
+    assert_eq!(
+        update.after.as_ref().unwrap().get("status"),
+        Some(&Value::Text("paid".into()))
+    );
+    assert_eq!(
+        update.after.as_ref().unwrap().get("total"),
+        Some(&Value::Float64(99.5))
+    );
+    let delete = &events[3].event;
+    assert!(delete.after.is_none());
+    assert_eq!(
+        delete.before.as_ref().unwrap().get("status"),
+        Some(&Value::Text("paid".into()))
+    );
+    assert_eq!(
+        events[5].meta.headers,
+        vec![("trace".to_owned(), Some(b"abc".to_vec()))]
+    );
+    assert!(
+        events[5].meta.timestamp.is_some(),
+        "the message timestamp is kept"
+    );
+    assert_eq!(committed(&topic, &group, 1), vec![Some(7)]);
+}
+
+/// A pipeline stand-in: records every event it receives (tagged with the instance), then acks.
+fn pipeline(
+    name: &'static str,
+    mut rx: Receiver<KafkaEvent>,
+    handle: &KafkaSourceHandle,
+    out: Arc<Mutex<Vec<(&'static str, i32, i64)>>>,
+) -> tokio::task::JoinHandle<()> {
+    let acker = handle.acker();
+    tokio::spawn(async move {
+        while let Some(e) = rx.recv().await {
+            let (p, o) = offset_of(&e);
+            out.lock().unwrap().push((name, p, o));
+            acker.ack(&e.event.position);
+        }
+    })
+}
+
+async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_consumers_split_partitions_and_one_leaves_without_loss_or_duplicates() {
+    let topic = create_topic(3).await;
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let config = source_config(&topic, &group, "", &dir.path().join("dlq.jsonl"));
+    let out = Arc::new(Mutex::new(Vec::new()));
+
+    let (rx_a, a) = kafka::start(&config, 8).await.unwrap();
+    let (rx_b, b) = kafka::start(&config, 8).await.unwrap();
+    let pa = pipeline("a", rx_a, &a, Arc::clone(&out));
+    let pb = pipeline("b", rx_b, &b, Arc::clone(&out));
+    wait_until("both instances to own partitions", || {
+        let (x, y) = (a.assignment(), b.assignment());
+        !x.is_empty() && !y.is_empty() && x.len() + y.len() == 3
+    })
+    .await;
+
+    let values: Vec<Vec<u8>> = (0..300).map(order).collect();
+    let batch: Vec<_> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| ((i % 3) as i32, None, Some(v.as_slice())))
+        .collect();
+    let mut produced: Vec<(i32, i64)> = produce(&topic, &batch[..150]).await;
+    wait_until("the first half", || out.lock().unwrap().len() >= 150).await;
+    {
+        let seen = out.lock().unwrap();
+        assert!(
+            seen.iter().any(|e| e.0 == "a") && seen.iter().any(|e| e.0 == "b"),
+            "both instances consumed"
+        );
+    }
+
+    // b leaves while messages keep arriving; a takes over b's partitions from b's commits.
+    let producing = tokio::spawn({
+        let topic = topic.clone();
+        let batch: Vec<(i32, Vec<u8>)> = batch[150..]
+            .iter()
+            .map(|(p, _, v)| (*p, v.unwrap().to_vec()))
+            .collect();
+        async move {
+            let borrowed: Vec<_> = batch
+                .iter()
+                .map(|(p, v)| (*p, None, Some(v.as_slice())))
+                .collect();
+            produce(&topic, &borrowed).await
+        }
+    });
+    b.shutdown().await.unwrap();
+    pb.await.unwrap();
+    produced.extend(producing.await.unwrap());
+    wait_until("a to own every partition", || a.assignment().len() == 3).await;
+    wait_until("every message", || out.lock().unwrap().len() >= 300).await;
+    a.shutdown().await.unwrap();
+    pa.await.unwrap();
+
+    let seen = out.lock().unwrap();
+    let unique_positions: HashSet<(i32, i64)> = seen.iter().map(|e| (e.1, e.2)).collect();
+    assert_eq!(
+        unique_positions.len(),
+        seen.len(),
+        "an event was delivered twice"
+    );
+    assert_eq!(
+        unique_positions,
+        produced.into_iter().collect::<HashSet<_>>(),
+        "an event was lost"
+    );
+    assert_eq!(
+        committed(&topic, &group, 3),
+        vec![Some(100), Some(100), Some(100)]
+    );
+}
