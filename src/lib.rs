@@ -9,6 +9,7 @@
 pub mod check;
 pub mod config;
 pub mod dead_letter;
+pub mod enrich;
 pub mod error;
 pub mod event;
 pub mod secret;
