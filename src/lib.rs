@@ -7,6 +7,7 @@
 //! durably committed everything up to it.
 
 pub mod check;
+pub mod checkpoint;
 pub mod config;
 pub mod dead_letter;
 pub mod enrich;
