@@ -465,6 +465,21 @@ impl Config {
             for (source, table) in &p.tables {
                 validate_pg_name(&format!("sinks.pgvector.tables.{source:?}"), table)?;
             }
+            if let Some(known) = self.known_sources() {
+                let mut seen: BTreeMap<String, &String> = BTreeMap::new();
+                for source in &known {
+                    let table = crate::sink::pgvector::target_name(p, source);
+                    if let Some(other) = seen.insert(table.clone(), source) {
+                        return Err(ConfigError::invalid(
+                            "sinks.pgvector.tables",
+                            format!(
+                                "sources {other:?} and {source:?} would both write table \
+                                 {table:?}: map one to another name here"
+                            ),
+                        ));
+                    }
+                }
+            }
             // pgvector's limits: vector ≤ 16000 dimensions, an HNSW index ≤ 2000 (4000 halfvec).
             let max = match (p.index.hnsw, p.halfvec) {
                 (false, _) => 16_000,

@@ -15,5 +15,6 @@ pub mod error;
 pub mod event;
 pub mod secret;
 pub mod sink;
+pub mod status;
 pub mod storage;
 pub mod telemetry;

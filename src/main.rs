@@ -32,6 +32,16 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
+    /// Where the connector stands: slot position and lag, group offsets and lag, pgvector tables.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON for scripts instead of the one-screen summary.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
     /// Embed lines of text from stdin: one JSON array of floats per line on stdout.
     Embed {
         /// Model folder (model.onnx + tokenizer.json).
@@ -53,6 +63,11 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Check { config, timeout } => check(&config, Duration::from_secs(timeout)).await,
         Command::Embed { model, config } => embed(model, config),
+        Command::Status {
+            config,
+            json,
+            timeout,
+        } => status(&config, json, Duration::from_secs(timeout)).await,
     }
 }
 
@@ -150,6 +165,26 @@ fn embed(model: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn status(path: &std::path::Path, json: bool, timeout: Duration) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let status = tributary::status::collect(&config, timeout).await;
+    if json {
+        match serde_json::to_string_pretty(&status) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", tributary::status::render(&status));
     }
     ExitCode::SUCCESS
 }
