@@ -50,7 +50,7 @@ pub async fn run(config: &Config, timeout: Duration) -> Vec<Probe> {
             "embedding model",
             e.model_dir.display().to_string(),
             timeout,
-            model_files(&e.model_dir),
+            model(e),
         )));
     }
     if let Some(d) = &config.sinks.delta {
@@ -201,24 +201,19 @@ async fn kafka(k: &KafkaSource, timeout: Duration) -> Result<String, String> {
     .map_err(|e| e.to_string())?
 }
 
-async fn model_files(dir: &std::path::Path) -> Result<String, String> {
-    for file in ["model.onnx", "tokenizer.json"] {
-        let p = dir.join(file);
-        if !p.is_file() {
-            return Err(format!("{} is missing", p.display()));
-        }
-    }
-    match std::env::var_os("ORT_DYLIB_PATH") {
-        Some(p) if std::path::Path::new(&p).is_file() => Ok(format!(
-            "model.onnx and tokenizer.json present; ONNX Runtime at {}",
-            std::path::Path::new(&p).display()
-        )),
-        Some(p) => Err(format!(
-            "ORT_DYLIB_PATH={} is not a file",
-            std::path::Path::new(&p).display()
-        )),
-        None => Err("ORT_DYLIB_PATH is not set: point it at libonnxruntime.so".into()),
-    }
+async fn model(config: &crate::config::EmbeddingConfig) -> Result<String, String> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut embedder = crate::enrich::Embedder::load(&config).map_err(|e| e.to_string())?;
+        embedder.embed(&["check"])?;
+        Ok(format!(
+            "loaded, {} dimensions, {} intra-op thread(s)",
+            embedder.dimension(),
+            config.threads()
+        ))
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 async fn object_store_list(

@@ -204,6 +204,74 @@ pub struct EmbeddingConfig {
     /// `"{customer} ordered {items}: {note}"`. Sources without a template are not embedded.
     #[serde(default)]
     pub templates: BTreeMap<String, String>,
+    /// `mean` over the attention mask (sentence-transformers) or the `cls` token.
+    #[serde(default)]
+    pub pooling: Pooling,
+    /// L2-normalise vectors (cosine similarity = dot product).
+    #[serde(default = "default_true")]
+    pub normalize: bool,
+    /// Tokens per text; longer texts are truncated (256 for all-MiniLM-L6-v2).
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    /// Texts per model run.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How long a partial batch may wait for more texts.
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+    /// ONNX Runtime intra-op threads (default: 1 on machines with ≤ 2 cores, else half).
+    pub intra_threads: Option<usize>,
+    /// Keys whose last text hash and vector are remembered, to skip unchanged texts.
+    #[serde(default = "default_cache_capacity")]
+    pub cache_capacity: usize,
+}
+
+impl EmbeddingConfig {
+    /// A configuration with defaults for a model folder (`tributary embed --model DIR`).
+    pub fn for_model(model_dir: PathBuf) -> Self {
+        EmbeddingConfig {
+            model_dir,
+            templates: BTreeMap::new(),
+            pooling: Pooling::default(),
+            normalize: true,
+            max_length: default_max_length(),
+            max_batch: default_max_batch(),
+            max_wait_ms: default_max_wait_ms(),
+            intra_threads: None,
+            cache_capacity: default_cache_capacity(),
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.intra_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if cores <= 2 { 1 } else { cores / 2 }
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    #[default]
+    Mean,
+    Cls,
+}
+
+fn default_max_length() -> usize {
+    256
+}
+
+fn default_max_batch() -> usize {
+    32
+}
+
+fn default_max_wait_ms() -> u64 {
+    20
+}
+
+fn default_cache_capacity() -> usize {
+    100_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -418,6 +486,22 @@ impl Config {
             k.validate()?;
         }
         if let Some(e) = &self.embedding {
+            for (key, value, range) in [
+                ("embedding.max_length", e.max_length, 1..=8192),
+                ("embedding.max_batch", e.max_batch, 1..=4096),
+                (
+                    "embedding.intra_threads",
+                    e.intra_threads.unwrap_or(1),
+                    1..=256,
+                ),
+            ] {
+                if !range.contains(&value) {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("{value} is outside {}..={}", range.start(), range.end()),
+                    ));
+                }
+            }
             let known = self.known_sources();
             for (source, template) in &e.templates {
                 let key = format!("embedding.templates.{source:?}");
@@ -443,6 +527,21 @@ impl Config {
             validate_pg_name("sinks.pgvector.schema", &p.schema)?;
             for (source, table) in &p.tables {
                 validate_pg_name(&format!("sinks.pgvector.tables.{source:?}"), table)?;
+            }
+            if let Some(known) = self.known_sources() {
+                let mut seen: BTreeMap<String, &String> = BTreeMap::new();
+                for source in &known {
+                    let table = crate::sink::pgvector::target_name(p, source);
+                    if let Some(other) = seen.insert(table.clone(), source) {
+                        return Err(ConfigError::invalid(
+                            "sinks.pgvector.tables",
+                            format!(
+                                "sources {other:?} and {source:?} would both write table \
+                                 {table:?}: map one to another name here"
+                            ),
+                        ));
+                    }
+                }
             }
             // pgvector's limits: vector ≤ 16000 dimensions, an HNSW index ≤ 2000 (4000 halfvec).
             let max = match (p.index.hnsw, p.halfvec) {

@@ -7,12 +7,15 @@
 //! durably committed everything up to it.
 
 pub mod check;
+pub mod checkpoint;
 pub mod config;
 pub mod dead_letter;
+pub mod enrich;
 pub mod error;
 pub mod event;
 pub mod secret;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod storage;
 pub mod telemetry;

@@ -32,6 +32,25 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
+    /// Where the connector stands: slot position and lag, group offsets and lag, pgvector tables.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON for scripts instead of the one-screen summary.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Embed lines of text from stdin: one JSON array of floats per line on stdout.
+    Embed {
+        /// Model folder (model.onnx + tokenizer.json).
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        model: Option<PathBuf>,
+        /// Take the model and its options from this configuration's [embedding].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Exit code for a configuration the connector cannot start with.
@@ -43,6 +62,12 @@ async fn main() -> ExitCode {
     telemetry::init_logging(cli.log_format);
     match cli.command {
         Command::Check { config, timeout } => check(&config, Duration::from_secs(timeout)).await,
+        Command::Embed { model, config } => embed(model, config),
+        Command::Status {
+            config,
+            json,
+            timeout,
+        } => status(&config, json, Duration::from_secs(timeout)).await,
     }
 }
 
@@ -76,4 +101,90 @@ async fn check(path: &std::path::Path, timeout: Duration) -> ExitCode {
         eprintln!("{failed} of {} services failed", probes.len());
         ExitCode::FAILURE
     }
+}
+
+fn embed(model: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
+    use std::io::{BufRead, Write};
+    let embedding = match (model, config) {
+        (Some(dir), _) => tributary::config::EmbeddingConfig::for_model(dir),
+        (None, Some(path)) => match load(&path) {
+            Ok(c) => match c.embedding {
+                Some(e) => e,
+                None => {
+                    eprintln!(
+                        "error: config {}: embedding: section missing",
+                        path.display()
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+            Err(code) => return code,
+        },
+        (None, None) => unreachable!("clap requires --model or --config"),
+    };
+    let mut embedder = match tributary::enrich::Embedder::load(&embedding) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let stdin = std::io::stdin().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut lines: Vec<String> = Vec::new();
+    let mut flush = |lines: &mut Vec<String>, out: &mut dyn Write| -> Result<(), String> {
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        for v in embedder.embed(&refs)? {
+            serde_json::to_writer(&mut *out, &v).map_err(|e| e.to_string())?;
+            out.write_all(b"\n").map_err(|e| e.to_string())?;
+        }
+        lines.clear();
+        out.flush().map_err(|e| e.to_string())
+    };
+    for (n, line) in stdin.split(b'\n').enumerate() {
+        let bytes = match line {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("error: stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // Invalid UTF-8 is replaced (U+FFFD), not fatal: the text is still embedded.
+        let text = String::from_utf8_lossy(&bytes);
+        let text = text.strip_suffix('\r').unwrap_or(&text).to_owned();
+        lines.push(text);
+        if lines.len() >= embedding.max_batch {
+            if let Err(e) = flush(&mut lines, &mut out) {
+                eprintln!("error: line {}: {e}", n + 1);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if !lines.is_empty() {
+        if let Err(e) = flush(&mut lines, &mut out) {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn status(path: &std::path::Path, json: bool, timeout: Duration) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let status = tributary::status::collect(&config, timeout).await;
+    if json {
+        match serde_json::to_string_pretty(&status) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", tributary::status::render(&status));
+    }
+    ExitCode::SUCCESS
 }

@@ -23,6 +23,8 @@ group_id = "g"
 name = "orders"
 [sinks.delta]
 uri = "lake"
+[sinks.pgvector.tables]
+orders = "kafka_orders"
 [sinks.pgvector]
 url = "{pg_url}"
 "#
@@ -111,4 +113,67 @@ fn a_bad_config_exits_two_naming_the_key() {
         stderr.contains("sinks.delta.uri: unsupported scheme \"ftp\""),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn status_json_reports_what_the_pgvector_sink_holds() {
+    use tributary::event::{ChangeEvent, Lsn, Op, Position, Value};
+    let schema = common::unique("st");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = write_config(
+        dir.path(),
+        &env("TRIBUTARY_PG_URL"),
+        &env("TRIBUTARY_KAFKA_BROKERS"),
+    );
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    let text = format!("{text}schema = \"{schema}\"\ndimension = 2\n");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let config = tributary::config::Config::load(&cfg_path).unwrap();
+    let mut sink =
+        tributary::sink::pgvector::PgvectorSink::connect(config.sinks.pgvector.clone().unwrap())
+            .await
+            .unwrap();
+    let position = Position::Lsn {
+        commit_lsn: Lsn(0x1_0000_0010),
+        tx_ordinal: 3,
+    };
+    sink.write(&[ChangeEvent {
+        source: "public.orders".into(),
+        op: Op::Insert,
+        key: [("id", Value::Int32(1))].into_iter().collect(),
+        before: None,
+        after: Some([("id", Value::Int32(1))].into_iter().collect()),
+        schema_version: 1,
+        position: position.clone(),
+        source_ts: None,
+        embedding: Some(vec![1.0, 0.0]),
+        text_hash: None,
+    }])
+    .await
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .args(["status", "--json", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tables = v["pgvector"]["ok"].as_array().unwrap();
+    let orders = tables
+        .iter()
+        .find(|t| t["source"] == "public.orders")
+        .unwrap();
+    assert_eq!(orders["rows"], 1);
+    assert_eq!(
+        orders["positions"][0],
+        serde_json::to_value(&position).unwrap()
+    );
+    let kafka_orders = tables.iter().find(|t| t["source"] == "orders").unwrap();
+    assert_eq!(kafka_orders["exists"], false);
+    assert!(v["postgres"]["ok"]["exists"] == false, "{v}");
+    assert!(v["kafka"]["ok"].as_array().unwrap().len() >= 3, "{v}");
 }

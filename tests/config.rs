@@ -40,6 +40,8 @@ aws_secret_access_key = "${AWS_SECRET}"
 
 [sinks.pgvector]
 url = "host=vec.internal user=app password=${VEC_PASSWORD} dbname=vectors"
+[sinks.pgvector.tables]
+orders = "kafka_orders"
 "#;
 
 const SECRETS: [&str; 4] = [
@@ -236,4 +238,14 @@ fn a_local_lake_path_is_resolved_against_the_config_folder() {
     let text = GOOD.replacen("uri = \"s3://lake/bronze\"", "uri = \"lake\"", 1);
     let c = parse(&text).unwrap();
     assert_eq!(c.sinks.delta.unwrap().uri, "/etc/tributary/lake");
+}
+
+#[test]
+fn two_sources_writing_one_pgvector_table_are_refused() {
+    let e = error_with("orders = \"kafka_orders\"", "");
+    assert_key(
+        &e,
+        "sinks.pgvector.tables",
+        "\"public.orders\" and \"orders\" would both write table \"orders\"",
+    );
 }

@@ -404,3 +404,44 @@ async fn a_lost_connection_is_retried_and_the_batch_lands_once() {
         vec![(1, "a2".into(), true), (2, "b".into(), true)]
     );
 }
+
+#[tokio::test]
+async fn halfvec_storage_with_an_l2_index() {
+    let schema = unique("pgv");
+    let client = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let cfg = sink_config(
+        &schema,
+        "halfvec = true\n[sinks.pgvector.index]\ndistance = \"l2\"\nm = 8\nef_construction = 32",
+    );
+    let mut sink = PgvectorSink::connect(cfg).await.unwrap();
+    let snapshot: Vec<_> = (0..6)
+        .map(|i| event(Op::Snapshot, i, Some(&format!("n{i}")), pos(1, i as u64)))
+        .collect();
+    sink.write(&snapshot).await.unwrap();
+    sink.finish_snapshot("public.items").await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT format_type(a.atttypid, a.atttypmod), i.indexdef
+               FROM pg_attribute a, pg_indexes i
+              WHERE a.attrelid = to_regclass($1) AND a.attname = 'embedding'
+                AND i.schemaname = $2 AND i.indexdef LIKE '%hnsw%'",
+            &[&format!("\"{schema}\".items"), &schema],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "halfvec(8)");
+    let indexdef: String = row.get(1);
+    assert!(
+        indexdef.contains("halfvec_l2_ops") && indexdef.contains("m='8'"),
+        "{indexdef}"
+    );
+    let nearest: i32 = client
+        .query_one(
+            &format!("SELECT id FROM \"{schema}\".items ORDER BY embedding <-> $1::vector::halfvec LIMIT 1"),
+            &[&pgvector::Vector::from(vec_along(3))],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(nearest, 3);
+}

@@ -698,3 +698,18 @@ async fn merge(
     );
     tx.batch_execute(&sql).await.map_err(PgvectorError::from_pg)
 }
+
+/// The enrichment stage asks the sink for a row's text hash when its own cache does not know the
+/// key (after a restart, or past the cache's capacity). A failed lookup is a miss: the text is
+/// embedded again, which is correct, only slower.
+impl crate::enrich::StoredHashes for PgvectorSink {
+    async fn stored_hash(&mut self, source: &str, key: &Row) -> Option<u64> {
+        match self.stored_text_hash(source, key).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!(error = %e, source, "stored text hash lookup failed");
+                None
+            }
+        }
+    }
+}

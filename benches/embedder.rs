@@ -1,0 +1,125 @@
+//! Embedding throughput: Tributary's in-process ONNX Runtime against Python onnxruntime on the
+//! same model, thread count and tokenization (benches/embedder_python.py), in the same run.
+//!
+//! Run: `scripts/services up && eval "$(scripts/services env)" &&
+//!       cargo bench --profile dev --bench embedder`
+//! Prints sentences/s (median of REPS) at batch 1/8/32/128 for short (~12 tokens) and medium
+//! (~100 tokens) texts, and the ratio Rust / Python.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use tributary::config::EmbeddingConfig;
+use tributary::enrich::Embedder;
+
+const BATCHES: [usize; 4] = [1, 8, 32, 128];
+const REPS: usize = 3;
+const THREADS: usize = 1;
+
+fn short_texts(n: usize) -> Vec<String> {
+    let items = [
+        "lamps",
+        "a rug",
+        "two chairs",
+        "a kettle",
+        "blue towels",
+        "a desk",
+    ];
+    (0..n)
+        .map(|i| {
+            format!(
+                "Customer {i} ordered {} for delivery on Friday.",
+                items[i % items.len()]
+            )
+        })
+        .collect()
+}
+
+fn medium_texts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "Order {i}: the customer asked for the blue variant of the reading lamp, gift \
+                 wrapped, with a handwritten card that says happy birthday to my sister. Please \
+                 deliver after five in the evening to the back door because the front bell is \
+                 broken, and call ahead if the parcel does not fit the letterbox. They also want \
+                 to swap the rug from order {} for the larger size if it is still in stock, and \
+                 asked whether the kettle comes with a two year warranty.",
+                i + 1000
+            )
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let model_dir = PathBuf::from(
+        std::env::var("TRIBUTARY_MODEL_DIR").expect("eval \"$(scripts/services env)\" first"),
+    );
+    let python = std::env::var("TRIBUTARY_PYTHON").expect("TRIBUTARY_PYTHON");
+    let mut cfg = EmbeddingConfig::for_model(model_dir.clone());
+    cfg.intra_threads = Some(THREADS);
+    let mut embedder = Embedder::load(&cfg).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/embedder_python.py");
+    println!("all-MiniLM-L6-v2, {THREADS} intra-op thread, sentences/s (median of {REPS})");
+    println!("| texts | batch | Tributary (Rust, ort) | Python onnxruntime | ratio |");
+    println!("|---|---|---|---|---|");
+    for (label, texts) in [
+        ("short ~12 tok", short_texts(256)),
+        ("medium ~100 tok", medium_texts(64)),
+    ] {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        embedder.embed(&refs[..8]).unwrap();
+        let rust: Vec<f64> = BATCHES
+            .iter()
+            .map(|&b| {
+                median(
+                    (0..REPS)
+                        .map(|_| {
+                            let t = Instant::now();
+                            for chunk in refs.chunks(b) {
+                                embedder.embed(chunk).unwrap();
+                            }
+                            refs.len() as f64 / t.elapsed().as_secs_f64()
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        let file =
+            std::env::temp_dir().join(format!("tributary-bench-{}.json", std::process::id()));
+        std::fs::write(&file, serde_json::to_string(&texts).unwrap()).unwrap();
+        let out = Command::new(&python)
+            .arg(&script)
+            .arg(&model_dir)
+            .arg(THREADS.to_string())
+            .arg(REPS.to_string())
+            .arg(&file)
+            .args(BATCHES.iter().map(|b| b.to_string()))
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&file);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let py: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+            .collect();
+        for (i, b) in BATCHES.iter().enumerate() {
+            println!(
+                "| {label} | {b} | {:.0} | {:.0} | {:.2} |",
+                rust[i],
+                py[i],
+                rust[i] / py[i]
+            );
+        }
+    }
+}

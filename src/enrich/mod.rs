@@ -1,0 +1,340 @@
+//! The enrichment stage: renders each event's text from its source's template, embeds it, and
+//! never runs the model twice for the same text of the same row.
+//!
+//! Guarantees:
+//! - Order: events leave in the order they came; only events whose source has a template are
+//!   touched.
+//! - Economy: the text's xxh3 hash is remembered per key (bounded cache; on a miss the sink's
+//!   stored hash can answer through [`StoredHashes`]). An update whose text hash is unchanged gets
+//!   the remembered vector, or — when only the sink has the vector — `embedding: None` with the
+//!   hash set, which the pgvector sink reads as "keep the stored vector". Identical texts within
+//!   a batch run once.
+//! - Unchanged TOAST: a template column the update did not send is taken from the row state this
+//!   stage remembers; if it is not remembered, the event keeps `embedding: None` so the sink
+//!   keeps the stored vector rather than embedding a text with a hole in it.
+//! - Failures: an event that cannot be embedded is returned as a dead letter with the reason;
+//!   the rest of the batch goes on. A model that cannot be loaded stops the stage at start.
+
+pub mod model;
+mod stage;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use model::{Embedder, EnrichError};
+pub use stage::{Enriched, spawn};
+
+use crate::config::{EmbeddingConfig, TemplatePart, parse_template};
+use crate::dead_letter::DeadLetter;
+use crate::event::{ChangeEvent, Op, Row, Value};
+
+/// Where a text hash can be looked up when the in-memory cache does not know the key (the
+/// pgvector sink keeps one per row).
+pub trait StoredHashes {
+    fn stored_hash(&mut self, source: &str, key: &Row) -> impl Future<Output = Option<u64>> + Send;
+}
+
+/// For running without a sink to ask: every lookup misses.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoStoredHashes;
+
+impl StoredHashes for NoStoredHashes {
+    async fn stored_hash(&mut self, _source: &str, _key: &Row) -> Option<u64> {
+        None
+    }
+}
+
+/// Counts since start; the same figures go to the `tributary_embed_*` metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EnrichStats {
+    /// Texts the model embedded.
+    pub embedded: u64,
+    /// Texts skipped because their hash matched the key's previous text.
+    pub skipped_unchanged: u64,
+    /// Model invocations (batches).
+    pub model_runs: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Remembered {
+    hash: u64,
+    vector: Option<Arc<Vec<f32>>>,
+    /// The template columns' last values, to fill unchanged TOAST columns.
+    columns: Vec<(String, Value)>,
+}
+
+/// A bounded map; the oldest insertion goes first when full.
+#[derive(Debug)]
+struct Cache {
+    map: HashMap<(String, String), Remembered>,
+    order: VecDeque<(String, String)>,
+    capacity: usize,
+}
+
+impl Cache {
+    fn get(&self, k: &(String, String)) -> Option<&Remembered> {
+        self.map.get(k)
+    }
+
+    fn put(&mut self, k: (String, String), v: Remembered) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+            while self.map.len() > self.capacity {
+                match self.order.pop_front() {
+                    Some(old) => {
+                        self.map.remove(&old);
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, k: &(String, String)) {
+        // The queue entry stays until it reaches the front; removing it there is a no-op.
+        self.map.remove(k);
+    }
+}
+
+/// Renders, hashes and embeds events.
+pub struct Enricher {
+    embedder: Embedder,
+    templates: HashMap<String, Vec<TemplatePart>>,
+    cache: Cache,
+    max_batch: usize,
+    stats: EnrichStats,
+}
+
+impl std::fmt::Debug for Enricher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enricher")
+            .field("sources", &self.templates.keys())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The per-event work left after rendering.
+enum Plan {
+    /// No template, a delete, or nothing to embed.
+    Pass,
+    /// Reuse: set this vector (or keep the stored one when `None`) and hash.
+    Reuse(Option<Arc<Vec<f32>>>, u64),
+    /// Run the model on this text.
+    Embed(String, u64),
+}
+
+impl Enricher {
+    pub fn new(config: &EmbeddingConfig) -> Result<Self, EnrichError> {
+        let mut templates = HashMap::new();
+        for (source, t) in &config.templates {
+            let parts = parse_template(t)
+                .map_err(|m| EnrichError::Model(format!("embedding.templates.{source:?}: {m}")))?;
+            templates.insert(source.clone(), parts);
+        }
+        Ok(Enricher {
+            embedder: Embedder::load(config)?,
+            templates,
+            cache: Cache {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+                capacity: config.cache_capacity,
+            },
+            max_batch: config.max_batch.max(1),
+            stats: EnrichStats::default(),
+        })
+    }
+
+    pub fn dimension(&self) -> usize {
+        self.embedder.dimension()
+    }
+
+    pub fn stats(&self) -> EnrichStats {
+        self.stats
+    }
+
+    /// Whether `source` has a template.
+    pub fn embeds(&self, source: &str) -> bool {
+        self.templates.contains_key(source)
+    }
+
+    /// Keys of `events` whose text the cache cannot judge: ask [`StoredHashes`] for these.
+    pub fn unknown_keys<'a>(&self, events: &'a [ChangeEvent]) -> Vec<&'a ChangeEvent> {
+        events
+            .iter()
+            .filter(|e| {
+                self.embeds(&e.source)
+                    && matches!(e.op, Op::Update)
+                    && self.cache.get(&cache_key(e)).is_none()
+            })
+            .collect()
+    }
+
+    /// Fills `embedding`/`text_hash` of `events` in place. `stored` holds hashes the sink had
+    /// for keys the cache did not know. Returns the events that failed, as dead letters (their
+    /// `embedding` stays `None`).
+    pub fn enrich(
+        &mut self,
+        events: &mut [ChangeEvent],
+        stored: &HashMap<(String, String), u64>,
+    ) -> Vec<DeadLetter> {
+        let plans: Vec<Plan> = events.iter().map(|e| self.plan(e, stored)).collect();
+        // Unique texts to run, in first-seen order.
+        let mut texts: Vec<&str> = Vec::new();
+        let mut index: HashMap<u64, usize> = HashMap::new();
+        for p in &plans {
+            if let Plan::Embed(text, hash) = p {
+                index.entry(*hash).or_insert_with(|| {
+                    texts.push(text);
+                    texts.len() - 1
+                });
+            }
+        }
+        let mut vectors: Vec<Option<Result<Arc<Vec<f32>>, String>>> = vec![None; texts.len()];
+        for (chunk_no, chunk) in texts.chunks(self.max_batch).enumerate() {
+            let started = Instant::now();
+            let result = self.embedder.embed(chunk);
+            self.stats.model_runs += 1;
+            metrics::histogram!("tributary_embed_batch_size").record(chunk.len() as f64);
+            metrics::histogram!("tributary_embed_seconds").record(started.elapsed().as_secs_f64());
+            let base = chunk_no * self.max_batch;
+            match result {
+                Ok(vs) => {
+                    self.stats.embedded += vs.len() as u64;
+                    metrics::counter!("tributary_embed_texts_total").increment(vs.len() as u64);
+                    for (i, v) in vs.into_iter().enumerate() {
+                        vectors[base + i] = Some(Ok(Arc::new(v)));
+                    }
+                }
+                Err(e) => {
+                    for slot in &mut vectors[base..base + chunk.len()] {
+                        *slot = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        let mut dead = Vec::new();
+        for (e, plan) in events.iter_mut().zip(plans) {
+            let (vector, hash) = match plan {
+                Plan::Pass => {
+                    if matches!(e.op, Op::Delete) {
+                        self.cache.remove(&cache_key(e));
+                    }
+                    continue;
+                }
+                Plan::Reuse(v, hash) => {
+                    self.stats.skipped_unchanged += 1;
+                    metrics::counter!("tributary_embed_skipped_unchanged_total").increment(1);
+                    (v, hash)
+                }
+                Plan::Embed(_, hash) => match &vectors[index[&hash]] {
+                    Some(Ok(v)) => (Some(v.clone()), hash),
+                    Some(Err(msg)) => {
+                        dead.push(dead_letter(e, msg));
+                        continue;
+                    }
+                    None => continue,
+                },
+            };
+            e.embedding = vector.as_ref().map(|v| v.as_ref().clone());
+            e.text_hash = Some(hash);
+            let columns = self.template_columns(e);
+            self.cache.put(
+                cache_key(e),
+                Remembered {
+                    hash,
+                    vector,
+                    columns,
+                },
+            );
+        }
+        dead
+    }
+
+    fn plan(&self, e: &ChangeEvent, stored: &HashMap<(String, String), u64>) -> Plan {
+        let Some(parts) = self.templates.get(&e.source) else {
+            return Plan::Pass;
+        };
+        let Some(after) = &e.after else {
+            return Plan::Pass;
+        };
+        let key = cache_key(e);
+        let remembered = self.cache.get(&key);
+        let Some(text) = render(parts, after, remembered) else {
+            // An unchanged TOAST column we cannot fill: the sink keeps the stored vector.
+            return Plan::Pass;
+        };
+        let hash = twox_hash::XxHash3_64::oneshot(text.as_bytes());
+        match remembered {
+            Some(r) if r.hash == hash => Plan::Reuse(r.vector.clone(), hash),
+            None if stored.get(&key) == Some(&hash) => Plan::Reuse(None, hash),
+            _ => Plan::Embed(text, hash),
+        }
+    }
+
+    fn template_columns(&self, e: &ChangeEvent) -> Vec<(String, Value)> {
+        let (Some(parts), Some(after)) = (self.templates.get(&e.source), &e.after) else {
+            return Vec::new();
+        };
+        parts
+            .iter()
+            .filter_map(|p| match p {
+                TemplatePart::Column(c) => after
+                    .get(c)
+                    .filter(|v| **v != Value::UnchangedToast)
+                    .map(|v| (c.clone(), v.clone())),
+                TemplatePart::Literal(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// The cache key: source and the key as JSON text.
+pub fn cache_key(e: &ChangeEvent) -> (String, String) {
+    (e.source.clone(), e.key.to_json().to_string())
+}
+
+/// Renders a template over a row; `None` when an unchanged-TOAST column has no remembered value.
+fn render(parts: &[TemplatePart], row: &Row, remembered: Option<&Remembered>) -> Option<String> {
+    let mut out = String::new();
+    for p in parts {
+        match p {
+            TemplatePart::Literal(s) => out.push_str(s),
+            TemplatePart::Column(c) => {
+                let value = match row.get(c) {
+                    Some(Value::UnchangedToast) => remembered?
+                        .columns
+                        .iter()
+                        .find(|(name, _)| name == c)
+                        .map(|(_, v)| v)?,
+                    Some(v) => v,
+                    None => continue,
+                };
+                match value {
+                    Value::Null => {}
+                    Value::Text(s) | Value::Numeric(s) => out.push_str(s),
+                    other => match other.to_json() {
+                        serde_json::Value::String(s) => out.push_str(&s),
+                        j => out.push_str(&j.to_string()),
+                    },
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+fn dead_letter(e: &ChangeEvent, msg: &str) -> DeadLetter {
+    metrics::counter!("tributary_dead_letters_total", "stage" => "enrich").increment(1);
+    DeadLetter::new(
+        e.source.clone(),
+        e.position.clone(),
+        Some(e.key.to_json().to_string()),
+        &serde_json::to_vec(e).unwrap_or_default(),
+        format!("embedding failed: {msg}"),
+    )
+}

@@ -1,0 +1,253 @@
+//! A sentence-embedding model run in-process by ONNX Runtime.
+//!
+//! Faithful to sentence-transformers: the text is tokenized by the model's own `tokenizer.json`,
+//! a batch is padded to its longest text and truncated at `max_length` (256 for all-MiniLM-L6-v2,
+//! whatever its tokenizer.json says), the last hidden state is pooled (mean over the attention
+//! mask, or the CLS token) and L2-normalised. The dimension is read from the model's output.
+//!
+//! The ONNX Runtime library is loaded at run time from `ORT_DYLIB_PATH` (ort's `load-dynamic`):
+//! nothing is downloaded.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::session::Session;
+use ort::value::{Tensor, ValueType};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+use crate::config::{EmbeddingConfig, Pooling};
+use crate::error::{Classify, ErrorKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrichError {
+    /// The model folder, the model file, the tokenizer or the runtime library is unusable.
+    /// (One event's failure is not an error of the stage: it becomes a dead letter.)
+    #[error("embedding model: {0}")]
+    Model(String),
+}
+
+impl Classify for EnrichError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            EnrichError::Model(_) => ErrorKind::Config,
+        }
+    }
+}
+
+/// ONNX Runtime's environment, initialised once per process from `ORT_DYLIB_PATH`.
+fn environment() -> Result<&'static ort::environment::Environment, EnrichError> {
+    static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let path = std::env::var_os("ORT_DYLIB_PATH")
+            .map(PathBuf::from)
+            .ok_or_else(|| {
+                "ORT_DYLIB_PATH is not set: point it at libonnxruntime.so (scripts/services env \
+             exports it)"
+                    .to_owned()
+            })?;
+        if !path.is_file() {
+            return Err(format!(
+                "ORT_DYLIB_PATH={}: no such file (the ONNX Runtime library)",
+                path.display()
+            ));
+        }
+        ort::init_from(&path)
+            .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", path.display()))?
+            .with_name("tributary")
+            .build()
+            .map_err(|e| format!("cannot start ONNX Runtime from {}: {e}", path.display()))
+    })
+    .as_ref()
+    .map_err(|e| EnrichError::Model(e.clone()))
+}
+
+pub struct Embedder {
+    session: Session,
+    tokenizer: Tokenizer,
+    dimension: usize,
+    pooling: Pooling,
+    normalize: bool,
+    token_type_ids: bool,
+    output: String,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder")
+            .field("dimension", &self.dimension)
+            .field("pooling", &self.pooling)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Embedder {
+    pub fn load(config: &EmbeddingConfig) -> Result<Self, EnrichError> {
+        let dir = &config.model_dir;
+        let model_path = dir.join("model.onnx");
+        let tokenizer_path = dir.join("tokenizer.json");
+        for p in [&model_path, &tokenizer_path] {
+            if !p.is_file() {
+                return Err(EnrichError::Model(format!(
+                    "{} is missing (the model folder must hold model.onnx and tokenizer.json)",
+                    p.display()
+                )));
+            }
+        }
+        let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| EnrichError::Model(format!("{}: {e}", tokenizer_path.display())))?;
+        let pad = tokenizer.get_padding().cloned().unwrap_or_default();
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..pad
+        }));
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: config.max_length,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| EnrichError::Model(format!("{}: {e}", tokenizer_path.display())))?;
+
+        let env = environment()?;
+        let session = Session::builder(env)
+            .and_then(|b| Ok(b.with_intra_threads(config.threads())?))
+            .and_then(|mut b| b.commit_from_file(&model_path))
+            .map_err(|e| EnrichError::Model(format!("{}: {e}", model_path.display())))?;
+        let (output, dimension, token_type_ids) = check_signature(&session, &model_path)?;
+        Ok(Embedder {
+            session,
+            tokenizer,
+            dimension,
+            pooling: config.pooling,
+            normalize: config.normalize,
+            token_type_ids,
+            output,
+        })
+    }
+
+    /// Length of every vector this model returns.
+    pub fn dimension(&self) -> usize {
+        self.dimension
+    }
+
+    /// Embeds `texts` as one batch, in order.
+    pub fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, String> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| format!("tokenizer: {e}"))?;
+        let batch = encodings.len();
+        let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(batch * seq);
+        let mut mask = Vec::with_capacity(batch * seq);
+        let mut types = Vec::with_capacity(batch * seq);
+        for e in &encodings {
+            // Padding is to the longest, so every encoding already has `seq` tokens.
+            ids.extend(e.get_ids().iter().map(|&x| i64::from(x)));
+            mask.extend(e.get_attention_mask().iter().map(|&x| i64::from(x)));
+            types.extend(e.get_type_ids().iter().map(|&x| i64::from(x)));
+        }
+        let shape = [batch, seq];
+        let tensor = |v: Vec<i64>| Tensor::from_array((shape, v)).map_err(|e| e.to_string());
+        let mask_values = mask.clone();
+        let outputs = if self.token_type_ids {
+            self.session.run(ort::inputs! {
+                "input_ids" => tensor(ids)?,
+                "attention_mask" => tensor(mask)?,
+                "token_type_ids" => tensor(types)?,
+            })
+        } else {
+            self.session.run(ort::inputs! {
+                "input_ids" => tensor(ids)?,
+                "attention_mask" => tensor(mask)?,
+            })
+        }
+        .map_err(|e| format!("model run: {e}"))?;
+        let (out_shape, hidden) = outputs[self.output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| format!("model output: {e}"))?;
+        let dim = self.dimension;
+        if out_shape.len() != 3 || out_shape[2] as usize != dim || out_shape[1] as usize != seq {
+            return Err(format!(
+                "model output has shape {out_shape:?}, expected [{batch}, {seq}, {dim}]"
+            ));
+        }
+        let mut vectors = Vec::with_capacity(batch);
+        for b in 0..batch {
+            let rows = &hidden[b * seq * dim..(b + 1) * seq * dim];
+            let m = &mask_values[b * seq..(b + 1) * seq];
+            let mut v = vec![0f32; dim];
+            match self.pooling {
+                Pooling::Cls => v.copy_from_slice(&rows[..dim]),
+                Pooling::Mean => {
+                    let mut count = 0f32;
+                    for (t, &on) in m.iter().enumerate() {
+                        if on != 0 {
+                            count += 1.0;
+                            for (acc, x) in v.iter_mut().zip(&rows[t * dim..(t + 1) * dim]) {
+                                *acc += x;
+                            }
+                        }
+                    }
+                    let count = count.max(1e-9);
+                    v.iter_mut().for_each(|x| *x /= count);
+                }
+            }
+            if self.normalize {
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                v.iter_mut().for_each(|x| *x /= norm);
+            }
+            vectors.push(v);
+        }
+        Ok(vectors)
+    }
+}
+
+/// The model must take `input_ids` and `attention_mask` (and optionally `token_type_ids`) and
+/// return a `[batch, seq, dim]` float tensor; returns (output name, dim, takes token_type_ids).
+fn check_signature(session: &Session, path: &Path) -> Result<(String, usize, bool), EnrichError> {
+    let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+    let unexpected: Vec<&&str> = inputs
+        .iter()
+        .filter(|n| !["input_ids", "attention_mask", "token_type_ids"].contains(n))
+        .collect();
+    if !inputs.contains(&"input_ids")
+        || !inputs.contains(&"attention_mask")
+        || !unexpected.is_empty()
+    {
+        return Err(EnrichError::Model(format!(
+            "{}: inputs are {inputs:?}; a sentence-embedding model takes input_ids, attention_mask \
+             and optionally token_type_ids",
+            path.display()
+        )));
+    }
+    let outputs = session.outputs();
+    let chosen = outputs
+        .iter()
+        .find(|o| o.name() == "last_hidden_state")
+        .or_else(|| outputs.first());
+    let Some(out) = chosen else {
+        return Err(EnrichError::Model(format!(
+            "{}: the model has no output",
+            path.display()
+        )));
+    };
+    let dim = match out.dtype() {
+        ValueType::Tensor { shape, .. } if shape.len() == 3 && shape[2] > 0 => shape[2] as usize,
+        other => {
+            return Err(EnrichError::Model(format!(
+                "{}: output {:?} is {other:?}; expected a float tensor [batch, sequence, dimension] \
+                 (the last hidden state)",
+                path.display(),
+                out.name()
+            )));
+        }
+    };
+    Ok((
+        out.name().to_owned(),
+        dim,
+        inputs.contains(&"token_type_ids"),
+    ))
+}

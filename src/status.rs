@@ -1,0 +1,352 @@
+//! `tributary status`: where the connector stands, read from the systems themselves (not from a
+//! running process, which may be down): the replication slot's acknowledged position, lag and WAL
+//! status; the consumer group's committed offsets and lag per partition; each pgvector table's
+//! rows, index and last applied positions.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::config::{Config, KafkaSource, PostgresSource};
+use crate::secret::ConnString;
+use crate::sink::pgvector::{quote_ident, target_name};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<Section<SlotStatus>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<Section<Vec<PartitionStatus>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pgvector: Option<Section<Vec<VectorTableStatus>>>,
+}
+
+/// A section's value, or why it could not be read.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Section<T> {
+    Ok(T),
+    Error(String),
+}
+
+impl<T> From<Result<T, String>> for Section<T> {
+    fn from(r: Result<T, String>) -> Self {
+        match r {
+            Ok(v) => Section::Ok(v),
+            Err(e) => Section::Error(e),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SlotStatus {
+    pub slot: String,
+    pub exists: bool,
+    pub active: Option<bool>,
+    /// The last LSN the connector acknowledged (the slot's `confirmed_flush_lsn`).
+    pub acknowledged_lsn: Option<String>,
+    /// `pg_current_wal_lsn() - confirmed_flush_lsn`: WAL the slot holds back.
+    pub lag_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset (the next message it will read); `None` if never committed.
+    pub committed: Option<i64>,
+    pub high_watermark: Option<i64>,
+    /// `high_watermark - committed`, from the broker's watermark (which some test brokers report
+    /// wrongly).
+    pub lag: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VectorTableStatus {
+    pub source: String,
+    pub table: String,
+    pub exists: bool,
+    pub rows: Option<i64>,
+    pub hnsw_index: Option<bool>,
+    /// Last applied position per source stream, as recorded with the rows.
+    pub positions: Vec<serde_json::Value>,
+}
+
+pub async fn collect(config: &Config, timeout: Duration) -> Status {
+    let postgres = match &config.sources.postgres {
+        Some(pg) => Some(bounded(timeout, slot(pg)).await.into()),
+        None => None,
+    };
+    let kafka = match &config.sources.kafka {
+        Some(k) => Some(bounded(timeout, kafka(k.clone(), timeout)).await.into()),
+        None => None,
+    };
+    let pgvector = match &config.sinks.pgvector {
+        Some(p) => Some(bounded(timeout, vector_tables(config, p)).await.into()),
+        None => None,
+    };
+    Status {
+        postgres,
+        kafka,
+        pgvector,
+    }
+}
+
+async fn bounded<T>(
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+async fn connect(url: &ConnString) -> Result<tokio_postgres::Client, String> {
+    let (client, conn) = tokio_postgres::connect(url.expose(), tokio_postgres::NoTls)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot connect to {url}: {}",
+                crate::check::pg_error_text(&e)
+            )
+        })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+async fn slot(pg: &PostgresSource) -> Result<SlotStatus, String> {
+    let client = connect(&pg.url).await?;
+    let row = client
+        .query_opt(
+            "SELECT active, confirmed_flush_lsn::text,
+                    (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, wal_status
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pg.slot],
+        )
+        .await
+        .map_err(|e| crate::check::pg_error_text(&e))?;
+    Ok(match row {
+        None => SlotStatus {
+            slot: pg.slot.clone(),
+            exists: false,
+            active: None,
+            acknowledged_lsn: None,
+            lag_bytes: None,
+            wal_status: None,
+        },
+        Some(r) => SlotStatus {
+            slot: pg.slot.clone(),
+            exists: true,
+            active: r.get(0),
+            acknowledged_lsn: r.get(1),
+            lag_bytes: r.get(2),
+            wal_status: r.get(3),
+        },
+    })
+}
+
+async fn kafka(k: KafkaSource, timeout: Duration) -> Result<Vec<PartitionStatus>, String> {
+    let props = k.librdkafka_properties().map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || {
+        let mut cc = ClientConfig::new();
+        for (key, value) in props.iter() {
+            cc.set(key, value);
+        }
+        let consumer: BaseConsumer = cc.create().map_err(|e| e.to_string())?;
+        let md = consumer
+            .fetch_metadata(None, timeout)
+            .map_err(|e| format!("cannot fetch metadata: {e}"))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in &k.topics {
+            let topic = md
+                .topics()
+                .iter()
+                .find(|m| m.name() == t.name)
+                .ok_or_else(|| format!("topic {:?} does not exist", t.name))?;
+            for p in topic.partitions() {
+                tpl.add_partition(&t.name, p.id());
+            }
+        }
+        let committed = consumer
+            .committed_offsets(tpl, timeout)
+            .map_err(|e| format!("cannot read committed offsets: {e}"))?;
+        let mut out = Vec::new();
+        for e in committed.elements() {
+            let committed = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            let high = consumer
+                .fetch_watermarks(e.topic(), e.partition(), timeout)
+                .ok()
+                .map(|(_, h)| h);
+            out.push(PartitionStatus {
+                topic: e.topic().to_owned(),
+                partition: e.partition(),
+                committed,
+                high_watermark: high,
+                lag: high.map(|h| h - committed.unwrap_or(0)),
+            });
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+async fn vector_tables(
+    config: &Config,
+    p: &crate::config::PgvectorSink,
+) -> Result<Vec<VectorTableStatus>, String> {
+    let client = connect(&p.url).await?;
+    let sources = config.known_sources().unwrap_or_default();
+    let positions_table = format!("{}._tributary_positions", quote_ident(&p.schema));
+    let has_positions: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&positions_table])
+        .await
+        .map_err(|e| crate::check::pg_error_text(&e))?
+        .get(0);
+    let mut out = Vec::new();
+    for source in sources {
+        let table = target_name(p, &source);
+        let qualified = format!("{}.{}", quote_ident(&p.schema), quote_ident(&table));
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
+            .await
+            .map_err(|e| crate::check::pg_error_text(&e))?
+            .get(0);
+        let (mut rows, mut hnsw, mut positions) = (None, None, Vec::new());
+        if exists {
+            rows = Some(
+                client
+                    .query_one(&format!("SELECT count(*) FROM {qualified}"), &[])
+                    .await
+                    .map_err(|e| crate::check::pg_error_text(&e))?
+                    .get(0),
+            );
+            hnsw = Some(
+                client
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                           JOIN pg_am am ON am.oid = c.relam
+                          WHERE i.indrelid = to_regclass($1) AND am.amname = 'hnsw')",
+                        &[&qualified],
+                    )
+                    .await
+                    .map_err(|e| crate::check::pg_error_text(&e))?
+                    .get(0),
+            );
+        }
+        if has_positions {
+            positions = client
+                .query(
+                    &format!(
+                        "SELECT position FROM {positions_table} WHERE source = $1 ORDER BY stream"
+                    ),
+                    &[&source],
+                )
+                .await
+                .map_err(|e| crate::check::pg_error_text(&e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+        }
+        out.push(VectorTableStatus {
+            source,
+            table: format!("{}.{table}", p.schema),
+            exists,
+            rows,
+            hnsw_index: hnsw,
+            positions,
+        });
+    }
+    Ok(out)
+}
+
+/// The one-screen text form.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let mut line = |l: String| {
+        out.push_str(&l);
+        out.push('\n');
+    };
+    match &s.postgres {
+        Some(Section::Ok(slot)) if slot.exists => line(format!(
+            "postgres  slot {}  acknowledged {}  lag {} bytes  wal_status {}  {}",
+            slot.slot,
+            slot.acknowledged_lsn.as_deref().unwrap_or("-"),
+            slot.lag_bytes.map_or("-".into(), |b| b.to_string()),
+            slot.wal_status.as_deref().unwrap_or("-"),
+            if slot.active == Some(true) {
+                "active"
+            } else {
+                "inactive"
+            }
+        )),
+        Some(Section::Ok(slot)) => line(format!("postgres  slot {} does not exist yet", slot.slot)),
+        Some(Section::Error(e)) => line(format!("postgres  error: {e}")),
+        None => {}
+    }
+    match &s.kafka {
+        Some(Section::Ok(parts)) => {
+            for p in parts {
+                line(format!(
+                    "kafka     {}[{}]  committed {}  high watermark {}  lag {}",
+                    p.topic,
+                    p.partition,
+                    p.committed.map_or("-".into(), |o| o.to_string()),
+                    p.high_watermark.map_or("-".into(), |o| o.to_string()),
+                    p.lag.map_or("-".into(), |o| o.to_string()),
+                ));
+            }
+        }
+        Some(Section::Error(e)) => line(format!("kafka     error: {e}")),
+        None => {}
+    }
+    match &s.pgvector {
+        Some(Section::Ok(tables)) => {
+            for t in tables {
+                if !t.exists {
+                    line(format!(
+                        "pgvector  {} ({}): not created yet",
+                        t.table, t.source
+                    ));
+                    continue;
+                }
+                let positions: Vec<String> = t
+                    .positions
+                    .iter()
+                    .filter_map(|p| {
+                        serde_json::from_value::<crate::event::Position>(p.clone()).ok()
+                    })
+                    .map(|p| p.to_string())
+                    .collect();
+                line(format!(
+                    "pgvector  {} ({})  {} rows  hnsw {}  applied up to {}",
+                    t.table,
+                    t.source,
+                    t.rows.unwrap_or(0),
+                    if t.hnsw_index == Some(true) {
+                        "yes"
+                    } else {
+                        "no"
+                    },
+                    if positions.is_empty() {
+                        "-".into()
+                    } else {
+                        positions.join(", ")
+                    }
+                ));
+            }
+        }
+        Some(Section::Error(e)) => line(format!("pgvector  error: {e}")),
+        None => {}
+    }
+    out
+}
