@@ -64,6 +64,53 @@ pub struct Config {
     #[serde(default)]
     pub embedding: Option<EmbeddingConfig>,
     pub sinks: Sinks,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// Batching and shutdown of `tributary run`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Events per batch handed to the sinks (a batch is also cut after `batch_max_wait_ms`).
+    pub batch_max_events: usize,
+    pub batch_max_wait_ms: u64,
+    /// Events buffered between stages; a full buffer slows the source (backpressure).
+    pub channel_capacity: usize,
+    /// How long SIGINT/SIGTERM may take to drain in-flight batches before exiting anyway.
+    pub shutdown_timeout_s: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            batch_max_events: 5_000,
+            batch_max_wait_ms: 200,
+            channel_capacity: 10_000,
+            shutdown_timeout_s: 30,
+        }
+    }
+}
+
+/// The `/metrics`, `/healthz`, `/readyz` endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Address to serve on; empty disables the endpoint.
+    pub listen: String,
+    /// A source that neither delivered events nor answered a keepalive for this long is stalled.
+    pub ready_window_s: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            listen: "127.0.0.1:9187".into(),
+            ready_window_s: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -454,6 +501,27 @@ impl Config {
                 ),
             ));
         }
+        if !self.telemetry.listen.is_empty()
+            && self
+                .telemetry
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(ConfigError::invalid(
+                "telemetry.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9187",
+                    self.telemetry.listen
+                ),
+            ));
+        }
+        if self.pipeline.batch_max_events == 0 || self.pipeline.channel_capacity == 0 {
+            return Err(ConfigError::invalid(
+                "pipeline",
+                "batch_max_events and channel_capacity must be at least 1",
+            ));
+        }
         if self.sources.postgres.is_none() && self.sources.kafka.is_none() {
             return Err(ConfigError::invalid(
                 "sources",
@@ -687,7 +755,8 @@ impl KafkaSource {
             }
         }
         for (i, t) in self.topics.iter().enumerate() {
-            if t.format == MessageFormat::Raw && (!t.key_columns.is_empty() || !t.columns.is_empty())
+            if t.format == MessageFormat::Raw
+                && (!t.key_columns.is_empty() || !t.columns.is_empty())
             {
                 return Err(ConfigError::invalid(
                     format!("sources.kafka.topics[{i}].format"),

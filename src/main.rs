@@ -24,6 +24,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the connector until SIGINT/SIGTERM (the first drains and acknowledges, a second exits
+    /// at once).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Validate the configuration and try to reach every service it names.
     Check {
         #[arg(long, short)]
@@ -61,6 +67,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_format);
     match cli.command {
+        Command::Run { config } => run(&config).await,
         Command::Check { config, timeout } => check(&config, Duration::from_secs(timeout)).await,
         Command::Embed { model, config } => embed(model, config),
         Command::Status {
@@ -187,4 +194,61 @@ async fn status(path: &std::path::Path, json: bool, timeout: Duration) -> ExitCo
         print!("{}", tributary::status::render(&status));
     }
     ExitCode::SUCCESS
+}
+
+async fn run(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = first_tx.send(());
+        wait_for_signal().await;
+        eprintln!("second signal: exiting now (unacknowledged events will be delivered again)");
+        std::process::exit(130);
+    });
+    let shutdown = async move {
+        let _ = first_rx.await;
+    };
+    match tributary::pipeline::run(config, shutdown).await {
+        Ok(summary) => {
+            tracing::info!(
+                events = summary.events,
+                batches = summary.batches,
+                dead_letters = summary.dead_letters,
+                "stopped"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            use tributary::error::{Classify, ErrorKind};
+            eprintln!("error: {e}");
+            if e.kind() == ErrorKind::Config {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        // Without signal handlers, only Ctrl-C through tokio's portable path.
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -1,0 +1,302 @@
+//! `tributary run`: source → batches → enrichment → sinks, acknowledging only what is durable.
+//!
+//! ```text
+//! Kafka source ──events──► batcher ──Vec<ChangeEvent>──► enrich ──Enriched──► sink loop ──► pgvector
+//!      ▲          (bounded)          (bounded)                   (bounded)        │      ──► dead letters
+//!      └──────────────── ack(position) ◄── Checkpoints (min durable over sinks) ◄─┘
+//! ```
+//!
+//! - Backpressure: every hop is a bounded channel; a slow sink fills them and the source stops
+//!   fetching, so memory stays bounded.
+//! - Ordering: one batcher, one enrichment task and one sink loop, so events reach the sinks in
+//!   source order.
+//! - Acknowledgement: after a batch is committed in every sink and its dead letters are durable,
+//!   the checkpoint coordinator hands the source the highest position durable everywhere.
+//! - Shutdown: the first SIGINT/SIGTERM stops intake; in-flight batches drain through the sinks
+//!   and are acknowledged, then the process exits 0 (bounded by `pipeline.shutdown_timeout_s`;
+//!   whatever was not acknowledged by then is simply delivered again next time).
+//! - Errors: connection errors are retried with backoff inside the stages; data errors become
+//!   dead letters; configuration errors stop `run` with the message.
+//!
+//! This build wires the Kafka source, the enrichment stage and the pgvector sink; a
+//! configuration naming a stage that is not wired yet is refused at start, never ignored.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::checkpoint::Checkpoints;
+use crate::config::Config;
+use crate::enrich::{self, Enriched, Enricher};
+use crate::error::{Classify, ErrorKind};
+use crate::event::{ChangeEvent, Position, StreamId};
+use crate::sink::pgvector::PgvectorSink;
+use crate::source::kafka::{self, dead_letters::DeadLetterWriter};
+use crate::telemetry::{self, health::Health};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The configuration cannot run: the message says what to change.
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Source(String),
+    #[error("{0}")]
+    Sink(String),
+}
+
+impl Classify for PipelineError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            PipelineError::Config(_) => ErrorKind::Config,
+            PipelineError::Source(_) | PipelineError::Sink(_) => ErrorKind::Connection,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunSummary {
+    pub events: u64,
+    pub batches: u64,
+    pub dead_letters: u64,
+}
+
+/// Runs until `shutdown` resolves (then drains) or the source ends.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunSummary, PipelineError> {
+    if config.sinks.delta.is_some() {
+        return Err(PipelineError::Config(
+            "sinks.delta: the Bronze Delta sink is not wired into `tributary run` in this build; \
+             remove [sinks.delta] to run Kafka → pgvector"
+                .into(),
+        ));
+    }
+    if config.sources.postgres.is_some() {
+        return Err(PipelineError::Config(
+            "sources.postgres: the PostgreSQL source is not wired into `tributary run` in this \
+             build; remove [sources.postgres] to run Kafka → pgvector"
+                .into(),
+        ));
+    }
+    let kafka_config = config
+        .sources
+        .kafka
+        .clone()
+        .ok_or_else(|| PipelineError::Config("sources.kafka: `run` needs a source".into()))?;
+    let pg_config = config
+        .sinks
+        .pgvector
+        .clone()
+        .ok_or_else(|| PipelineError::Config("sinks.pgvector: `run` needs a sink".into()))?;
+    let dead_letter_config = kafka_config.dead_letter.clone().ok_or_else(|| {
+        PipelineError::Config(
+            "sources.kafka.dead_letter: set `topic` or `path` (where rejected events go)".into(),
+        )
+    })?;
+
+    let health = Health::new(Duration::from_secs(config.telemetry.ready_window_s));
+    let _http = if config.telemetry.listen.is_empty() {
+        None
+    } else {
+        let addr: SocketAddr = config
+            .telemetry
+            .listen
+            .parse()
+            .map_err(|_| PipelineError::Config("telemetry.listen: not an address".into()))?;
+        let (bound, task) =
+            telemetry::http::serve(addr, telemetry::install_metrics(), health.clone())
+                .await
+                .map_err(|e| PipelineError::Config(format!("telemetry.listen {addr}: {e}")))?;
+        tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
+        Some(AbortOnDrop(task))
+    };
+
+    let mut sink = PgvectorSink::connect(pg_config.clone())
+        .await
+        .map_err(|e| PipelineError::Sink(e.to_string()))?;
+    let sink_health = health.sink("pgvector");
+
+    let enricher = match config.embedding.clone() {
+        Some(e) => {
+            let en = tokio::task::spawn_blocking(move || Enricher::new(&e))
+                .await
+                .map_err(|e| PipelineError::Config(format!("embedding model: {e}")))?
+                .map_err(|e| PipelineError::Config(e.to_string()))?;
+            if en.dimension() != pg_config.dimension as usize {
+                return Err(PipelineError::Config(format!(
+                    "sinks.pgvector.dimension is {} but the model in embedding.model_dir returns \
+                     {} dimensions",
+                    pg_config.dimension,
+                    en.dimension()
+                )));
+            }
+            Some(en)
+        }
+        None => None,
+    };
+
+    let props = kafka_config
+        .librdkafka_properties()
+        .map_err(|e| PipelineError::Config(e.to_string()))?;
+    let mut dead_letters = DeadLetterWriter::open(&dead_letter_config, &props)
+        .await
+        .map_err(|e| PipelineError::Config(e.to_string()))?;
+    let (mut source_rx, source) = kafka::start(&kafka_config, config.pipeline.channel_capacity)
+        .await
+        .map_err(|e| PipelineError::Source(e.to_string()))?;
+    let acker = source.acker();
+    let source_health = health.source("kafka");
+
+    // Batcher: cut by count or by time.
+    let (batch_tx, batch_rx) = mpsc::channel::<Vec<ChangeEvent>>(4);
+    let (max_events, max_wait) = (
+        config.pipeline.batch_max_events,
+        Duration::from_millis(config.pipeline.batch_max_wait_ms),
+    );
+    let batcher = tokio::spawn(async move {
+        while let Some(first) = source_rx.recv().await {
+            let mut batch = vec![first.event];
+            let deadline = tokio::time::Instant::now() + max_wait;
+            while batch.len() < max_events {
+                match tokio::time::timeout_at(deadline, source_rx.recv()).await {
+                    Ok(Some(e)) => batch.push(e.event),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            source_health.progress();
+            if batch_tx.send(batch).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let (enriched_tx, mut enriched_rx) = mpsc::channel::<Enriched>(4);
+    let enrich_task = match enricher {
+        Some(en) => {
+            let lookups = PgvectorSink::connect(pg_config.clone())
+                .await
+                .map_err(|e| PipelineError::Sink(e.to_string()))?;
+            let wait =
+                Duration::from_millis(config.embedding.as_ref().map_or(20, |e| e.max_wait_ms));
+            enrich::spawn(en, Some(lookups), batch_rx, enriched_tx, wait);
+            None
+        }
+        None => Some(tokio::spawn(async move {
+            let mut rx = batch_rx;
+            while let Some(events) = rx.recv().await {
+                let out = Enriched {
+                    events,
+                    dead_letters: Vec::new(),
+                };
+                if enriched_tx.send(out).await.is_err() {
+                    break;
+                }
+            }
+        })),
+    };
+
+    let mut checkpoints = Checkpoints::new(["pgvector"]);
+    let mut summary = RunSummary::default();
+    let mut source = Some(source);
+    let mut stopping = None;
+    let mut drain_deadline = None;
+    tokio::pin!(shutdown);
+    loop {
+        let next = tokio::select! {
+            () = &mut shutdown, if source.is_some() => {
+                tracing::info!("shutdown requested: draining in-flight batches");
+                if let Some(s) = source.take() {
+                    stopping = Some(tokio::spawn(s.shutdown()));
+                }
+                drain_deadline = Some(
+                    tokio::time::Instant::now()
+                        + Duration::from_secs(config.pipeline.shutdown_timeout_s),
+                );
+                continue;
+            }
+            () = sleep_until(drain_deadline) => {
+                tracing::warn!("shutdown timeout reached; unacknowledged events will be delivered again");
+                break;
+            }
+            next = enriched_rx.recv() => next,
+        };
+        let Some(batch) = next else { break };
+        let started = Instant::now();
+        let outcome = match sink.write(&batch.events).await {
+            Ok(o) => {
+                sink_health.commit_succeeded();
+                o
+            }
+            Err(e) => {
+                sink_health.commit_failed(&e);
+                return Err(PipelineError::Sink(e.to_string()));
+            }
+        };
+        for letter in batch.dead_letters.iter().chain(&outcome.dead_letters) {
+            dead_letters
+                .write(letter)
+                .await
+                .map_err(|e| PipelineError::Sink(e.to_string()))?;
+        }
+        summary.events += batch.events.len() as u64;
+        summary.batches += 1;
+        summary.dead_letters += (batch.dead_letters.len() + outcome.dead_letters.len()) as u64;
+        for ((source_name, _), position) in last_positions(&batch.events) {
+            if let Some(ack) = checkpoints.durable("pgvector", &source_name, &position) {
+                acker.ack(&ack);
+            }
+        }
+        tracing::info!(
+            events = batch.events.len(),
+            applied = outcome.applied,
+            skipped = outcome.skipped,
+            dead_letters = batch.dead_letters.len() + outcome.dead_letters.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "batch committed"
+        );
+    }
+    batcher.abort();
+    if let Some(t) = enrich_task {
+        t.abort();
+    }
+    let source_result = match (stopping, source) {
+        (Some(task), _) => task
+            .await
+            .map_err(|e| PipelineError::Source(e.to_string()))?,
+        // The source ended by itself (its channel closed): why?
+        (None, Some(s)) => s.shutdown().await,
+        (None, None) => Ok(()),
+    };
+    source_result.map_err(|e| PipelineError::Source(e.to_string()))?;
+    Ok(summary)
+}
+
+/// The last position of each (source, stream) in a batch (events are in stream order).
+fn last_positions(events: &[ChangeEvent]) -> HashMap<(String, StreamId), Position> {
+    let mut last = HashMap::new();
+    for e in events {
+        last.insert((e.source.clone(), e.position.stream()), e.position.clone());
+    }
+    last
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
