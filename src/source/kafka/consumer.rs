@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use metrics::Counter;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -191,15 +192,33 @@ impl Worker {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures: u32 = 0;
         let consumer = Arc::clone(&self.consumer);
+        let mut last_commit = Instant::now();
         let result = loop {
-            let received = tokio::select! {
-                biased;
-                _ = stopped.changed() => break Ok(()),
-                _ = tick.tick() => {
-                    commit(&*consumer, &self.shared, None, CommitMode::Async);
-                    continue;
+            // Fast path while messages are queued: no timer or stop-signal registration per
+            // message (they cost more than the message itself); `recv` is cancellation safe.
+            let ready = if *stopped.borrow() {
+                break Ok(());
+            } else {
+                consumer.recv().now_or_never()
+            };
+            let received = match ready {
+                Some(m) => {
+                    if last_commit.elapsed() >= self.commit_interval {
+                        commit(&*consumer, &self.shared, None, CommitMode::Async);
+                        last_commit = Instant::now();
+                    }
+                    m
                 }
-                m = consumer.recv() => m,
+                None => tokio::select! {
+                    biased;
+                    _ = stopped.changed() => break Ok(()),
+                    _ = tick.tick() => {
+                        commit(&*consumer, &self.shared, None, CommitMode::Async);
+                        last_commit = Instant::now();
+                        continue;
+                    }
+                    m = consumer.recv() => m,
+                },
             };
             match received {
                 Ok(message) => {
@@ -268,8 +287,15 @@ impl Worker {
                     return Ok(Step::Continue);
                 }
                 state.events.increment(1);
+                let event = match self.tx.try_send(*event) {
+                    Ok(()) => return Ok(Step::Continue),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        return Err(KafkaSourceError::Closed);
+                    }
+                    Err(mpsc::error::TrySendError::Full(event)) => event,
+                };
                 tokio::select! {
-                    sent = self.tx.send(*event) => {
+                    sent = self.tx.send(event) => {
                         sent.map_err(|_| KafkaSourceError::Closed)?;
                         Ok(Step::Continue)
                     }
