@@ -586,3 +586,79 @@ async fn two_consumers_split_partitions_and_one_leaves_without_loss_or_duplicate
         vec![Some(100), Some(100), Some(100)]
     );
 }
+
+#[test]
+fn every_sample_order_decodes_with_the_documented_topic_config() {
+    let config: KafkaSource = toml::from_str(
+        r#"
+brokers = "127.0.0.1:9"
+group_id = "g"
+[[topics]]
+name = "orders"
+key_columns = ["order_id"]
+columns = { order_id = "text", total = "float64", subtotal = "float64", created_at = "timestamptz", updated_at = "timestamptz", items = "json" }
+"#,
+    )
+    .unwrap();
+    let decoder = kafka::decode::Decoder::new(&config.topics[0], config.max_message_bytes);
+    let sample = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("kafka/orders.sample.jsonl"),
+    )
+    .unwrap();
+    let mut ids = HashSet::new();
+    let mut notes = 0;
+    for (i, line) in sample.lines().enumerate() {
+        let raw = kafka::decode::RawMessage {
+            topic: "orders",
+            partition: 0,
+            offset: i as i64,
+            key: None,
+            payload: Some(line.as_bytes()),
+            timestamp_ms: None,
+            headers: Vec::new(),
+        };
+        let kafka::Decoded::Event(e) = decoder.decode(&raw).unwrap() else {
+            panic!("line {i} is not an event")
+        };
+        let after = e.event.after.unwrap();
+        assert!(matches!(after.get("total"), Some(Value::Float64(t)) if *t > 0.0));
+        assert!(matches!(
+            after.get("created_at"),
+            Some(Value::TimestampTz(_))
+        ));
+        if let Some(Value::Text(_)) = after.get("note") {
+            notes += 1;
+        }
+        let Some(Value::Text(id)) = e.event.key.get("order_id") else {
+            panic!("line {i}: no order_id key")
+        };
+        ids.insert(id.clone());
+    }
+    assert_eq!(sample.lines().count(), 1000);
+    assert!(ids.len() < 1000, "orders move through statuses: ids repeat");
+    assert!(notes > 500, "most orders carry a note to embed ({notes})");
+}
+
+#[test]
+fn drain_timeout_must_be_shorter_than_the_session_timeout() {
+    let text = |drain: u64, session: &str| {
+        format!(
+            "name = \"t\"\n[sources.kafka]\nbrokers = \"h:9092\"\ngroup_id = \"g\"\n\
+             drain_timeout_ms = {drain}\nproperties = {{ \"session.timeout.ms\" = \"{session}\" }}\n\
+             [[sources.kafka.topics]]\nname = \"orders\"\n\
+             [sinks.delta]\nuri = \"/tmp/bronze\"\n"
+        )
+    };
+    let no_env = |_: &str| None;
+    let err =
+        tributary::config::Config::parse(&text(6000, "6000"), Path::new("."), no_env).unwrap_err();
+    assert_eq!(err.key(), Some("sources.kafka.drain_timeout_ms"), "{err}");
+    assert!(
+        err.to_string().contains("session.timeout.ms (6000)"),
+        "{err}"
+    );
+    tributary::config::Config::parse(&text(2000, "6000"), Path::new("."), no_env).unwrap();
+    let err =
+        tributary::config::Config::parse(&text(2000, "soon"), Path::new("."), no_env).unwrap_err();
+    assert!(err.to_string().contains("not a number"), "{err}");
+}
