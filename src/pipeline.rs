@@ -161,11 +161,11 @@ pub async fn run(
     );
     let batcher = tokio::spawn(async move {
         while let Some(first) = source_rx.recv().await {
-            let mut batch = vec![first.event];
+            let mut batch: Vec<ChangeEvent> = first.into_iter().map(|e| e.event).collect();
             let deadline = tokio::time::Instant::now() + max_wait;
             while batch.len() < max_events {
                 match tokio::time::timeout_at(deadline, source_rx.recv()).await {
-                    Ok(Some(e)) => batch.push(e.event),
+                    Ok(Some(more)) => batch.extend(more.into_iter().map(|e| e.event)),
                     Ok(None) | Err(_) => break,
                 }
             }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -109,11 +109,30 @@ properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }
     toml::from_str(&text).unwrap()
 }
 
-async fn next(rx: &mut Receiver<KafkaEvent>) -> KafkaEvent {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("no event within 60 s")
-        .expect("the source stopped")
+/// The source's batches, one event at a time.
+struct Events {
+    rx: Receiver<Vec<KafkaEvent>>,
+    queued: VecDeque<KafkaEvent>,
+}
+
+async fn start(config: &KafkaSource) -> (Events, KafkaSourceHandle) {
+    let (rx, handle) = kafka::start(config, 4).await.unwrap();
+    let events = Events {
+        rx,
+        queued: VecDeque::new(),
+    };
+    (events, handle)
+}
+
+async fn next(events: &mut Events) -> KafkaEvent {
+    while events.queued.is_empty() {
+        let batch = tokio::time::timeout(WAIT, events.rx.recv())
+            .await
+            .expect("no event within 60 s")
+            .expect("the source stopped");
+        events.queued.extend(batch);
+    }
+    events.queued.pop_front().unwrap()
 }
 
 fn offset_of(e: &KafkaEvent) -> (i32, i64) {
@@ -161,7 +180,7 @@ async fn consumes_each_message_once_across_commit_and_restart() {
         .collect();
     produce(&topic, &batch).await;
 
-    let (mut rx, handle) = kafka::start(&config, 16).await.unwrap();
+    let (mut rx, handle) = start(&config).await;
     let mut seen = BTreeSet::new();
     for _ in 0..30 {
         let e = next(&mut rx).await;
@@ -195,7 +214,7 @@ async fn consumes_each_message_once_across_commit_and_restart() {
             .map(|(p, v)| (p as i32, None, Some(v.as_slice()))),
     );
     produce(&topic, &batch).await;
-    let (mut rx, handle) = kafka::start(&config, 16).await.unwrap();
+    let (mut rx, handle) = start(&config).await;
     let mut again = Vec::new();
     let mut sentinels_seen = 0;
     while sentinels_seen < 3 {
@@ -234,7 +253,7 @@ async fn unacknowledged_events_are_redelivered_after_restart() {
         .collect();
     produce(&topic, &batch).await;
 
-    let (mut rx, handle) = kafka::start(&config, 32).await.unwrap();
+    let (mut rx, handle) = start(&config).await;
     for _ in 0..20 {
         let e = next(&mut rx).await;
         // The pipeline made only the first ten durable.
@@ -245,7 +264,7 @@ async fn unacknowledged_events_are_redelivered_after_restart() {
     handle.shutdown().await.unwrap();
     assert_eq!(committed(&topic, &group, 1), vec![Some(10)]);
 
-    let (mut rx, handle) = kafka::start(&config, 32).await.unwrap();
+    let (mut rx, handle) = start(&config).await;
     let mut redelivered = Vec::new();
     for _ in 10..20 {
         let e = next(&mut rx).await;
@@ -298,7 +317,7 @@ async fn undecodable_messages_are_dead_lettered_while_good_ones_flow() {
     batch.push((0, None, Some(good[2].as_slice())));
     produce(&topic, &batch).await;
 
-    let (mut rx, handle) = kafka::start(&config, 16).await.unwrap();
+    let (mut rx, handle) = start(&config).await;
     let mut offsets = Vec::new();
     for _ in 0..3 {
         let e = next(&mut rx).await;
@@ -401,7 +420,7 @@ async fn debezium_envelopes_become_change_events_and_tombstones_are_skipped() {
         .map_err(|(e, _)| e)
         .unwrap();
 
-    let (mut rx, handle) = kafka::start(&config, 16).await.unwrap();
+    let (mut rx, handle) = start(&config).await;
     let mut events = Vec::new();
     for _ in 0..6 {
         let e = next(&mut rx).await;
@@ -467,16 +486,18 @@ async fn debezium_envelopes_become_change_events_and_tombstones_are_skipped() {
 /// A pipeline stand-in: records every event it receives (tagged with the instance), then acks.
 fn pipeline(
     name: &'static str,
-    mut rx: Receiver<KafkaEvent>,
+    mut events: Events,
     handle: &KafkaSourceHandle,
     out: Arc<Mutex<Vec<(&'static str, i32, i64)>>>,
 ) -> tokio::task::JoinHandle<()> {
     let acker = handle.acker();
     tokio::spawn(async move {
-        while let Some(e) = rx.recv().await {
-            let (p, o) = offset_of(&e);
-            out.lock().unwrap().push((name, p, o));
-            acker.ack(&e.event.position);
+        while let Some(batch) = events.rx.recv().await {
+            for e in batch {
+                let (p, o) = offset_of(&e);
+                out.lock().unwrap().push((name, p, o));
+                acker.ack(&e.event.position);
+            }
         }
     })
 }
@@ -499,8 +520,8 @@ async fn two_consumers_split_partitions_and_one_leaves_without_loss_or_duplicate
     let config = source_config(&topic, &group, "", &dir.path().join("dlq.jsonl"));
     let out = Arc::new(Mutex::new(Vec::new()));
 
-    let (rx_a, a) = kafka::start(&config, 8).await.unwrap();
-    let (rx_b, b) = kafka::start(&config, 8).await.unwrap();
+    let (rx_a, a) = start(&config).await;
+    let (rx_b, b) = start(&config).await;
     let pa = pipeline("a", rx_a, &a, Arc::clone(&out));
     let pb = pipeline("b", rx_b, &b, Arc::clone(&out));
     wait_until("both instances to own partitions", || {
@@ -564,4 +585,80 @@ async fn two_consumers_split_partitions_and_one_leaves_without_loss_or_duplicate
         committed(&topic, &group, 3),
         vec![Some(100), Some(100), Some(100)]
     );
+}
+
+#[test]
+fn every_sample_order_decodes_with_the_documented_topic_config() {
+    let config: KafkaSource = toml::from_str(
+        r#"
+brokers = "127.0.0.1:9"
+group_id = "g"
+[[topics]]
+name = "orders"
+key_columns = ["order_id"]
+columns = { order_id = "text", total = "float64", subtotal = "float64", created_at = "timestamptz", updated_at = "timestamptz", items = "json" }
+"#,
+    )
+    .unwrap();
+    let decoder = kafka::decode::Decoder::new(&config.topics[0], config.max_message_bytes);
+    let sample = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("kafka/orders.sample.jsonl"),
+    )
+    .unwrap();
+    let mut ids = HashSet::new();
+    let mut notes = 0;
+    for (i, line) in sample.lines().enumerate() {
+        let raw = kafka::decode::RawMessage {
+            topic: "orders",
+            partition: 0,
+            offset: i as i64,
+            key: None,
+            payload: Some(line.as_bytes()),
+            timestamp_ms: None,
+            headers: Vec::new(),
+        };
+        let kafka::Decoded::Event(e) = decoder.decode(&raw).unwrap() else {
+            panic!("line {i} is not an event")
+        };
+        let after = e.event.after.unwrap();
+        assert!(matches!(after.get("total"), Some(Value::Float64(t)) if *t > 0.0));
+        assert!(matches!(
+            after.get("created_at"),
+            Some(Value::TimestampTz(_))
+        ));
+        if let Some(Value::Text(_)) = after.get("note") {
+            notes += 1;
+        }
+        let Some(Value::Text(id)) = e.event.key.get("order_id") else {
+            panic!("line {i}: no order_id key")
+        };
+        ids.insert(id.clone());
+    }
+    assert_eq!(sample.lines().count(), 1000);
+    assert!(ids.len() < 1000, "orders move through statuses: ids repeat");
+    assert!(notes > 500, "most orders carry a note to embed ({notes})");
+}
+
+#[test]
+fn drain_timeout_must_be_shorter_than_the_session_timeout() {
+    let text = |drain: u64, session: &str| {
+        format!(
+            "name = \"t\"\n[sources.kafka]\nbrokers = \"h:9092\"\ngroup_id = \"g\"\n\
+             drain_timeout_ms = {drain}\nproperties = {{ \"session.timeout.ms\" = \"{session}\" }}\n\
+             [[sources.kafka.topics]]\nname = \"orders\"\n\
+             [sinks.delta]\nuri = \"/tmp/bronze\"\n"
+        )
+    };
+    let no_env = |_: &str| None;
+    let err =
+        tributary::config::Config::parse(&text(6000, "6000"), Path::new("."), no_env).unwrap_err();
+    assert_eq!(err.key(), Some("sources.kafka.drain_timeout_ms"), "{err}");
+    assert!(
+        err.to_string().contains("session.timeout.ms (6000)"),
+        "{err}"
+    );
+    tributary::config::Config::parse(&text(2000, "6000"), Path::new("."), no_env).unwrap();
+    let err =
+        tributary::config::Config::parse(&text(2000, "soon"), Path::new("."), no_env).unwrap_err();
+    assert!(err.to_string().contains("not a number"), "{err}");
 }

@@ -184,8 +184,10 @@ impl Decoder {
             let key = message_key(msg.key)?.ok_or(DecodeError::NoKey)?;
             return Ok((Op::Delete, key, None, None));
         };
-        let object = parse_object(payload, "message value")?;
-        let row = self.typed_row(object)?;
+        let text = std::str::from_utf8(payload).map_err(|e| DecodeError::InvalidUtf8 {
+            valid_up_to: e.valid_up_to(),
+        })?;
+        let row = super::row_json::parse_row(text, &self.columns, "message value")?;
         let key = self.key(msg.key, Some(&row))?;
         Ok((Op::Insert, key, None, Some(row)))
     }
@@ -364,7 +366,7 @@ fn inferred(json: J) -> Value {
     }
 }
 
-fn typed(column: &str, ty: ColumnType, json: J) -> Result<Value, DecodeError> {
+pub(super) fn typed(column: &str, ty: ColumnType, json: J) -> Result<Value, DecodeError> {
     if json.is_null() {
         return Ok(Value::Null);
     }

@@ -23,6 +23,7 @@ pub mod consumer;
 pub mod dead_letters;
 pub mod decode;
 pub mod offsets;
+mod row_json;
 
 pub use consumer::{KafkaAcker, KafkaSourceHandle, start};
 pub use decode::{Decoded, KafkaEvent, KafkaMeta};

@@ -74,12 +74,15 @@ impl OffsetTracker {
         true
     }
 
-    /// Takes back a message recorded as pending that never reached the pipeline (shutdown while
-    /// handing it over): it will be re-delivered after the restart.
-    pub fn forget(&mut self, topic: &str, partition: i32, offset: i64) {
+    /// Takes back messages recorded as pending that never reached the pipeline (shutdown while
+    /// handing them over): from `offset` on, the partition is as if never consumed, so they are
+    /// re-delivered after the restart.
+    pub fn unconsume_from(&mut self, topic: &str, partition: i32, offset: i64) {
         if let Some(state) = self.parts.get_mut(&(topic.to_owned(), partition)) {
-            if state.pending.back() == Some(&offset) {
+            while state.pending.back().is_some_and(|&o| o >= offset) {
                 state.pending.pop_back();
+            }
+            if state.next.is_some_and(|n| n > offset) {
                 state.next = Some(offset);
             }
         }
@@ -169,6 +172,10 @@ mod tests {
         );
         t.ack("orders", 0, 14);
         assert_eq!(t.in_flight([&tp(0)]), 0);
+        assert!(t.consumed("orders", 0, 15, true));
+        assert!(t.consumed("orders", 0, 16, true));
+        t.unconsume_from("orders", 0, 15);
+        assert_eq!(t.in_flight([&tp(0)]), 0, "unsent events are not waited for");
         assert_eq!(t.take_commits(None), vec![(tp(0), 15)]);
     }
 

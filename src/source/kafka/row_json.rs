@@ -1,0 +1,161 @@
+//! Parses a JSON object straight into a typed [`Row`], without building a `serde_json::Value`
+//! tree first (the intermediate map's allocations cost more than the parse itself).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::Value as J;
+
+use super::decode::{DecodeError, typed};
+use crate::config::ColumnType;
+use crate::event::{Row, Value};
+
+/// Parses `text` (already checked to be UTF-8) as one JSON object into a row.
+pub(super) fn parse_row(
+    text: &str,
+    columns: &BTreeMap<String, ColumnType>,
+    what: &'static str,
+) -> Result<Row, DecodeError> {
+    let failure = RefCell::new(None);
+    let seed = RowSeed {
+        columns,
+        what,
+        failure: &failure,
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    let result = seed
+        .deserialize(&mut de)
+        .and_then(|row| de.end().map(|()| row));
+    match (result, failure.into_inner()) {
+        (_, Some(e)) => Err(e),
+        (Ok(row), None) => Ok(row),
+        (Err(e), None) => Err(DecodeError::InvalidJson(e.to_string())),
+    }
+}
+
+struct RowSeed<'a> {
+    columns: &'a BTreeMap<String, ColumnType>,
+    what: &'static str,
+    /// A decoding error that is not a JSON syntax error (kept apart from serde's error text).
+    failure: &'a RefCell<Option<DecodeError>>,
+}
+
+impl RowSeed<'_> {
+    fn not_object<E: de::Error>(&self, found: &'static str) -> E {
+        *self.failure.borrow_mut() = Some(DecodeError::NotAnObject {
+            what: self.what,
+            found,
+        });
+        E::custom("not an object")
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
+    type Value = Row;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Row, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RowSeed<'_> {
+    type Value = Row;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Row, A::Error> {
+        let mut row = Row(Vec::with_capacity(map.size_hint().unwrap_or(8)));
+        while let Some(name) = map.next_key::<String>()? {
+            let value = match self.columns.get(&name) {
+                Some(ty) => {
+                    let json: J = map.next_value()?;
+                    match typed(&name, *ty, json) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            *self.failure.borrow_mut() = Some(e);
+                            return Err(de::Error::custom("wrong type"));
+                        }
+                    }
+                }
+                None => map.next_value_seed(Inferred)?,
+            };
+            row.push(name, value);
+        }
+        Ok(row)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Row, A::Error> {
+        Err(self.not_object("an array"))
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Row, E> {
+        Err(self.not_object("a string"))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Row, E> {
+        Err(self.not_object("a boolean"))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Row, E> {
+        Err(self.not_object("a number"))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Row, E> {
+        Err(self.not_object("a number"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Row, E> {
+        Err(self.not_object("a number"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Row, E> {
+        Err(self.not_object("null"))
+    }
+}
+
+/// An undeclared column: typed from its JSON form (integers → Int64, other numbers → Float64,
+/// integers beyond i64 → Numeric, arrays/objects → Json).
+struct Inferred;
+
+impl<'de> DeserializeSeed<'de> for Inferred {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Inferred {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+    fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+        Ok(Value::Int64(i))
+    }
+    fn visit_u64<E>(self, u: u64) -> Result<Value, E> {
+        Ok(i64::try_from(u).map_or_else(|_| Value::Numeric(u.to_string()), Value::Int64))
+    }
+    fn visit_f64<E>(self, x: f64) -> Result<Value, E> {
+        Ok(Value::Float64(x))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::Text(s.to_owned()))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::Text(s))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
+        use serde::Deserialize as _;
+        J::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Value::Json)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        use serde::Deserialize as _;
+        J::deserialize(de::value::MapAccessDeserializer::new(map)).map(Value::Json)
+    }
+}
