@@ -249,3 +249,43 @@ fn two_sources_writing_one_pgvector_table_are_refused() {
         "\"public.orders\" and \"orders\" would both write table \"orders\"",
     );
 }
+
+#[test]
+fn every_shipped_connector_config_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Lay the files out as a user would: connectors/ beside kafka/client.properties (copied
+    // from the example), in a scratch folder.
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, kafka) = (tmp.path().join("connectors"), tmp.path().join("kafka"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&kafka).unwrap();
+    std::fs::copy(
+        root.join("kafka/client.properties.example"),
+        kafka.join("client.properties"),
+    )
+    .unwrap();
+    let env = |name: &str| {
+        Some(match name {
+            n if n.ends_with("_URL") => "postgres://u:p@h:5432/d".to_owned(),
+            n if n.ends_with("_BROKERS") => "broker:9092".to_owned(),
+            n if n.ends_with("_DIR") || n.ends_with("_LAKE") => "/tmp/x".to_owned(),
+            n => format!("{}-value", n.to_lowercase()),
+        })
+    };
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root.join("connectors")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let result = Config::parse(&text, &dir, env);
+            assert!(
+                result.is_ok(),
+                "{}: {}",
+                path.display(),
+                result.unwrap_err()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} connector files found");
+}
