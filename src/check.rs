@@ -89,10 +89,11 @@ async fn probe(
     }
 }
 
-async fn connect(url: &ConnString) -> Result<tokio_postgres::Client, String> {
+/// A PostgreSQL client for probes and `status`; the error names the server, password redacted.
+pub(crate) async fn connect(url: &ConnString) -> Result<tokio_postgres::Client, String> {
     let (client, connection) = tokio_postgres::connect(url.expose(), tokio_postgres::NoTls)
         .await
-        .map_err(|e| format!("cannot connect: {}", pg_error_text(&e)))?;
+        .map_err(|e| format!("cannot connect to {url}: {}", pg_error_text(&e)))?;
     tokio::spawn(async move {
         // The connection ends when the client is dropped; an error after that is of no interest.
         let _ = connection.await;
@@ -174,11 +175,7 @@ async fn kafka(k: &KafkaSource, timeout: Duration) -> Result<String, String> {
     let props = k.librdkafka_properties().map_err(|e| e.to_string())?;
     let topics: Vec<String> = k.topics.iter().map(|t| t.name.clone()).collect();
     tokio::task::spawn_blocking(move || {
-        let mut cc = ClientConfig::new();
-        for (key, value) in props.iter() {
-            cc.set(key, value);
-        }
-        let consumer: BaseConsumer = cc.create().map_err(|e| e.to_string())?;
+        let consumer = kafka_consumer(&props)?;
         let md = consumer
             .fetch_metadata(None, timeout)
             .map_err(|e| format!("cannot fetch metadata: {e}"))?;
@@ -199,6 +196,15 @@ async fn kafka(k: &KafkaSource, timeout: Duration) -> Result<String, String> {
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// A plain consumer for metadata and offset look-ups (no subscription, nothing committed).
+pub(crate) fn kafka_consumer(props: &crate::secret::SecretMap) -> Result<BaseConsumer, String> {
+    let mut cc = ClientConfig::new();
+    for (key, value) in props.iter() {
+        cc.set(key, value);
+    }
+    cc.create().map_err(|e| e.to_string())
 }
 
 async fn model(config: &crate::config::EmbeddingConfig) -> Result<String, String> {

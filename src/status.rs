@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::consumer::Consumer;
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::check::connect;
 use crate::config::{Config, KafkaSource, PostgresSource};
-use crate::secret::ConnString;
 use crate::sink::pgvector::{quote_ident, target_name};
 
 #[derive(Debug, Serialize)]
@@ -105,21 +105,6 @@ async fn bounded<T>(
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
 }
 
-async fn connect(url: &ConnString) -> Result<tokio_postgres::Client, String> {
-    let (client, conn) = tokio_postgres::connect(url.expose(), tokio_postgres::NoTls)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot connect to {url}: {}",
-                crate::check::pg_error_text(&e)
-            )
-        })?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
 async fn slot(pg: &PostgresSource) -> Result<SlotStatus, String> {
     let client = connect(&pg.url).await?;
     let row = client
@@ -154,11 +139,7 @@ async fn slot(pg: &PostgresSource) -> Result<SlotStatus, String> {
 async fn kafka(k: KafkaSource, timeout: Duration) -> Result<Vec<PartitionStatus>, String> {
     let props = k.librdkafka_properties().map_err(|e| e.to_string())?;
     tokio::task::spawn_blocking(move || {
-        let mut cc = ClientConfig::new();
-        for (key, value) in props.iter() {
-            cc.set(key, value);
-        }
-        let consumer: BaseConsumer = cc.create().map_err(|e| e.to_string())?;
+        let consumer = crate::check::kafka_consumer(&props)?;
         let md = consumer
             .fetch_metadata(None, timeout)
             .map_err(|e| format!("cannot fetch metadata: {e}"))?;

@@ -81,14 +81,12 @@ pub fn open(
             Ok((Arc::new(store), StorePath::default()))
         }
         StoreKind::S3 => {
-            let mut b = AmazonS3Builder::from_env().with_url(uri);
-            for (k, v) in options.iter() {
-                let key: AmazonS3ConfigKey = k.parse().map_err(|_| StorageError::Option {
-                    key: k.clone(),
-                    message: "not an S3 option (see object_store's AmazonS3ConfigKey)".into(),
-                })?;
-                b = b.with_config(key, v);
-            }
+            let b = with_options(
+                AmazonS3Builder::from_env().with_url(uri),
+                options,
+                "S3",
+                |b, k: AmazonS3ConfigKey, v| b.with_config(k, v),
+            )?;
             let store = b.build().map_err(|source| StorageError::Store {
                 uri: uri.to_owned(),
                 source,
@@ -96,14 +94,12 @@ pub fn open(
             Ok((Arc::new(store), url_path(uri)?))
         }
         StoreKind::Azure => {
-            let mut b = MicrosoftAzureBuilder::from_env().with_url(uri);
-            for (k, v) in options.iter() {
-                let key: AzureConfigKey = k.parse().map_err(|_| StorageError::Option {
-                    key: k.clone(),
-                    message: "not an Azure option (see object_store's AzureConfigKey)".into(),
-                })?;
-                b = b.with_config(key, v);
-            }
+            let b = with_options(
+                MicrosoftAzureBuilder::from_env().with_url(uri),
+                options,
+                "Azure",
+                |b, k: AzureConfigKey, v| b.with_config(k, v),
+            )?;
             let store = b.build().map_err(|source| StorageError::Store {
                 uri: uri.to_owned(),
                 source,
@@ -111,6 +107,23 @@ pub fn open(
             Ok((Arc::new(store), url_path(uri)?))
         }
     }
+}
+
+/// Applies `[sinks.delta.storage]` options to a builder; an unknown key names itself.
+fn with_options<B, K: std::str::FromStr>(
+    mut builder: B,
+    options: &SecretMap,
+    kind: &str,
+    set: impl Fn(B, K, &str) -> B,
+) -> Result<B, StorageError> {
+    for (k, v) in options.iter() {
+        let key: K = k.parse().map_err(|_| StorageError::Option {
+            key: k.clone(),
+            message: format!("not an {kind} option (see object_store's {kind} config keys)"),
+        })?;
+        builder = set(builder, key, v);
+    }
+    Ok(builder)
 }
 
 fn url_path(uri: &str) -> Result<StorePath, StorageError> {
