@@ -3,86 +3,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
+use common::kafka::{committed, create_topic, produce};
+use common::run::{start, stop, wait_for};
 use common::{env, pg_connect, unique};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-
-async fn create_topic(partitions: i32) -> String {
-    let topic = unique("orders");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
-        .create()
-        .unwrap();
-    for r in admin
-        .create_topics(
-            &[NewTopic::new(
-                &topic,
-                partitions,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
-    topic
-}
-
-/// Produces `(key, value)` messages; returns the offset after the last message per partition.
-async fn produce(topic: &str, messages: &[(String, Vec<u8>)], partitions: i32) -> Vec<i64> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
-        .set("message.timeout.ms", "10000")
-        .create()
-        .unwrap();
-    let mut next = vec![0i64; partitions as usize];
-    for (i, (key, value)) in messages.iter().enumerate() {
-        let partition = (i as i32) % partitions;
-        let d = producer
-            .send(
-                FutureRecord::to(topic)
-                    .partition(partition)
-                    .key(key)
-                    .payload(value),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
-        next[d.partition as usize] = next[d.partition as usize].max(d.offset + 1);
-    }
-    next
-}
-
-fn committed(topic: &str, group: &str, partitions: i32) -> Vec<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let got = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    (0..partitions)
-        .map(|p| match got.find_partition(topic, p).unwrap().offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        })
-        .collect()
-}
 
 fn order(id: usize, note: &str) -> (String, Vec<u8>) {
     (
@@ -93,55 +16,6 @@ fn order(id: usize, note: &str) -> (String, Vec<u8>) {
         )
         .into_bytes(),
     )
-}
-
-fn start(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tributary"))
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// SIGTERM, then the exit status (panics if it takes over 30 s).
-fn stop(mut child: Child) -> (i32, String) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let started = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            use std::io::Read;
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (s.code().unwrap_or(-1), err);
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "run did not stop within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +92,7 @@ listen = ""
         std::fs::read_to_string(&dlq).is_ok_and(|s| s.lines().count() == 1)
     })
     .await;
-    let (code, stderr) = stop(run);
+    let (code, stderr) = stop(run, &config);
     assert_eq!(code, 0, "{stderr}");
     // Everything processed was acknowledged: the group's offsets are at the end of each partition.
     assert_eq!(committed(&topic, &group, PARTS), end, "{stderr}");
@@ -270,7 +144,7 @@ listen = ""
             == 1
     })
     .await;
-    let (code, stderr) = stop(run);
+    let (code, stderr) = stop(run, &config);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(count(format!("SELECT count(*) FROM {table}")).await, before);
     let rewritten = count(format!(

@@ -1,6 +1,8 @@
 //! The operator endpoint over real HTTP: metrics move with what is recorded, readiness follows the
 //! components' progress.
 
+mod common;
+
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -84,4 +86,99 @@ async fn metrics_and_readiness_over_http() {
         body.contains("FAIL delta: last commit failed: store unreachable"),
         "{body}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_connector_reports_its_work_and_leaks_no_secret() {
+    use common::kafka::{create_topic, produce};
+    use common::run::{start, stop, wait_for};
+    use common::{env, unique};
+
+    let topic = create_topic(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    const SECRET: &str = "sasl-secret-Zq81x";
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "telemetry-test"
+[sources.kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+dead_letter = {{ path = "{dlq}" }}
+# A secret the run must never print, even at debug level (librdkafka reports unused properties).
+properties = {{ "session.timeout.ms" = "6000", "sasl.username" = "alice", "sasl.password" = "{SECRET}" }}
+[[sources.kafka.topics]]
+name = "{topic}"
+key_columns = ["order_id"]
+[embedding]
+model_dir = "{model}"
+[embedding.templates]
+"{topic}" = "{{note}}"
+[sinks.pgvector]
+url = "{pg}"
+schema = "{schema}"
+[pipeline]
+batch_max_wait_ms = 50
+[telemetry]
+listen = "127.0.0.1:{port}"
+"#,
+            brokers = env("TRIBUTARY_KAFKA_BROKERS"),
+            group = unique("group"),
+            dlq = dir.path().join("dlq.jsonl").display(),
+            model = env("TRIBUTARY_MODEL_DIR"),
+            pg = env("TRIBUTARY_PG_URL"),
+            schema = unique("tel"),
+        ),
+    )
+    .unwrap();
+    let run = start(&config);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for("the endpoint", async || {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+    let messages: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| {
+            (
+                format!("o-{i}"),
+                format!(r#"{{"order_id":"o-{i}","note":"note {i}"}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    produce(&topic, &messages, 1).await;
+    wait_for("20 rows committed", async || {
+        let text = get(addr, "/metrics").await.1;
+        sample(&text, "tributary_sink_rows_total{sink=\"pgvector\"}").unwrap_or(0.0) >= 20.0
+    })
+    .await;
+    let (code, text) = get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        sample(&text, "tributary_embed_texts_total").unwrap_or(0.0) >= 20.0,
+        "{text}"
+    );
+    assert!(text.contains("tributary_sink_commit_seconds"), "{text}");
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        assert!(
+            line.rsplit(' ').next().unwrap().parse::<f64>().is_ok(),
+            "{line:?}"
+        );
+    }
+    let (code, body) = get(addr, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("ok   pgvector"), "{body}");
+    let (code, log) = stop(run, &config);
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("batch committed"), "{log}");
+    assert!(!log.contains(SECRET), "the secret leaked into the log");
+    assert!(!text.contains(SECRET), "the secret leaked into a metric");
 }

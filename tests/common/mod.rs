@@ -1,6 +1,9 @@
 //! Shared test harness: where the services are, fresh names, connections.
 #![allow(dead_code)]
 
+pub mod kafka;
+pub mod run;
+
 /// An environment variable the services script exports; a clear panic when it is missing.
 pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
