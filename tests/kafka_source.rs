@@ -846,3 +846,57 @@ async fn survives_a_broker_restart_and_resumes_from_committed_offsets() {
     handle.shutdown().await.unwrap();
     broker.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_can_go_to_a_kafka_topic() {
+    let topic = create_topic(1).await;
+    let dlq_topic = create_topic(1).await;
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = source_config(&topic, &group, "", &dir.path().join("unused.jsonl"));
+    config.dead_letter = Some(tributary::config::KafkaDeadLetter {
+        topic: Some(dlq_topic.clone()),
+        path: None,
+    });
+    let good = order(1);
+    let batch = vec![
+        (0, Some(b"k1".as_slice()), Some(b"not json".as_slice())),
+        (0, None, Some(good.as_slice())),
+    ];
+    produce(&topic, &batch).await;
+    let (mut rx, handle) = start(&config).await;
+    let e = next(&mut rx).await;
+    assert_eq!(offset_of(&e), (0, 1));
+    handle.acker().ack(&e.event.position);
+    handle.shutdown().await.unwrap();
+    assert_eq!(committed(&topic, &group, 1), vec![Some(2)]);
+
+    let reader: rdkafka::consumer::StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&dlq_topic]).unwrap();
+    let m = tokio::time::timeout(WAIT, reader.recv())
+        .await
+        .expect("no dead letter within 60 s")
+        .unwrap();
+    use rdkafka::message::Message as _;
+    assert_eq!(m.key(), Some(b"k1".as_slice()));
+    let letter: Letter = serde_json::from_slice(m.payload().unwrap()).unwrap();
+    assert_eq!(
+        letter.position,
+        Position::Kafka {
+            topic: topic.clone(),
+            partition: 0,
+            offset: 0
+        }
+    );
+    assert!(letter.error.contains("not valid JSON"), "{}", letter.error);
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&letter.raw_base64)
+        .unwrap();
+    assert_eq!(raw, b"not json");
+}
