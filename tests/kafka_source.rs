@@ -56,7 +56,10 @@ fn producer() -> FutureProducer {
 }
 
 /// Produces `(partition, key, value)` messages in order; returns their (partition, offset).
-async fn produce(topic: &str, messages: &[(i32, Option<&[u8]>, Option<&[u8]>)]) -> Vec<(i32, i64)> {
+/// (partition, key, value)
+type Outgoing<'a> = (i32, Option<&'a [u8]>, Option<&'a [u8]>);
+
+async fn produce(topic: &str, messages: &[Outgoing<'_>]) -> Vec<(i32, i64)> {
     let producer = producer();
     let mut out = Vec::new();
     for (partition, key, value) in messages {
@@ -483,12 +486,15 @@ async fn debezium_envelopes_become_change_events_and_tombstones_are_skipped() {
     assert_eq!(committed(&topic, &group, 1), vec![Some(7)]);
 }
 
+/// What the stand-in pipelines wrote: (instance, partition, offset).
+type Output = Arc<Mutex<Vec<(&'static str, i32, i64)>>>;
+
 /// A pipeline stand-in: records every event it receives (tagged with the instance), then acks.
 fn pipeline(
     name: &'static str,
     mut events: Events,
     handle: &KafkaSourceHandle,
-    out: Arc<Mutex<Vec<(&'static str, i32, i64)>>>,
+    out: Output,
 ) -> tokio::task::JoinHandle<()> {
     let acker = handle.acker();
     tokio::spawn(async move {
