@@ -378,10 +378,9 @@ fn first_offsets(batch: &[KafkaEvent]) -> Vec<(String, i32, i64)> {
             partition,
             offset,
         } = &e.event.position
+            && !firsts.iter().any(|f| f.1 == *partition && f.0 == *topic)
         {
-            if !firsts.iter().any(|f| f.1 == *partition && f.0 == *topic) {
-                firsts.push((topic.clone(), *partition, *offset));
-            }
+            firsts.push((topic.clone(), *partition, *offset));
         }
     }
     firsts

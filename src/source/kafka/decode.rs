@@ -335,15 +335,15 @@ pub fn message_key(key: Option<&[u8]>) -> Result<Option<Row>, DecodeError> {
                 .collect(),
         ));
     };
-    if text.trim_start().starts_with('{') {
-        if let Ok(J::Object(mut o)) = serde_json::from_str::<J>(text) {
-            if o.contains_key("schema") {
-                if let Some(J::Object(inner)) = o.remove("payload") {
-                    o = inner;
-                }
-            }
-            return Ok(Some(o.into_iter().map(|(k, v)| (k, inferred(v))).collect()));
+    if text.trim_start().starts_with('{')
+        && let Ok(J::Object(mut o)) = serde_json::from_str::<J>(text)
+    {
+        if o.contains_key("schema")
+            && let Some(J::Object(inner)) = o.remove("payload")
+        {
+            o = inner;
         }
+        return Ok(Some(o.into_iter().map(|(k, v)| (k, inferred(v))).collect()));
     }
     Ok(Some(
         [("key", Value::Text(text.to_owned()))]
@@ -433,5 +433,91 @@ fn json_kind(j: &J) -> &'static str {
         J::String(_) => "a string",
         J::Array(_) => "an array",
         J::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoder(format: MessageFormat, key_columns: &[&str]) -> Decoder {
+        let topic = TopicConfig {
+            name: "t".into(),
+            format,
+            key_columns: key_columns.iter().map(|s| s.to_string()).collect(),
+            columns: BTreeMap::new(),
+        };
+        Decoder::new(&topic, 1024)
+    }
+
+    fn msg<'a>(key: Option<&'a [u8]>, payload: Option<&'a [u8]>) -> RawMessage<'a> {
+        RawMessage {
+            topic: "t",
+            partition: 1,
+            offset: 7,
+            key,
+            payload,
+            timestamp_ms: Some(1_732_356_000_000),
+            headers: Vec::new(),
+        }
+    }
+
+    fn event(d: Decoded) -> ChangeEvent {
+        match d {
+            Decoded::Event(e) => e.event,
+            Decoded::Tombstone => panic!("tombstone"),
+        }
+    }
+
+    #[test]
+    fn raw_messages_keep_their_bytes() {
+        let d = decoder(MessageFormat::Raw, &[]);
+        let e = event(d.decode(&msg(Some(b"\x00k"), Some(b"\xff\xfe"))).unwrap());
+        assert_eq!(e.op, Op::Insert);
+        assert_eq!(e.key.get("key"), Some(&Value::Bytes(b"\x00k".to_vec())));
+        let after = e.after.unwrap();
+        assert_eq!(after.get("value"), Some(&Value::Bytes(vec![0xff, 0xfe])));
+        assert_eq!(e.source_ts.unwrap().timestamp_millis(), 1_732_356_000_000);
+    }
+
+    #[test]
+    fn json_message_key_is_the_default_key_and_null_value_deletes() {
+        let d = decoder(MessageFormat::Json, &[]);
+        let e = event(d.decode(&msg(Some(b"o-1"), Some(br#"{"a":1}"#))).unwrap());
+        assert_eq!(e.key.get("key"), Some(&Value::Text("o-1".into())));
+        let e = event(d.decode(&msg(Some(br#"{"id":5}"#), None)).unwrap());
+        assert_eq!(
+            (e.op, e.key.get("id")),
+            (Op::Delete, Some(&Value::Int64(5)))
+        );
+        assert_eq!(d.decode(&msg(None, None)).unwrap_err(), DecodeError::NoKey);
+    }
+
+    #[test]
+    fn debezium_truncate_and_bad_envelopes() {
+        let d = decoder(MessageFormat::Debezium, &["id"]);
+        let e = event(
+            d.decode(&msg(
+                None,
+                Some(br#"{"op":"t","before":null,"after":null}"#),
+            ))
+            .unwrap(),
+        );
+        assert_eq!((e.op, e.key.is_empty()), (Op::Truncate, true));
+        let err = d.decode(&msg(None, Some(br#"{"op":"x"}"#))).unwrap_err();
+        assert!(err.to_string().contains("unknown op \"x\""), "{err}");
+        let err = d
+            .decode(&msg(None, Some(br#"{"op":"c","after":null}"#)))
+            .unwrap_err();
+        assert!(err.to_string().contains("needs `after`"), "{err}");
+        let err = d
+            .decode(&msg(None, Some(br#"{"op":"c","after":{"v":1}}"#)))
+            .unwrap_err();
+        assert_eq!(err, DecodeError::MissingKey("id".into()));
+        assert_eq!(
+            d.decode(&msg(None, Some(br#"{"schema":{},"payload":null}"#)))
+                .unwrap(),
+            Decoded::Tombstone
+        );
     }
 }

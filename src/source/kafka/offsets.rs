@@ -123,11 +123,11 @@ impl OffsetTracker {
             if only.is_some_and(|o| !o.contains(tp)) {
                 continue;
             }
-            if let Some(offset) = state.committable() {
-                if state.committed != Some(offset) {
-                    state.committed = Some(offset);
-                    out.push((tp.clone(), offset));
-                }
+            if let Some(offset) = state.committable()
+                && state.committed != Some(offset)
+            {
+                state.committed = Some(offset);
+                out.push((tp.clone(), offset));
             }
         }
         out.sort();
@@ -137,10 +137,10 @@ impl OffsetTracker {
     /// A commit failed: offer these offsets again next time.
     pub fn commit_failed(&mut self, commits: &[(Tp, i64)]) {
         for (tp, offset) in commits {
-            if let Some(state) = self.parts.get_mut(tp) {
-                if state.committed == Some(*offset) {
-                    state.committed = None;
-                }
+            if let Some(state) = self.parts.get_mut(tp)
+                && state.committed == Some(*offset)
+            {
+                state.committed = None;
             }
         }
     }
