@@ -249,12 +249,13 @@ impl Worker {
                     if let Some((_, reason)) = consumer.client().fatal_error() {
                         break Err(KafkaSourceError::Client(format!("fatal: {reason}")));
                     }
+                    // librdkafka reconnects by itself with exponential backoff
+                    // (`reconnect.backoff.ms` → `reconnect.backoff.max.ms`) and reports each
+                    // failure once: sleeping here would only add a delay per queued error
+                    // after the broker is back (measured: tens of seconds).
                     failures = failures.saturating_add(1);
-                    let delay = Duration::from_millis(100 * 2u64.pow(failures.min(7)))
-                        .min(Duration::from_secs(10));
                     let error = KafkaSourceError::client(e, &self.props);
-                    tracing::warn!(%error, retry_in = ?delay, "Kafka consumer error; retrying");
-                    tokio::time::sleep(delay).await;
+                    tracing::warn!(%error, failures, "Kafka consumer error; librdkafka retries");
                 }
             }
         };

@@ -13,8 +13,9 @@
 //!   partition was released are ignored (the new owner re-delivers those messages).
 //! - **Bad messages never stop the source.** A message that cannot be decoded ([`decode`]) is
 //!   written to the dead-letter destination with its reason; the source continues.
-//! - **Broker outages are survived.** librdkafka reconnects by itself; the source logs the
-//!   errors it reports, backs off, and resumes from the committed offsets.
+//! - **Broker outages are survived.** librdkafka reconnects by itself with exponential backoff;
+//!   the source logs each error it reports (and when messages flow again), never stops for a
+//!   non-fatal one, and resumes from its position or, after a rebalance, the committed offsets.
 //!
 //! The revoke drain blocks the polling task's thread (librdkafka runs the rebalance callback
 //! inside `recv`), so the source must run on a multi-threaded Tokio runtime, as the pipeline does.
