@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
+use common::kafka::{committed, create_topic};
 use common::{env, unique};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -23,29 +24,6 @@ use tributary::event::{Op, Position, Value};
 use tributary::source::kafka::{self, KafkaEvent, KafkaSourceHandle};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn create_topic(partitions: i32) -> String {
-    let topic = unique("orders");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
-        .create()
-        .unwrap();
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(
-                &topic,
-                partitions,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    for r in results {
-        r.unwrap();
-    }
-    topic
-}
 
 fn producer() -> FutureProducer {
     ClientConfig::new()
@@ -145,28 +123,6 @@ fn offset_of(e: &KafkaEvent) -> (i32, i64) {
         } => (*partition, *offset),
         other => panic!("not a Kafka position: {other}"),
     }
-}
-
-/// The group's committed offset for each of `partitions` partitions of `topic`.
-fn committed(topic: &str, group: &str, partitions: i32) -> Vec<Option<i64>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let got = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    (0..partitions)
-        .map(|p| match got.find_partition(topic, p).unwrap().offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

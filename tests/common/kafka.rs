@@ -59,7 +59,9 @@ pub async fn produce(topic: &str, messages: &[(String, Vec<u8>)], partitions: i3
     next
 }
 
-pub fn committed(topic: &str, group: &str, partitions: i32) -> Vec<i64> {
+/// The group's committed offset for each of `partitions` partitions of `topic` (`None`: never
+/// committed).
+pub fn committed(topic: &str, group: &str, partitions: i32) -> Vec<Option<i64>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
         .set("group.id", group)
@@ -74,8 +76,8 @@ pub fn committed(topic: &str, group: &str, partitions: i32) -> Vec<i64> {
         .unwrap();
     (0..partitions)
         .map(|p| match got.find_partition(topic, p).unwrap().offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
+            Offset::Offset(o) => Some(o),
+            _ => None,
         })
         .collect()
 }
