@@ -339,6 +339,13 @@ pub struct DeltaSink {
     /// `AZURE_*` environment variables apply too.
     #[serde(default)]
     pub storage: SecretMap,
+    /// A Delta checkpoint is written every this many commits.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: u64,
+}
+
+fn default_checkpoint_interval() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Deserialize)]
