@@ -29,6 +29,7 @@ use deltalake::kernel::Transaction;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{StructType, Version};
+use deltalake::operations::vacuum::VacuumMode;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
@@ -316,8 +317,10 @@ impl DeltaSink {
         commit_batch(table, &name, DLQ_TABLE, batch, &positions).await
     }
 
-    /// Removes files no table version within `retention` references (including data files of
-    /// commits that never happened). Safe beside a running writer: it commits no data change.
+    /// Removes files no table version within `retention` references, including data files of
+    /// commits that never happened (full mode: unreferenced files older than `retention`). Safe
+    /// beside a running writer as long as `retention` exceeds the time a writer takes between
+    /// writing a data file and committing it (seconds): vacuum commits no data change.
     pub async fn vacuum(
         &mut self,
         source: &str,
@@ -335,6 +338,7 @@ impl DeltaSink {
             .vacuum()
             .with_retention_period(retention)
             .with_enforce_retention_duration(false)
+            .with_mode(VacuumMode::Full)
             .await
             .map_err(delta_err)?;
         *table = t;
