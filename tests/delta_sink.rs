@@ -350,3 +350,67 @@ fn disabling_conditional_put_is_refused_with_the_setting_named() {
     let err = DeltaSink::new("t", &cfg).unwrap_err().to_string();
     assert!(err.contains("conditional_put"), "{err}");
 }
+
+/// An independent reader: the Python `deltalake` package (as Spark/Databricks/DuckDB users would
+/// read the table) sees the same rows and schema.
+#[tokio::test]
+async fn python_deltalake_reads_the_bronze_table() {
+    let cfg = Backend::Local.config("");
+    let mut sink = DeltaSink::new("t", &cfg).unwrap();
+    sink.write(SOURCE, &tx(100, 0..3)).await.unwrap();
+    sink.write(SOURCE, &tx(200, 3..5)).await.unwrap();
+    let (ours, _) = read_back(&sink, SOURCE).await;
+
+    let script = r#"
+import json, sys
+from deltalake import DeltaTable
+t = DeltaTable(sys.argv[1])
+tbl = t.to_pyarrow_table()
+rows = sorted(zip(tbl.column("_position_major").to_pylist(),
+                  tbl.column("_position_minor").to_pylist(),
+                  tbl.column("_payload").to_pylist(),
+                  tbl.column("embedding").to_pylist()))
+print(json.dumps({"fields": [f.name for f in tbl.schema],
+                  "partitions": t.metadata().partition_columns,
+                  "rows": rows}))
+"#;
+    let out = std::process::Command::new(env("TRIBUTARY_PYTHON"))
+        .arg("-c")
+        .arg(script)
+        .arg(sink.table_uri(SOURCE))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the Python reader failed (it needs `deltalake==1.1.4 pyarrow==21.0.0` in \
+         $TRIBUTARY_PYTHON's venv): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fields: Vec<&str> = got["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = tributary::sink::delta::bronze::bronze_schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let mut sorted_fields = fields.clone();
+    sorted_fields.sort_unstable();
+    let mut sorted_expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    sorted_expected.sort_unstable();
+    assert_eq!(sorted_fields, sorted_expected);
+    assert_eq!(got["partitions"], serde_json::json!(["_ingest_date"]));
+    let rows = got["rows"].as_array().unwrap();
+    let theirs: Vec<(i64, i64)> = rows
+        .iter()
+        .map(|r| (r[0].as_i64().unwrap(), r[1].as_i64().unwrap()))
+        .collect();
+    assert_eq!(theirs, ours.keys().copied().collect::<Vec<_>>());
+    let payload: serde_json::Value = serde_json::from_str(rows[4][2].as_str().unwrap()).unwrap();
+    assert_eq!(payload, serde_json::json!({"id": 4, "note": "order 4"}));
+    assert_eq!(rows[4][3], serde_json::json!([4.0, 0.5, -0.25]));
+}
