@@ -596,6 +596,12 @@ impl Config {
         }
         if let Some(d) = &self.sinks.delta {
             validate_delta_uri(&d.uri)?;
+            if d.checkpoint_interval == 0 {
+                return Err(ConfigError::invalid(
+                    "sinks.delta.checkpoint_interval",
+                    "must be at least 1 (commits between Delta checkpoints)",
+                ));
+            }
         }
         if let Some(p) = &self.sinks.pgvector {
             validate_pg_url("sinks.pgvector.url", &p.url)?;

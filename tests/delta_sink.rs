@@ -414,3 +414,12 @@ print(json.dumps({"fields": [f.name for f in tbl.schema],
     assert_eq!(payload, serde_json::json!({"id": 4, "note": "order 4"}));
     assert_eq!(rows[4][3], serde_json::json!([4.0, 0.5, -0.25]));
 }
+
+#[test]
+fn a_zero_checkpoint_interval_is_refused_with_its_key() {
+    let text = "name = \"t\"\n[sources.kafka]\nbrokers = \"x:1\"\ngroup_id = \"g\"\n\
+                [[sources.kafka.topics]]\nname = \"orders\"\n[sinks.delta]\n\
+                uri = \"file:///tmp/x\"\ncheckpoint_interval = 0\n";
+    let err = Config::parse(text, Path::new("."), |_| None).unwrap_err();
+    assert_eq!(err.key(), Some("sinks.delta.checkpoint_interval"), "{err}");
+}

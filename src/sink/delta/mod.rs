@@ -187,7 +187,7 @@ impl DeltaSink {
             name: connector_name.to_owned(),
             root: cfg.uri.trim_end_matches('/').to_owned(),
             options,
-            checkpoint_interval: cfg.checkpoint_interval.max(1),
+            checkpoint_interval: cfg.checkpoint_interval,
             tables: HashMap::new(),
         })
     }
@@ -270,8 +270,31 @@ impl DeltaSink {
     }
 
     /// Appends `events` (all of one source) in one atomic commit and returns once it is durable.
-    /// Events at or below a stream's committed position are skipped.
+    /// Events at or below a stream's committed position are skipped. A store that is unavailable
+    /// is retried with bounded exponential backoff; each attempt re-reads the committed positions
+    /// first, so a commit that succeeded although its response was lost is not written twice.
     pub async fn write(
+        &mut self,
+        source: &str,
+        events: &[ChangeEvent],
+    ) -> Result<WriteOutcome, DeltaSinkError> {
+        let mut backoff = retry_policy();
+        loop {
+            match self.write_once(source, events).await {
+                Err(e) if e.is_retryable() => match backoff.next() {
+                    Some(delay) => {
+                        tracing::warn!(table = source, error = %e, ?delay, "delta commit failed, retrying");
+                        self.tables.remove(source);
+                        tokio::time::sleep(delay).await;
+                    }
+                    None => return Err(e),
+                },
+                other => return other,
+            }
+        }
+    }
+
+    async fn write_once(
         &mut self,
         source: &str,
         events: &[ChangeEvent],
@@ -344,6 +367,17 @@ impl DeltaSink {
         *table = t;
         Ok(metrics.files_deleted.len())
     }
+}
+
+/// Bounded exponential backoff for an unavailable store: 6 retries, 200 ms doubling to 10 s.
+fn retry_policy() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder as _;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_max_times(6)
+        .with_jitter()
+        .build()
 }
 
 async fn committed_in(
