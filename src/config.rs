@@ -342,6 +342,14 @@ pub struct DeltaSink {
     /// A Delta checkpoint is written every this many commits.
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval: u64,
+    /// `tributary vacuum` removes unreferenced files older than this (default 168 h = 7 days;
+    /// keep it well above a commit's duration so files of an in-flight commit are never removed).
+    #[serde(default = "default_vacuum_retention_hours")]
+    pub vacuum_retention_hours: u64,
+}
+
+fn default_vacuum_retention_hours() -> u64 {
+    168
 }
 
 fn default_checkpoint_interval() -> u64 {

@@ -362,7 +362,7 @@ async fn python_deltalake_reads_the_bronze_table() {
     let (ours, _) = read_back(&sink, SOURCE).await;
 
     let script = r#"
-import json, sys
+import json, os, sys
 from deltalake import DeltaTable
 t = DeltaTable(sys.argv[1])
 tbl = t.to_pyarrow_table()
@@ -373,6 +373,10 @@ rows = sorted(zip(tbl.column("_position_major").to_pylist(),
 print(json.dumps({"fields": [f.name for f in tbl.schema],
                   "partitions": t.metadata().partition_columns,
                   "rows": rows}))
+sys.stdout.flush()
+# deltalake's runtime threads can abort the interpreter at exit ("terminate called without an
+# active exception"); the answer is printed, so leave without running the exit handlers.
+os._exit(0)
 "#;
     let out = std::process::Command::new(env("TRIBUTARY_PYTHON"))
         .arg("-c")
@@ -422,4 +426,19 @@ fn a_zero_checkpoint_interval_is_refused_with_its_key() {
                 uri = \"file:///tmp/x\"\ncheckpoint_interval = 0\n";
     let err = Config::parse(text, Path::new("."), |_| None).unwrap_err();
     assert_eq!(err.key(), Some("sinks.delta.checkpoint_interval"), "{err}");
+}
+
+#[tokio::test]
+async fn existing_tables_lists_what_was_written() {
+    for backend in [Backend::Local, Backend::Azure] {
+        let cfg = backend.config("");
+        let mut sink = DeltaSink::new("t", &cfg).unwrap();
+        sink.write(SOURCE, &tx(1, 0..1)).await.unwrap();
+        let letter = DeadLetter::new("orders", kafka(0, 1), None, b"x", "bad");
+        sink.write_dead_letters(&[letter]).await.unwrap();
+        assert_eq!(
+            sink.existing_tables().await.unwrap(),
+            vec![DLQ_TABLE.to_owned(), SOURCE.to_owned()]
+        );
+    }
 }

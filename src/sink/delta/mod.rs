@@ -93,6 +93,7 @@ pub struct DeltaSink {
     name: String,
     root: String,
     options: HashMap<String, String>,
+    storage: crate::secret::SecretMap,
     checkpoint_interval: u64,
     tables: HashMap<String, DeltaTable>,
 }
@@ -187,9 +188,37 @@ impl DeltaSink {
             name: connector_name.to_owned(),
             root: cfg.uri.trim_end_matches('/').to_owned(),
             options,
+            storage: cfg.storage.clone(),
             checkpoint_interval: cfg.checkpoint_interval,
             tables: HashMap::new(),
         })
+    }
+
+    /// The tables under the root (each sub-directory holding a `_delta_log`), `_dlq` included.
+    pub async fn existing_tables(&self) -> Result<Vec<String>, DeltaSinkError> {
+        let cfg_err = |message: String| DeltaSinkError::Config {
+            uri: self.root.clone(),
+            message,
+        };
+        let (store, prefix) =
+            crate::storage::open(&self.root, &self.storage).map_err(|e| cfg_err(e.to_string()))?;
+        let listing = store
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map_err(|e| cfg_err(e.to_string()))?;
+        let mut tables = Vec::new();
+        for dir in listing.common_prefixes {
+            let log = dir.clone().join("_delta_log");
+            let inner = store
+                .list_with_delimiter(Some(&log))
+                .await
+                .map_err(|e| cfg_err(e.to_string()))?;
+            if let (false, Some(name)) = (inner.objects.is_empty(), dir.filename()) {
+                tables.push(name.to_owned());
+            }
+        }
+        tables.sort();
+        Ok(tables)
     }
 
     /// The URI of the table for `source`.
@@ -353,18 +382,27 @@ impl DeltaSink {
             table: source.to_owned(),
             source: e,
         };
-        let table = self.table(source, &bronze::bronze_schema()).await?;
-        table.update_state().await.map_err(delta_err)?;
+        let url = self.url(source)?;
+        let mut table = DeltaTableBuilder::from_url(url)
+            .map_err(delta_err)?
+            .with_storage_options(self.options.clone())
+            .build()
+            .map_err(delta_err)?;
+        match table.load().await {
+            Ok(()) => {}
+            // Nothing was ever written for this source: nothing to vacuum.
+            Err(DeltaTableError::NotATable(_)) => return Ok(0),
+            Err(e) => return Err(delta_err(e)),
+        }
         let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(7));
-        let (t, metrics) = table
-            .clone()
+        let (_, metrics) = table
             .vacuum()
             .with_retention_period(retention)
             .with_enforce_retention_duration(false)
             .with_mode(VacuumMode::Full)
             .await
             .map_err(delta_err)?;
-        *table = t;
+        self.tables.remove(source);
         Ok(metrics.files_deleted.len())
     }
 }
