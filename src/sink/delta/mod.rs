@@ -73,6 +73,11 @@ impl Classify for DeltaSinkError {
                 DeltaTableError::InvalidTableLocation(_) | DeltaTableError::NotATable(_) => {
                     ErrorKind::Config
                 }
+                // The batch does not fit the table: retrying cannot help.
+                DeltaTableError::SchemaMismatch { .. }
+                | DeltaTableError::Arrow { .. }
+                | DeltaTableError::Parquet { .. } => ErrorKind::Data,
+                // Anything else from the store or the log is treated as transient.
                 _ => ErrorKind::Connection,
             },
         }
