@@ -339,6 +339,21 @@ pub struct DeltaSink {
     /// `AZURE_*` environment variables apply too.
     #[serde(default)]
     pub storage: SecretMap,
+    /// A Delta checkpoint is written every this many commits.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: u64,
+    /// `tributary vacuum` removes unreferenced files older than this (default 168 h = 7 days;
+    /// keep it well above a commit's duration so files of an in-flight commit are never removed).
+    #[serde(default = "default_vacuum_retention_hours")]
+    pub vacuum_retention_hours: u64,
+}
+
+fn default_vacuum_retention_hours() -> u64 {
+    168
+}
+
+fn default_checkpoint_interval() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -589,6 +604,12 @@ impl Config {
         }
         if let Some(d) = &self.sinks.delta {
             validate_delta_uri(&d.uri)?;
+            if d.checkpoint_interval == 0 {
+                return Err(ConfigError::invalid(
+                    "sinks.delta.checkpoint_interval",
+                    "must be at least 1 (commits between Delta checkpoints)",
+                ));
+            }
         }
         if let Some(p) = &self.sinks.pgvector {
             validate_pg_url("sinks.pgvector.url", &p.url)?;

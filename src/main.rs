@@ -48,6 +48,12 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
+    /// Remove data files no Bronze table version references any more (older than
+    /// `sinks.delta.vacuum_retention_hours`); safe beside a running connector.
+    Vacuum {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Embed lines of text from stdin: one JSON array of floats per line on stdout.
     Embed {
         /// Model folder (model.onnx + tokenizer.json).
@@ -70,6 +76,7 @@ async fn main() -> ExitCode {
         Command::Run { config } => run(&config).await,
         Command::Check { config, timeout } => check(&config, Duration::from_secs(timeout)).await,
         Command::Embed { model, config } => embed(model, config),
+        Command::Vacuum { config } => vacuum(&config).await,
         Command::Status {
             config,
             json,
@@ -107,6 +114,47 @@ async fn check(path: &std::path::Path, timeout: Duration) -> ExitCode {
     } else {
         eprintln!("{failed} of {} services failed", probes.len());
         ExitCode::FAILURE
+    }
+}
+
+async fn vacuum(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(delta) = &config.sinks.delta else {
+        eprintln!("error: config {}: sinks.delta: section missing", path.display());
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let mut sink = match tributary::sink::delta::DeltaSink::new(&config.name, delta) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let retention = Duration::from_secs(delta.vacuum_retention_hours * 3600);
+    let mut failed = false;
+    let tables = match sink.existing_tables().await {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for table in tables {
+        match sink.vacuum(&table, retention).await {
+            Ok(n) => println!("ok    {table}: {n} files removed"),
+            Err(e) => {
+                failed = true;
+                println!("FAIL  {table}: {e}");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
