@@ -123,7 +123,10 @@ async fn vacuum(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     let Some(delta) = &config.sinks.delta else {
-        eprintln!("error: config {}: sinks.delta: section missing", path.display());
+        eprintln!(
+            "error: config {}: sinks.delta: section missing",
+            path.display()
+        );
         return ExitCode::from(EXIT_CONFIG);
     };
     let mut sink = match tributary::sink::delta::DeltaSink::new(&config.name, delta) {

@@ -1,8 +1,9 @@
 //! `tributary run`: source → batches → enrichment → sinks, acknowledging only what is durable.
 //!
 //! ```text
-//! Kafka source ──events──► batcher ──Vec<ChangeEvent>──► enrich ──Enriched──► sink loop ──► pgvector
-//!      ▲          (bounded)          (bounded)                   (bounded)        │      ──► dead letters
+//! Kafka source ──events──► batcher ──Vec<ChangeEvent>──► enrich ──Enriched──► sink loop ──► Delta (Bronze)
+//!      ▲          (bounded)          (bounded)                   (bounded)        │      ──► pgvector
+//!      │                                                                          │      ──► dead letters
 //!      └──────────────── ack(position) ◄── Checkpoints (min durable over sinks) ◄─┘
 //! ```
 //!
@@ -18,8 +19,10 @@
 //! - Errors: connection errors are retried with backoff inside the stages; data errors become
 //!   dead letters; configuration errors stop `run` with the message.
 //!
-//! This build wires the Kafka source, the enrichment stage and the pgvector sink; a
-//! configuration naming a stage that is not wired yet is refused at start, never ignored.
+//! This build wires the Kafka source, the enrichment stage, the Bronze Delta sink and the
+//! pgvector sink; a configuration naming a stage that is not wired yet (the PostgreSQL source)
+//! is refused at start, never ignored. Dead letters go to the Delta `_dlq` table when a Delta sink
+//! is configured, otherwise to `sources.kafka.dead_letter`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,6 +36,7 @@ use crate::config::Config;
 use crate::enrich::{self, Enriched, Enricher};
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Position, StreamId};
+use crate::sink::delta::DeltaSink;
 use crate::sink::pgvector::PgvectorSink;
 use crate::source::kafka::{self, dead_letters::DeadLetterWriter};
 use crate::telemetry::{self, health::Health};
@@ -70,17 +74,10 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunSummary, PipelineError> {
-    if config.sinks.delta.is_some() {
-        return Err(PipelineError::Config(
-            "sinks.delta: the Bronze Delta sink is not wired into `tributary run` in this build; \
-             remove [sinks.delta] to run Kafka → pgvector"
-                .into(),
-        ));
-    }
     if config.sources.postgres.is_some() {
         return Err(PipelineError::Config(
             "sources.postgres: the PostgreSQL source is not wired into `tributary run` in this \
-             build; remove [sources.postgres] to run Kafka → pgvector"
+             build; remove [sources.postgres] to run Kafka → Delta / pgvector"
                 .into(),
         ));
     }
@@ -89,11 +86,7 @@ pub async fn run(
         .kafka
         .clone()
         .ok_or_else(|| PipelineError::Config("sources.kafka: `run` needs a source".into()))?;
-    let pg_config = config
-        .sinks
-        .pgvector
-        .clone()
-        .ok_or_else(|| PipelineError::Config("sinks.pgvector: `run` needs a sink".into()))?;
+    let pg_config = config.sinks.pgvector.clone();
     let dead_letter_config = kafka_config.dead_letter.clone().ok_or_else(|| {
         PipelineError::Config(
             "sources.kafka.dead_letter: set `topic` or `path` (where rejected events go)".into(),
@@ -117,10 +110,29 @@ pub async fn run(
         Some(AbortOnDrop(task))
     };
 
-    let mut sink = PgvectorSink::connect(pg_config.clone())
-        .await
-        .map_err(|e| PipelineError::Sink(e.to_string()))?;
-    let sink_health = health.sink("pgvector");
+    let mut delta = match &config.sinks.delta {
+        Some(d) => Some(
+            DeltaSink::new(&config.name, d).map_err(|e| PipelineError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let mut pgvector = match &pg_config {
+        Some(p) => Some(
+            PgvectorSink::connect(p.clone())
+                .await
+                .map_err(|e| PipelineError::Sink(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let delta_health = delta.as_ref().map(|_| health.sink("delta"));
+    let pg_health = pgvector.as_ref().map(|_| health.sink("pgvector"));
+    let mut sink_names = Vec::new();
+    if delta.is_some() {
+        sink_names.push("delta");
+    }
+    if pgvector.is_some() {
+        sink_names.push("pgvector");
+    }
 
     let enricher = match config.embedding.clone() {
         Some(e) => {
@@ -128,11 +140,14 @@ pub async fn run(
                 .await
                 .map_err(|e| PipelineError::Config(format!("embedding model: {e}")))?
                 .map_err(|e| PipelineError::Config(e.to_string()))?;
-            if en.dimension() != pg_config.dimension as usize {
+            if let Some(p) = pg_config
+                .as_ref()
+                .filter(|p| p.dimension as usize != en.dimension())
+            {
                 return Err(PipelineError::Config(format!(
                     "sinks.pgvector.dimension is {} but the model in embedding.model_dir returns \
                      {} dimensions",
-                    pg_config.dimension,
+                    p.dimension,
                     en.dimension()
                 )));
             }
@@ -179,12 +194,19 @@ pub async fn run(
     let (enriched_tx, mut enriched_rx) = mpsc::channel::<Enriched>(4);
     let enrich_task = match enricher {
         Some(en) => {
-            let lookups = PgvectorSink::connect(pg_config.clone())
-                .await
-                .map_err(|e| PipelineError::Sink(e.to_string()))?;
+            // The pgvector table remembers each row's text hash: a second connection answers
+            // the enrichment stage's cache misses.
+            let lookups = match &pg_config {
+                Some(p) => Some(
+                    PgvectorSink::connect(p.clone())
+                        .await
+                        .map_err(|e| PipelineError::Sink(e.to_string()))?,
+                ),
+                None => None,
+            };
             let wait =
                 Duration::from_millis(config.embedding.as_ref().map_or(20, |e| e.max_wait_ms));
-            enrich::spawn(en, Some(lookups), batch_rx, enriched_tx, wait);
+            enrich::spawn(en, lookups, batch_rx, enriched_tx, wait);
             None
         }
         None => Some(tokio::spawn(async move {
@@ -201,7 +223,7 @@ pub async fn run(
         })),
     };
 
-    let mut checkpoints = Checkpoints::new(["pgvector"]);
+    let mut checkpoints = Checkpoints::new(sink_names.iter().copied());
     let mut summary = RunSummary::default();
     let mut source = Some(source);
     let mut stopping = None;
@@ -228,35 +250,64 @@ pub async fn run(
         };
         let Some(batch) = next else { break };
         let started = Instant::now();
-        let outcome = match sink.write(&batch.events).await {
-            Ok(o) => {
-                sink_health.commit_succeeded();
-                o
+        let mut letters = batch.dead_letters;
+        let mut rows = 0;
+        if let (Some(d), Some(h)) = (delta.as_mut(), delta_health.as_ref()) {
+            for (source, events) in by_source(&batch.events) {
+                match d.write(source, &events).await {
+                    Ok(o) => rows += o.rows,
+                    Err(e) => {
+                        h.commit_failed(&e);
+                        return Err(PipelineError::Sink(e.to_string()));
+                    }
+                }
             }
-            Err(e) => {
-                sink_health.commit_failed(&e);
-                return Err(PipelineError::Sink(e.to_string()));
+            h.commit_succeeded();
+        }
+        if let (Some(p), Some(h)) = (pgvector.as_mut(), pg_health.as_ref()) {
+            match p.write(&batch.events).await {
+                Ok(o) => {
+                    h.commit_succeeded();
+                    letters.extend(o.dead_letters);
+                }
+                Err(e) => {
+                    h.commit_failed(&e);
+                    return Err(PipelineError::Sink(e.to_string()));
+                }
             }
-        };
-        for letter in batch.dead_letters.iter().chain(&outcome.dead_letters) {
-            dead_letters
-                .write(letter)
-                .await
-                .map_err(|e| PipelineError::Sink(e.to_string()))?;
+        }
+        // Dead letters are durable before any position behind them is acknowledged.
+        if !letters.is_empty() {
+            match delta.as_mut() {
+                Some(d) => {
+                    d.write_dead_letters(&letters)
+                        .await
+                        .map_err(|e| PipelineError::Sink(e.to_string()))?;
+                }
+                None => {
+                    for letter in &letters {
+                        dead_letters
+                            .write(letter)
+                            .await
+                            .map_err(|e| PipelineError::Sink(e.to_string()))?;
+                    }
+                }
+            }
         }
         summary.events += batch.events.len() as u64;
         summary.batches += 1;
-        summary.dead_letters += (batch.dead_letters.len() + outcome.dead_letters.len()) as u64;
+        summary.dead_letters += letters.len() as u64;
         for ((source_name, _), position) in last_positions(&batch.events) {
-            if let Some(ack) = checkpoints.durable("pgvector", &source_name, &position) {
-                acker.ack(&ack);
+            for sink in &sink_names {
+                if let Some(ack) = checkpoints.durable(sink, &source_name, &position) {
+                    acker.ack(&ack);
+                }
             }
         }
         tracing::info!(
             events = batch.events.len(),
-            applied = outcome.applied,
-            skipped = outcome.skipped,
-            dead_letters = batch.dead_letters.len() + outcome.dead_letters.len(),
+            bronze_rows = rows,
+            dead_letters = letters.len(),
             ms = started.elapsed().as_millis() as u64,
             "batch committed"
         );
@@ -275,6 +326,18 @@ pub async fn run(
     };
     source_result.map_err(|e| PipelineError::Source(e.to_string()))?;
     Ok(summary)
+}
+
+/// A batch's events grouped by source, each group in source order.
+fn by_source(events: &[ChangeEvent]) -> Vec<(&str, Vec<ChangeEvent>)> {
+    let mut groups: Vec<(&str, Vec<ChangeEvent>)> = Vec::new();
+    for e in events {
+        match groups.iter_mut().find(|(s, _)| *s == e.source) {
+            Some((_, g)) => g.push(e.clone()),
+            None => groups.push((e.source.as_str(), vec![e.clone()])),
+        }
+    }
+    groups
 }
 
 /// The last position of each (source, stream) in a batch (events are in stream order).

@@ -46,6 +46,8 @@ key_columns = ["order_id"]
 model_dir = "{model}"
 [embedding.templates]
 "{topic}" = "{{customer}} wrote: {{note}}"
+[sinks.delta]
+uri = "{lake}"
 [sinks.pgvector]
 url = "{pg}"
 schema = "{schema}"
@@ -58,6 +60,7 @@ listen = ""
             dlq = dlq.display(),
             model = env("TRIBUTARY_MODEL_DIR"),
             pg = env("TRIBUTARY_PG_URL"),
+            lake = dir.path().join("lake").display(),
         ),
     )
     .unwrap();
@@ -156,4 +159,35 @@ listen = ""
     ))
     .await;
     assert_eq!(rewritten, 1, "rows were re-applied after the restart");
+
+    // Bronze holds every change exactly once: 30 orders + the update, no position twice, read by
+    // an independent reader (the Python deltalake package).
+    let (rows, distinct) = bronze_rows(&dir.path().join("lake").join(&topic));
+    assert_eq!((rows, distinct), (31, 31));
+}
+
+/// (rows, distinct positions) of a Bronze table, read by Python `deltalake`.
+fn bronze_rows(table: &std::path::Path) -> (u64, u64) {
+    let script = r#"
+import json, os, sys
+from deltalake import DeltaTable
+t = DeltaTable(sys.argv[1]).to_pyarrow_table()
+pos = set(zip(t.column("_position_major").to_pylist(), t.column("_position_minor").to_pylist()))
+print(json.dumps([t.num_rows, len(pos)]))
+sys.stdout.flush()
+os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
+"#;
+    let out = std::process::Command::new(env("TRIBUTARY_PYTHON"))
+        .arg("-c")
+        .arg(script)
+        .arg(table)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: (u64, u64) = serde_json::from_slice(&out.stdout).unwrap();
+    v
 }
