@@ -44,6 +44,7 @@ impl Db {
         }
     }
 
+    /// Drops the slot (it holds WAL on the shared server) and the database.
     async fn drop_slot(&self) {
         self.admin
             .execute(
@@ -53,21 +54,49 @@ impl Db {
             )
             .await
             .unwrap();
+        let db = url::Url::parse(&self.url)
+            .unwrap()
+            .path()
+            .trim_start_matches('/')
+            .to_owned();
+        self.admin
+            .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+            .await
+            .unwrap();
     }
 }
 
+/// Polls until `n` events arrived: the server decodes only WAL it has flushed, which with
+/// asynchronous commit can trail the commit by the WAL writer's delay.
+async fn poll_n(src: &mut PostgresSourceReader, n: usize) -> Vec<ChangeEvent> {
+    let mut out = Vec::new();
+    for _ in 0..100 {
+        out.extend(src.poll(10_000).await.unwrap());
+        if out.len() >= n {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    out
+}
+
 fn int(ev: &ChangeEvent, side: &str, col: &str) -> Option<Value> {
-    let row = if side == "after" { &ev.after } else { &ev.before };
+    let row = if side == "after" {
+        &ev.after
+    } else {
+        &ev.before
+    };
     row.as_ref().and_then(|r| r.get(col).cloned())
 }
 
 #[tokio::test]
 async fn streams_inserts_updates_deletes_truncates_with_positions() {
-    let db = Db::new(
-        "CREATE TABLE items (id int PRIMARY KEY, name text, tags text[], price numeric);",
-    )
-    .await;
-    let mut src = PostgresSourceReader::connect(&db.config(&["items"])).await.unwrap();
+    let db =
+        Db::new("CREATE TABLE items (id int PRIMARY KEY, name text, tags text[], price numeric);")
+            .await;
+    let mut src = PostgresSourceReader::connect(&db.config(&["items"]))
+        .await
+        .unwrap();
     db.client
         .batch_execute(
             "BEGIN; INSERT INTO items VALUES (1, 'a', '{x,\"y z\"}', 1.50), (2, 'b', NULL, NULL); COMMIT;
@@ -78,23 +107,39 @@ async fn streams_inserts_updates_deletes_truncates_with_positions() {
         )
         .await
         .unwrap();
-    let evs = src.poll(10_000).await.unwrap();
+    let evs = poll_n(&mut src, 6).await;
     let ops: Vec<Op> = evs.iter().map(|e| e.op).collect();
     assert_eq!(
         ops,
-        vec![Op::Insert, Op::Insert, Op::Update, Op::Update, Op::Delete, Op::Truncate]
+        vec![
+            Op::Insert,
+            Op::Insert,
+            Op::Update,
+            Op::Update,
+            Op::Delete,
+            Op::Truncate
+        ]
     );
     assert!(evs.iter().all(|e| e.source == "public.items"));
     assert_eq!(int(&evs[0], "after", "id"), Some(Value::Int32(1)));
     assert_eq!(
         int(&evs[0], "after", "tags"),
-        Some(Value::Array(vec![Value::Text("x".into()), Value::Text("y z".into())]))
+        Some(Value::Array(vec![
+            Value::Text("x".into()),
+            Value::Text("y z".into())
+        ]))
     );
-    assert_eq!(int(&evs[0], "after", "price"), Some(Value::Numeric("1.50".into())));
+    assert_eq!(
+        int(&evs[0], "after", "price"),
+        Some(Value::Numeric("1.50".into()))
+    );
     assert_eq!(int(&evs[1], "after", "tags"), Some(Value::Null));
     // Plain update: no old row under the default replica identity.
     assert_eq!(evs[2].before, None);
-    assert_eq!(int(&evs[2], "after", "name"), Some(Value::Text("a2".into())));
+    assert_eq!(
+        int(&evs[2], "after", "name"),
+        Some(Value::Text("a2".into()))
+    );
     // Key change: the old key comes along, the event's key is the new one.
     assert_eq!(int(&evs[3], "before", "id"), Some(Value::Int32(2)));
     assert_eq!(evs[3].key.get("id"), Some(&Value::Int32(3)));
@@ -104,8 +149,14 @@ async fn streams_inserts_updates_deletes_truncates_with_positions() {
     let pos: Vec<&Position> = evs.iter().map(|e| &e.position).collect();
     match (pos[0], pos[1]) {
         (
-            Position::Lsn { commit_lsn: a, tx_ordinal: 0 },
-            Position::Lsn { commit_lsn: b, tx_ordinal: 1 },
+            Position::Lsn {
+                commit_lsn: a,
+                tx_ordinal: 0,
+            },
+            Position::Lsn {
+                commit_lsn: b,
+                tx_ordinal: 1,
+            },
         ) => assert_eq!(a, b),
         other => panic!("unexpected positions {other:?}"),
     }
@@ -128,20 +179,23 @@ async fn acknowledged_positions_are_not_redelivered_after_restart() {
             .await
             .unwrap();
     }
-    let evs = src.poll(10_000).await.unwrap();
+    let evs = poll_n(&mut src, 3).await;
     assert_eq!(evs.len(), 3);
     src.ack(&evs[1].position).await.unwrap();
     drop(src);
     // A new reader (a restarted process) gets only what was not acknowledged.
     let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
-    let again = src.poll(10_000).await.unwrap();
+    let again = poll_n(&mut src, 1).await;
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].position, evs[2].position);
     assert_eq!(int(&again[0], "after", "id"), Some(Value::Int32(3)));
-    assert!(src.confirmed_flush().await.unwrap() >= match evs[1].position {
-        Position::Lsn { commit_lsn, .. } => commit_lsn,
-        _ => unreachable!(),
-    });
+    assert!(
+        src.confirmed_flush().await.unwrap()
+            >= match evs[1].position {
+                Position::Lsn { commit_lsn, .. } => commit_lsn,
+                _ => unreachable!(),
+            }
+    );
     drop(src);
     db.drop_slot().await;
 }
@@ -161,18 +215,15 @@ async fn quoted_table_names_toast_and_replica_identity() {
         .err()
         .expect("a table without primary key must be refused");
     assert!(err.to_string().contains("nokey"), "{err}");
-    db.admin
-        .execute("SELECT 1", &[])
+    db.client
+        .batch_execute(r#"DROP PUBLICATION "trib pub""#)
         .await
         .unwrap();
-    db.client.batch_execute(r#"DROP PUBLICATION "trib pub""#).await.unwrap();
 
-    let mut src = PostgresSourceReader::connect(&db.config(&[
-        r#"public."Order Items""#,
-        "full_rows",
-    ]))
-    .await
-    .unwrap();
+    let mut src =
+        PostgresSourceReader::connect(&db.config(&[r#"public."Order Items""#, "full_rows"]))
+            .await
+            .unwrap();
     db.client
         .batch_execute(
             r#"ALTER TABLE "Order Items" ALTER COLUMN big SET STORAGE EXTERNAL;
@@ -183,13 +234,19 @@ async fn quoted_table_names_toast_and_replica_identity() {
         )
         .await
         .unwrap();
-    let evs = src.poll(10_000).await.unwrap();
+    let evs = poll_n(&mut src, 4).await;
     assert_eq!(evs.len(), 4);
     assert_eq!(evs[0].source, "public.Order Items");
-    assert_eq!(int(&evs[0], "after", "it's"), Some(Value::Text("q'uote".into())));
+    assert_eq!(
+        int(&evs[0], "after", "it's"),
+        Some(Value::Text("q'uote".into()))
+    );
     // Default identity: the untouched TOASTed column is "unchanged", never NULL.
     assert_eq!(int(&evs[1], "after", "big"), Some(Value::UnchangedToast));
-    assert_eq!(int(&evs[1], "after", "it's"), Some(Value::Text("changed".into())));
+    assert_eq!(
+        int(&evs[1], "after", "it's"),
+        Some(Value::Text("changed".into()))
+    );
     // FULL identity: the whole old row comes along, with the old value of n.
     assert_eq!(int(&evs[3], "before", "n"), Some(Value::Int32(1)));
     assert_eq!(int(&evs[3], "after", "n"), Some(Value::Int32(2)));

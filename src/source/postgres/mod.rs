@@ -23,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::{parse_table_name, PostgresSource};
+use crate::config::{PostgresSource, parse_table_name};
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Lsn, Op, Position, Row};
 use decode::{Message, Relation, TupleValue};
