@@ -253,3 +253,31 @@ async fn quoted_table_names_toast_and_replica_identity() {
     drop(src);
     db.drop_slot().await;
 }
+
+#[tokio::test]
+async fn added_and_dropped_columns_show_in_later_events() {
+    let db = Db::new("CREATE TABLE s (id int PRIMARY KEY, gone text);").await;
+    let mut src = PostgresSourceReader::connect(&db.config(&["s"]))
+        .await
+        .unwrap();
+    db.client
+        .batch_execute(
+            "INSERT INTO s VALUES (1, 'x');
+             ALTER TABLE s ADD COLUMN added jsonb, DROP COLUMN gone;
+             INSERT INTO s VALUES (2, '{\"k\": [1]}');",
+        )
+        .await
+        .unwrap();
+    let evs = poll_n(&mut src, 2).await;
+    assert_eq!(evs.len(), 2);
+    assert_eq!(int(&evs[0], "after", "gone"), Some(Value::Text("x".into())));
+    assert_eq!(int(&evs[0], "after", "added"), None);
+    assert_eq!(int(&evs[1], "after", "gone"), None);
+    assert_eq!(
+        int(&evs[1], "after", "added"),
+        Some(Value::Json(serde_json::json!({"k": [1]})))
+    );
+    assert!(evs[1].schema_version > evs[0].schema_version);
+    drop(src);
+    db.drop_slot().await;
+}
