@@ -314,7 +314,7 @@ pub fn convert(oid: u32, text: &str, type_names: &HashMap<u32, String>) -> Value
         114 | 3802 => serde_json::from_str(text).ok().map(Value::Json),
         17 => text
             .strip_prefix("\\x")
-            .and_then(|h| hex_decode(h))
+            .and_then(hex_decode)
             .map(Value::Bytes),
         _ if type_names.get(&oid).map(String::as_str) == Some("vector") => text
             .trim_start_matches('[')
@@ -330,7 +330,7 @@ pub fn convert(oid: u32, text: &str, type_names: &HashMap<u32, String>) -> Value
 }
 
 fn hex_decode(h: &str) -> Option<Vec<u8>> {
-    if h.len() % 2 != 0 {
+    if !h.len().is_multiple_of(2) {
         return None;
     }
     (0..h.len())
