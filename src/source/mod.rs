@@ -1,3 +1,4 @@
 //! Sources: where change events come from.
 
 pub mod kafka;
+pub mod postgres;

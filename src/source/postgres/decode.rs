@@ -1,0 +1,443 @@
+//! pgoutput (protocol v1) message decoding and text-format value conversion.
+//!
+//! The server sends column values in their text output form; [`convert`] turns the common types
+//! into typed [`Value`]s and keeps anything else as text, so no value is ever lost.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+
+use crate::event::{Lsn, Value};
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed pgoutput message: {0}")]
+pub struct DecodeError(pub String);
+
+/// One column of a relation as announced by a Relation message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelColumn {
+    pub name: String,
+    pub type_oid: u32,
+    pub is_key: bool,
+}
+
+/// A relation (table) as announced by a Relation message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relation {
+    pub id: u32,
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<RelColumn>,
+}
+
+/// One column value of a tuple, before type conversion.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TupleValue {
+    Null,
+    UnchangedToast,
+    Text(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Begin {
+        final_lsn: Lsn,
+        commit_ts: DateTime<Utc>,
+        xid: u32,
+    },
+    Commit {
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_ts: DateTime<Utc>,
+    },
+    Relation(Relation),
+    Type {
+        oid: u32,
+        name: String,
+    },
+    Insert {
+        rel: u32,
+        new: Vec<TupleValue>,
+    },
+    /// `old` is the old key (`K`) or the whole old row (`O`, REPLICA IDENTITY FULL) when sent.
+    Update {
+        rel: u32,
+        old: Option<Vec<TupleValue>>,
+        new: Vec<TupleValue>,
+    },
+    Delete {
+        rel: u32,
+        old: Vec<TupleValue>,
+    },
+    Truncate {
+        rels: Vec<u32>,
+    },
+    /// Origin, logical decoding messages: nothing to emit.
+    Other,
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(DecodeError(format!("truncated: wanted {n} bytes")));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn ts(&mut self) -> Result<DateTime<Utc>, DecodeError> {
+        let us = self.u64()? as i64;
+        DateTime::from_timestamp_micros(us.saturating_add(PG_EPOCH_OFFSET_US))
+            .ok_or_else(|| DecodeError(format!("timestamp out of range: {us}")))
+    }
+    fn cstr(&mut self) -> Result<String, DecodeError> {
+        let end = self
+            .buf
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| DecodeError("unterminated string".into()))?;
+        let s = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        self.buf = &self.buf[end + 1..];
+        Ok(s)
+    }
+    fn tuple(&mut self) -> Result<Vec<TupleValue>, DecodeError> {
+        let n = self.u16()?;
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            out.push(match self.u8()? {
+                b'n' => TupleValue::Null,
+                b'u' => TupleValue::UnchangedToast,
+                b't' | b'b' => {
+                    let len = self.u32()? as usize;
+                    TupleValue::Text(String::from_utf8_lossy(self.take(len)?).into_owned())
+                }
+                k => return Err(DecodeError(format!("unknown tuple column kind {k}"))),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Decodes one pgoutput message.
+pub fn parse(data: &[u8]) -> Result<Message, DecodeError> {
+    let mut r = Reader { buf: data };
+    Ok(match r.u8()? {
+        b'B' => Message::Begin {
+            final_lsn: Lsn(r.u64()?),
+            commit_ts: r.ts()?,
+            xid: r.u32()?,
+        },
+        b'C' => {
+            r.u8()?;
+            Message::Commit {
+                commit_lsn: Lsn(r.u64()?),
+                end_lsn: Lsn(r.u64()?),
+                commit_ts: r.ts()?,
+            }
+        }
+        b'R' => {
+            let id = r.u32()?;
+            let schema = r.cstr()?;
+            let name = r.cstr()?;
+            r.u8()?;
+            let n = r.u16()?;
+            let mut columns = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                let flags = r.u8()?;
+                let name = r.cstr()?;
+                let type_oid = r.u32()?;
+                r.u32()?;
+                columns.push(RelColumn {
+                    name,
+                    type_oid,
+                    is_key: flags & 1 == 1,
+                });
+            }
+            Message::Relation(Relation {
+                id,
+                schema,
+                name,
+                columns,
+            })
+        }
+        b'Y' => {
+            let oid = r.u32()?;
+            r.cstr()?;
+            Message::Type {
+                oid,
+                name: r.cstr()?,
+            }
+        }
+        b'I' => {
+            let rel = r.u32()?;
+            expect(&mut r, b'N')?;
+            Message::Insert {
+                rel,
+                new: r.tuple()?,
+            }
+        }
+        b'U' => {
+            let rel = r.u32()?;
+            let mut old = None;
+            let mut kind = r.u8()?;
+            if kind == b'K' || kind == b'O' {
+                old = Some(r.tuple()?);
+                kind = r.u8()?;
+            }
+            if kind != b'N' {
+                return Err(DecodeError(format!("update: unexpected tuple kind {kind}")));
+            }
+            Message::Update {
+                rel,
+                old,
+                new: r.tuple()?,
+            }
+        }
+        b'D' => {
+            let rel = r.u32()?;
+            let kind = r.u8()?;
+            if kind != b'K' && kind != b'O' {
+                return Err(DecodeError(format!("delete: unexpected tuple kind {kind}")));
+            }
+            Message::Delete {
+                rel,
+                old: r.tuple()?,
+            }
+        }
+        b'T' => {
+            let n = r.u32()?;
+            r.u8()?;
+            let rels = (0..n).map(|_| r.u32()).collect::<Result<_, _>>()?;
+            Message::Truncate { rels }
+        }
+        _ => Message::Other,
+    })
+}
+
+fn expect(r: &mut Reader<'_>, want: u8) -> Result<(), DecodeError> {
+    let got = r.u8()?;
+    if got == want {
+        Ok(())
+    } else {
+        Err(DecodeError(format!(
+            "expected tuple kind {}, got {got}",
+            want as char
+        )))
+    }
+}
+
+/// The element type of the built-in array types we decode.
+fn array_element(oid: u32) -> Option<u32> {
+    Some(match oid {
+        1000 => 16,
+        1005 => 21,
+        1007 => 23,
+        1016 => 20,
+        1021 => 700,
+        1022 => 701,
+        1231 => 1700,
+        1009 => 25,
+        1015 => 1043,
+        1014 => 1042,
+        2951 => 2950,
+        1182 => 1082,
+        1115 => 1114,
+        1185 => 1184,
+        199 => 114,
+        3807 => 3802,
+        1001 => 17,
+        _ => return None,
+    })
+}
+
+/// Converts a text-format value of type `oid` (`type_names` holds names announced by Type
+/// messages, for extension types such as pgvector's `vector`). Unknown types and values that do
+/// not parse stay text.
+pub fn convert(oid: u32, text: &str, type_names: &HashMap<u32, String>) -> Value {
+    if let Some(elem) = array_element(oid) {
+        return match parse_array(text) {
+            Some(items) => Value::Array(
+                items
+                    .into_iter()
+                    .map(|i| match i {
+                        None => Value::Null,
+                        Some(s) => convert(elem, &s, type_names),
+                    })
+                    .collect(),
+            ),
+            None => Value::Text(text.to_owned()),
+        };
+    }
+    let parsed = match oid {
+        16 => Some(Value::Bool(text == "t")),
+        21 => text.parse().ok().map(Value::Int16),
+        23 => text.parse().ok().map(Value::Int32),
+        20 => text.parse().ok().map(Value::Int64),
+        700 => text.parse().ok().map(Value::Float32),
+        701 => text.parse().ok().map(Value::Float64),
+        1700 => Some(Value::Numeric(text.to_owned())),
+        2950 => uuid::Uuid::parse_str(text).ok().map(Value::Uuid),
+        1082 => NaiveDate::parse_from_str(text, "%Y-%m-%d")
+            .ok()
+            .map(Value::Date),
+        1114 => NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+            .ok()
+            .map(Value::Timestamp),
+        1184 => DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z")
+            .ok()
+            .map(|t| Value::TimestampTz(t.with_timezone(&Utc))),
+        114 | 3802 => serde_json::from_str(text).ok().map(Value::Json),
+        17 => text
+            .strip_prefix("\\x")
+            .and_then(hex_decode)
+            .map(Value::Bytes),
+        _ if type_names.get(&oid).map(String::as_str) == Some("vector") => text
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .split(',')
+            .map(|s| s.trim().parse::<f32>())
+            .collect::<Result<Vec<_>, _>>()
+            .ok()
+            .map(Value::Vector),
+        _ => None,
+    };
+    parsed.unwrap_or_else(|| Value::Text(text.to_owned()))
+}
+
+fn hex_decode(h: &str) -> Option<Vec<u8>> {
+    if !h.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Parses a one-dimensional array literal (`{1,NULL,"a b","q\"uote"}`); `None` for anything
+/// else (multi-dimensional arrays stay text).
+fn parse_array(text: &str) -> Option<Vec<Option<String>>> {
+    let inner = text.strip_prefix('{')?.strip_suffix('}')?;
+    if inner.is_empty() {
+        return Some(Vec::new());
+    }
+    let mut out = Vec::new();
+    let mut chars = inner.chars().peekable();
+    loop {
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            let mut s = String::new();
+            loop {
+                match chars.next()? {
+                    '\\' => s.push(chars.next()?),
+                    '"' => break,
+                    c => s.push(c),
+                }
+            }
+            out.push(Some(s));
+        } else {
+            let mut s = String::new();
+            while let Some(&c) = chars.peek() {
+                if c == ',' {
+                    break;
+                }
+                if c == '{' {
+                    return None;
+                }
+                s.push(c);
+                chars.next();
+            }
+            out.push(if s == "NULL" { None } else { Some(s) });
+        }
+        match chars.next() {
+            None => return Some(out),
+            Some(',') => {}
+            Some(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(oid: u32, s: &str) -> Value {
+        convert(oid, s, &HashMap::new())
+    }
+
+    #[test]
+    fn common_types_are_typed() {
+        assert_eq!(conv(23, "42"), Value::Int32(42));
+        assert_eq!(conv(20, "-9000000000"), Value::Int64(-9_000_000_000));
+        assert_eq!(conv(16, "f"), Value::Bool(false));
+        assert_eq!(conv(1700, "1.50"), Value::Numeric("1.50".into()));
+        assert_eq!(conv(17, "\\x00ff"), Value::Bytes(vec![0, 255]));
+        assert_eq!(
+            conv(1184, "2024-01-02 03:04:05.5+00"),
+            Value::TimestampTz("2024-01-02T03:04:05.5Z".parse().unwrap())
+        );
+        assert_eq!(
+            conv(3802, r#"{"a": 1}"#),
+            Value::Json(serde_json::json!({"a": 1}))
+        );
+        assert_eq!(conv(600, "(1,2)"), Value::Text("(1,2)".into()));
+    }
+
+    #[test]
+    fn arrays_and_vectors() {
+        assert_eq!(
+            conv(1009, r#"{a,NULL,"b c","q\"x"}"#),
+            Value::Array(vec![
+                Value::Text("a".into()),
+                Value::Null,
+                Value::Text("b c".into()),
+                Value::Text("q\"x".into())
+            ])
+        );
+        assert_eq!(conv(1007, "{}"), Value::Array(vec![]));
+        assert_eq!(conv(1007, "{{1},{2}}"), Value::Text("{{1},{2}}".into()));
+        let names = HashMap::from([(99999, "vector".to_string())]);
+        assert_eq!(
+            convert(99999, "[1,2.5]", &names),
+            Value::Vector(vec![1.0, 2.5])
+        );
+    }
+
+    #[test]
+    fn truncated_messages_are_errors_not_panics() {
+        assert!(parse(b"B\0\0").is_err());
+        assert!(parse(b"I\0\0\0\x01N\0\x01t\0\0\0\x09ab").is_err());
+        assert_eq!(
+            parse(b"I\0\0\0\x01N\0\x02n\x74\0\0\0\x02ab").unwrap(),
+            Message::Insert {
+                rel: 1,
+                new: vec![TupleValue::Null, TupleValue::Text("ab".into())]
+            }
+        );
+    }
+}
