@@ -374,9 +374,14 @@ async fn dimension_mismatches_are_clear_errors_and_dead_letters() {
 async fn a_lost_connection_is_retried_and_the_batch_lands_once() {
     let schema = unique("pgv");
     let client = pg_connect(&env("TRIBUTARY_PG_URL")).await;
-    let mut sink = PgvectorSink::connect(sink_config(&schema, ""))
-        .await
-        .unwrap();
+    // Its own application_name, so that only this sink's connection is killed.
+    let app = unique("pgv_app");
+    let mut cfg = sink_config(&schema, "");
+    cfg.url = tributary::secret::ConnString::new(format!(
+        "{}?application_name={app}",
+        env("TRIBUTARY_PG_URL")
+    ));
+    let mut sink = PgvectorSink::connect(cfg).await.unwrap();
     sink.write(&[event(Op::Insert, 1, Some("a"), pos(1, 0))])
         .await
         .unwrap();
@@ -384,8 +389,8 @@ async fn a_lost_connection_is_retried_and_the_batch_lands_once() {
     let killed: i64 = client
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-              WHERE application_name = 'tributary-pgvector' AND pid <> pg_backend_pid()",
-            &[],
+              WHERE application_name = $1",
+            &[&app],
         )
         .await
         .unwrap()

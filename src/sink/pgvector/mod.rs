@@ -118,6 +118,16 @@ impl std::fmt::Debug for PgvectorSink {
 /// How many times a batch is retried over lost connections before the error goes up.
 const MAX_RETRIES: usize = 8;
 
+/// Exponential backoff with jitter for work lost with a connection.
+fn retry_policy() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_max_times(MAX_RETRIES)
+        .with_jitter()
+        .build()
+}
+
 impl PgvectorSink {
     /// Connects and loads the positions already applied (see [`PgvectorSink::positions`]).
     pub async fn connect(config: Config) -> Result<Self, PgvectorError> {
@@ -255,12 +265,7 @@ impl PgvectorSink {
                 ..WriteOutcome::default()
             });
         }
-        let mut backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(10))
-            .with_max_times(MAX_RETRIES)
-            .with_jitter()
-            .build();
+        let mut backoff = retry_policy();
         let started = Instant::now();
         let mut outcome = loop {
             match self.apply(&fresh).await {
@@ -316,8 +321,22 @@ impl PgvectorSink {
         }
         let config = self.config.clone();
         let started = Instant::now();
-        let client = self.client().await?;
-        table::build_index(&*client, &config, &target).await?;
+        let mut backoff = retry_policy();
+        loop {
+            let client = self.client().await?;
+            match table::build_index(&*client, &config, &target).await {
+                Ok(()) => break,
+                Err(PgvectorError::Connection(msg)) => match backoff.next() {
+                    Some(delay) => {
+                        tracing::warn!(error = %msg, retry_in = ?delay, "HNSW index build failed; retrying");
+                        self.client = None;
+                        tokio::time::sleep(delay).await;
+                    }
+                    None => return Err(PgvectorError::Connection(msg)),
+                },
+                Err(e) => return Err(e),
+            }
+        }
         tracing::info!(table = %target.qualified, seconds = started.elapsed().as_secs_f64(), "HNSW index built");
         if let Some(t) = self.targets.get_mut(source) {
             t.has_index = true;
