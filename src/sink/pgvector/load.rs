@@ -11,8 +11,9 @@ use tokio_postgres::Transaction;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
+use super::PgvectorError;
+use super::apply::{payload_of, position_columns};
 use super::table::{Target, quote_ident, sql_type};
-use super::{PgvectorError, payload_of, position_columns};
 use crate::config::PgvectorSink as Config;
 use crate::event::{ChangeEvent, Op, Value};
 

@@ -1,0 +1,319 @@
+//! Applying one batch inside a transaction: staging by binary COPY, the MERGE, positions, and
+//! the row-by-row retry that isolates rows the database rejects (see the module doc of
+//! [`super`] for the guarantees this implements).
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use futures::pin_mut;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::{Client, GenericClient};
+
+use super::table::{Target, key_text, positions_table, quote_ident};
+use super::{PgvectorError, WriteOutcome, load};
+use crate::config::PgvectorSink as Config;
+use crate::dead_letter::DeadLetter;
+use crate::event::{ChangeEvent, Op, Position, StreamId, Value};
+
+pub(super) fn group_by_source<'a>(
+    events: &[&'a ChangeEvent],
+) -> Vec<(&'a str, Vec<&'a ChangeEvent>)> {
+    let mut groups: Vec<(&str, Vec<&ChangeEvent>)> = Vec::new();
+    for e in events {
+        match groups.iter_mut().find(|(s, _)| *s == e.source) {
+            Some((_, g)) => g.push(e),
+            None => groups.push((e.source.as_str(), vec![e])),
+        }
+    }
+    groups
+}
+
+pub(super) async fn apply_row_by_row(
+    client: &mut Client,
+    config: &Config,
+    targets: &HashMap<String, Target>,
+    events: &[&ChangeEvent],
+    seq: &mut u64,
+) -> Result<WriteOutcome, PgvectorError> {
+    let mut tx = client.transaction().await.map_err(PgvectorError::from_pg)?;
+    let mut outcome = WriteOutcome::default();
+    for e in events {
+        let Some(target) = targets.get(&e.source) else {
+            continue; // a truncate of a table that was never created
+        };
+        let mut sp = tx.savepoint("row").await.map_err(PgvectorError::from_pg)?;
+        match apply_source(&mut sp, config, target, &[*e], seq).await {
+            Ok(n) => {
+                sp.commit().await.map_err(PgvectorError::from_pg)?;
+                outcome.applied += n;
+            }
+            Err(PgvectorError::Data(msg)) => {
+                sp.rollback().await.map_err(PgvectorError::from_pg)?;
+                let key = serde_json::to_string(&e.key.to_json()).ok();
+                let raw = serde_json::to_vec(e).unwrap_or_default();
+                outcome.dead_letters.push(DeadLetter::new(
+                    e.source.clone(),
+                    e.position.clone(),
+                    key,
+                    &raw,
+                    format!("pgvector sink rejected the row: {msg}"),
+                ));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    record_positions(&tx, config, events).await?;
+    tx.commit().await.map_err(PgvectorError::from_pg)?;
+    metrics::counter!("tributary_dead_letters_total", "stage" => "pgvector")
+        .increment(outcome.dead_letters.len() as u64);
+    Ok(outcome)
+}
+
+pub(super) async fn record_positions(
+    tx: &impl GenericClient,
+    config: &Config,
+    events: &[&ChangeEvent],
+) -> Result<(), PgvectorError> {
+    let mut last: HashMap<(&str, StreamId), &Position> = HashMap::new();
+    for e in events {
+        // Events arrive in order per stream, so the last one seen is the highest.
+        last.insert((e.source.as_str(), e.position.stream()), &e.position);
+    }
+    let sql = format!(
+        "INSERT INTO {} (source, stream, position) VALUES ($1, $2, $3)
+         ON CONFLICT (source, stream) DO UPDATE SET position = EXCLUDED.position, updated_at = now()",
+        positions_table(&config.schema)
+    );
+    for ((source, stream), position) in last {
+        let json = serde_json::to_value(position)
+            .map_err(|e| PgvectorError::Data(format!("position {position}: {e}")))?;
+        tx.execute(&sql, &[&source, &stream.to_string(), &json])
+            .await
+            .map_err(PgvectorError::from_pg)?;
+    }
+    Ok(())
+}
+
+/// A position as the three sortable columns rows carry: (partition, major, minor). Postgres:
+/// (NULL, commit LSN, ordinal); Kafka: (partition, offset, 0).
+pub(crate) fn position_columns(p: &Position) -> (Option<i32>, i64, i64) {
+    match p {
+        Position::Lsn {
+            commit_lsn,
+            tx_ordinal,
+        } => (None, commit_lsn.0 as i64, *tx_ordinal as i64),
+        Position::Kafka {
+            partition, offset, ..
+        } => (Some(*partition), *offset, 0),
+    }
+}
+
+/// Applies one source's events (in order) inside `tx`; returns how many rows were staged.
+pub(super) async fn apply_source(
+    tx: &mut tokio_postgres::Transaction<'_>,
+    config: &Config,
+    target: &Target,
+    events: &[&ChangeEvent],
+    seq: &mut u64,
+) -> Result<usize, PgvectorError> {
+    // A truncate wipes everything before it.
+    let start = match events.iter().rposition(|e| e.op == Op::Truncate) {
+        Some(i) => {
+            tx.batch_execute(&format!("TRUNCATE {}", target.qualified))
+                .await
+                .map_err(PgvectorError::from_pg)?;
+            i + 1
+        }
+        None => 0,
+    };
+    // Only the last change per key matters.
+    let mut last: HashMap<Vec<Option<String>>, usize> = HashMap::new();
+    let mut rows = Vec::new();
+    for e in &events[start..] {
+        let key: Vec<Option<String>> = target
+            .keys
+            .iter()
+            .map(|(k, _)| e.key.get(k).and_then(key_text))
+            .collect();
+        if key.iter().any(Option::is_none) {
+            return Err(PgvectorError::Data(format!(
+                "{} at {}: key {} lacks a value for one of {:?}",
+                e.source,
+                e.position,
+                e.key.to_json(),
+                target.keys.iter().map(|k| &k.0).collect::<Vec<_>>()
+            )));
+        }
+        if let Some(v) = &e.embedding {
+            if v.len() != config.dimension as usize {
+                return Err(PgvectorError::Data(format!(
+                    "{} at {}: embedding has {} dimensions but {} is vector({})",
+                    e.source,
+                    e.position,
+                    v.len(),
+                    target.qualified,
+                    config.dimension
+                )));
+            }
+        }
+        match last.get(&key) {
+            Some(&i) => rows[i] = (key, *e),
+            None => {
+                last.insert(key.clone(), rows.len());
+                rows.push((key, *e));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let events: Vec<&ChangeEvent> = rows.iter().map(|(_, e)| *e).collect();
+    if load::try_direct_copy(tx, config, target, &events).await? {
+        return Ok(rows.len());
+    }
+    *seq += 1;
+    let stage = format!("_tributary_stage_{seq}");
+    let key_cols: Vec<String> = (0..target.keys.len())
+        .map(|i| format!("k{i} text"))
+        .collect();
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE {stage} (
+           _op text NOT NULL, {keys}, payload jsonb, toast_keys text[], embedding vector,
+           text_hash bigint, _pos_partition integer, _pos_major bigint NOT NULL,
+           _pos_minor bigint NOT NULL, _source_ts timestamptz
+         ) ON COMMIT DROP",
+        keys = key_cols.join(", ")
+    ))
+    .await
+    .map_err(PgvectorError::from_pg)?;
+    let types: Vec<_> = tx
+        .prepare(&format!("SELECT * FROM {stage}"))
+        .await
+        .map_err(PgvectorError::from_pg)?
+        .columns()
+        .iter()
+        .map(|c| c.type_().clone())
+        .collect();
+    let sink = tx
+        .copy_in::<_, Bytes>(&format!("COPY {stage} FROM STDIN (FORMAT binary)"))
+        .await
+        .map_err(PgvectorError::from_pg)?;
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    pin_mut!(writer);
+    let mut has_toast = false;
+    for (key, e) in &rows {
+        let op = if e.op == Op::Delete { "d" } else { "u" };
+        let (payload, toast_keys) = payload_of(config, e);
+        has_toast |= toast_keys.is_some();
+        let embedding = e.embedding.clone().map(pgvector::Vector::from);
+        let text_hash = e.text_hash.map(|h| h as i64);
+        let (partition, major, minor) = position_columns(&e.position);
+        let mut values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&op];
+        for k in key {
+            values.push(k);
+        }
+        values.extend_from_slice(&[
+            &payload,
+            &toast_keys,
+            &embedding,
+            &text_hash,
+            &partition,
+            &major,
+            &minor,
+            &e.source_ts,
+        ]);
+        writer
+            .as_mut()
+            .write(&values)
+            .await
+            .map_err(PgvectorError::from_pg)?;
+    }
+    writer.finish().await.map_err(PgvectorError::from_pg)?;
+    merge(tx, config, target, &stage, has_toast).await?;
+    tx.batch_execute(&format!("DROP TABLE {stage}"))
+        .await
+        .map_err(PgvectorError::from_pg)?;
+    Ok(rows.len())
+}
+
+/// The row's payload (selected columns as jsonb) and the names of its unchanged-TOAST columns,
+/// whose stored values the merge keeps.
+pub(crate) fn payload_of(
+    config: &Config,
+    e: &ChangeEvent,
+) -> (Option<serde_json::Value>, Option<Vec<String>>) {
+    let Some(after) = &e.after else {
+        return (None, None);
+    };
+    let wanted = config.payload_columns.get(&e.source);
+    let mut obj = serde_json::Map::new();
+    let mut toast = Vec::new();
+    for c in after.columns() {
+        if wanted.is_some_and(|w| !w.contains(&c.name)) {
+            continue;
+        }
+        match &c.value {
+            Value::UnchangedToast => toast.push(c.name.clone()),
+            v => {
+                obj.insert(c.name.clone(), v.to_json());
+            }
+        }
+    }
+    (
+        Some(serde_json::Value::Object(obj)),
+        (!toast.is_empty()).then_some(toast),
+    )
+}
+
+async fn merge(
+    tx: &impl GenericClient,
+    config: &Config,
+    target: &Target,
+    stage: &str,
+    has_toast: bool,
+) -> Result<(), PgvectorError> {
+    let t = &target.qualified;
+    let on = target.key_match("t", "s");
+    let storage = if config.halfvec { "halfvec" } else { "vector" };
+    let key_names: Vec<String> = target.keys.iter().map(|(k, _)| quote_ident(k)).collect();
+    let key_values: Vec<String> = target
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| format!("s.k{i}::{ty}"))
+        .collect();
+    let newer = "(t._pos_partition IS DISTINCT FROM s._pos_partition \
+                 OR (t._pos_major, t._pos_minor) < (s._pos_major, s._pos_minor))";
+    if has_toast {
+        // Unchanged TOAST columns take their stored values before the merge compares payloads.
+        tx.batch_execute(&format!(
+            "UPDATE {stage} s
+                SET payload = s.payload || COALESCE(
+                      (SELECT jsonb_object_agg(k, t.payload -> k) FROM unnest(s.toast_keys) k
+                        WHERE t.payload ? k), '{{}}'::jsonb)
+               FROM {t} t
+              WHERE s.toast_keys IS NOT NULL AND {on}"
+        ))
+        .await
+        .map_err(PgvectorError::from_pg)?;
+    }
+    let sql = format!(
+        "MERGE INTO {t} t USING {stage} s ON {on}
+         WHEN MATCHED AND s._op = 'd' AND {newer} THEN DELETE
+         WHEN MATCHED AND s._op = 'u' AND {newer}
+              AND (t.payload IS DISTINCT FROM s.payload
+                   OR (s.embedding IS NOT NULL AND t.embedding IS DISTINCT FROM s.embedding::{storage}))
+           THEN UPDATE SET payload = s.payload,
+                embedding = COALESCE(s.embedding::{storage}, t.embedding),
+                text_hash = COALESCE(s.text_hash, t.text_hash),
+                _pos_partition = s._pos_partition, _pos_major = s._pos_major,
+                _pos_minor = s._pos_minor, _source_ts = s._source_ts, _updated_at = now()
+         WHEN NOT MATCHED AND s._op = 'u' THEN
+           INSERT ({keys}, payload, embedding, text_hash, _pos_partition, _pos_major, _pos_minor, _source_ts)
+           VALUES ({vals}, s.payload, s.embedding::{storage}, s.text_hash, s._pos_partition,
+                   s._pos_major, s._pos_minor, s._source_ts)",
+        keys = key_names.join(", "),
+        vals = key_values.join(", "),
+    );
+    tx.batch_execute(&sql).await.map_err(PgvectorError::from_pg)
+}
