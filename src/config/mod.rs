@@ -11,12 +11,18 @@
 //! Secrets are held in [`crate::secret`] types, so `format!("{config:?}")` never shows them.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::secret::{ConnString, SecretMap};
+
+mod raw;
+mod syntax;
+
+pub use raw::interpolate_str;
+use raw::{interpolate, sanitize_serde_message, syntax_error};
+pub use syntax::{TemplatePart, parse_properties, parse_table_name, parse_template};
 
 /// A configuration problem, naming where it is.
 #[derive(Debug, thiserror::Error)]
@@ -842,27 +848,6 @@ impl KafkaSource {
     }
 }
 
-/// Parses a Java-style `.properties` file as Confluent Cloud hands them out: `key=value` (or
-/// `key: value`) per line, `#`/`!` comments, blank lines ignored.
-pub fn parse_properties(text: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
-            continue;
-        }
-        let Some(sep) = line.find(['=', ':']) else {
-            return Err(format!("line {}: expected key=value", n + 1));
-        };
-        let (k, v) = (line[..sep].trim(), line[sep + 1..].trim());
-        if k.is_empty() {
-            return Err(format!("line {}: empty key", n + 1));
-        }
-        out.insert(k.to_owned(), v.to_owned());
-    }
-    Ok(out)
-}
-
 fn validate_pg_url(key: &str, url: &ConnString) -> Result<(), ConfigError> {
     url.expose()
         .parse::<tokio_postgres::Config>()
@@ -931,262 +916,6 @@ fn validate_delta_uri(uri: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
-}
-
-/// Splits `schema.table` (identifiers optionally double-quoted, `""` escaping a quote) into its
-/// parts; a bare `table` is in schema `public`.
-pub fn parse_table_name(s: &str) -> Result<(String, String), String> {
-    let mut parts = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        let mut part = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    Some('"') if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        part.push('"');
-                    }
-                    Some('"') => break,
-                    Some(c) => part.push(c),
-                    None => return Err(format!("{s:?}: unterminated quoted identifier")),
-                }
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == '.' {
-                    break;
-                }
-                if c == '"' {
-                    return Err(format!("{s:?}: a quote inside an unquoted identifier"));
-                }
-                part.push(c.to_ascii_lowercase());
-                chars.next();
-            }
-        }
-        if part.is_empty() {
-            return Err(format!("{s:?}: empty identifier"));
-        }
-        parts.push(part);
-        match chars.next() {
-            None => break,
-            Some('.') => continue,
-            Some(c) => return Err(format!("{s:?}: unexpected {c:?} after a quoted identifier")),
-        }
-    }
-    match <[String; 2]>::try_from(parts) {
-        Ok([schema, table]) => Ok((schema, table)),
-        Err(parts) if parts.len() == 1 => Ok((
-            "public".into(),
-            parts.into_iter().next().unwrap_or_default(),
-        )),
-        Err(_) => Err(format!("{s:?}: expected `table` or `schema.table`")),
-    }
-}
-
-/// A piece of a text template.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TemplatePart {
-    Literal(String),
-    Column(String),
-}
-
-/// Parses `"{customer} ordered {items}"`; `{{` and `}}` are literal braces.
-pub fn parse_template(t: &str) -> Result<Vec<TemplatePart>, String> {
-    let mut parts = Vec::new();
-    let mut lit = String::new();
-    let mut chars = t.char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
-        match c {
-            '{' if chars.peek().map(|p| p.1) == Some('{') => {
-                chars.next();
-                lit.push('{');
-            }
-            '}' if chars.peek().map(|p| p.1) == Some('}') => {
-                chars.next();
-                lit.push('}');
-            }
-            '{' => {
-                let mut name = String::new();
-                loop {
-                    match chars.next() {
-                        Some((_, '}')) => break,
-                        Some((_, '{')) | None => {
-                            return Err(format!("unclosed '{{' at byte {i} of {t:?}"));
-                        }
-                        Some((_, c)) => name.push(c),
-                    }
-                }
-                let name = name.trim();
-                if name.is_empty() {
-                    return Err(format!("empty column name '{{}}' at byte {i} of {t:?}"));
-                }
-                if !lit.is_empty() {
-                    parts.push(TemplatePart::Literal(std::mem::take(&mut lit)));
-                }
-                parts.push(TemplatePart::Column(name.to_owned()));
-            }
-            '}' => {
-                return Err(format!(
-                    "unmatched '}}' at byte {i} of {t:?} (write '}}}}')"
-                ));
-            }
-            c => lit.push(c),
-        }
-    }
-    if !lit.is_empty() {
-        parts.push(TemplatePart::Literal(lit));
-    }
-    if !parts.iter().any(|p| matches!(p, TemplatePart::Column(_))) {
-        return Err(format!("{t:?} names no column: write e.g. \"{{note}}\""));
-    }
-    Ok(parts)
-}
-
-/// A dotted key path while walking the TOML tree.
-#[derive(Debug, Clone)]
-enum Seg {
-    Key(String),
-    Index(usize),
-}
-
-struct KeyPath<'a>(&'a [Seg]);
-
-impl fmt::Display for KeyPath<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, seg) in self.0.iter().enumerate() {
-            match seg {
-                Seg::Key(k) if i == 0 => f.write_str(k)?,
-                Seg::Key(k) => write!(f, ".{k}")?,
-                Seg::Index(n) => write!(f, "[{n}]")?,
-            }
-        }
-        Ok(())
-    }
-}
-
-fn interpolate(
-    value: &mut toml::Value,
-    path: &mut Vec<Seg>,
-    env: &impl Fn(&str) -> Option<String>,
-) -> Result<(), ConfigError> {
-    match value {
-        toml::Value::String(s) => {
-            if s.contains('$') {
-                *s = interpolate_str(s, env)
-                    .map_err(|m| ConfigError::invalid(KeyPath(path).to_string(), m))?;
-            }
-        }
-        toml::Value::Array(items) => {
-            for (i, item) in items.iter_mut().enumerate() {
-                path.push(Seg::Index(i));
-                interpolate(item, path, env)?;
-                path.pop();
-            }
-        }
-        toml::Value::Table(table) => {
-            for (k, v) in table.iter_mut() {
-                path.push(Seg::Key(k.clone()));
-                interpolate(v, path, env)?;
-                path.pop();
-            }
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-/// Expands `${VAR}` and `${VAR:-default}`; `$${` is a literal `${`; any other `$` is kept.
-pub fn interpolate_str(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(pos) = rest.find('$') {
-        out.push_str(&rest[..pos]);
-        let after = &rest[pos + 1..];
-        if let Some(tail) = after.strip_prefix("${") {
-            out.push_str("${");
-            rest = tail;
-            continue;
-        }
-        let Some(body_start) = after.strip_prefix('{') else {
-            out.push('$');
-            rest = after;
-            continue;
-        };
-        let Some(end) = body_start.find('}') else {
-            return Err(format!("unclosed \"${{\" in {:?}", redact_for_message(s)));
-        };
-        let body = &body_start[..end];
-        let (name, default) = match body.split_once(":-") {
-            Some((n, d)) => (n, Some(d)),
-            None => (body, None),
-        };
-        let valid_name = !name.is_empty()
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !name.starts_with(|c: char| c.is_ascii_digit());
-        if !valid_name {
-            return Err(format!(
-                "\"${{{name}}}\" is not a valid environment variable name"
-            ));
-        }
-        match (env(name), default) {
-            (Some(v), Some(d)) if v.is_empty() => out.push_str(d),
-            (Some(v), _) => out.push_str(&v),
-            (None, Some(d)) => out.push_str(d),
-            (None, None) => {
-                return Err(format!(
-                    "environment variable {name} is not set and \"${{{name}}}\" has no default \
-                     (write \"${{{name}:-default}}\" to give one)"
-                ));
-            }
-        }
-        rest = &body_start[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-/// A string as it may appear in an error: connection-string passwords hidden.
-fn redact_for_message(s: &str) -> String {
-    crate::secret::redact_conn_str(s)
-}
-
-/// serde echoes mistyped string values (`invalid type: string "hunter2", expected …`): a password
-/// put where a number belongs would reach the error. Keep the kind, drop the value.
-fn sanitize_serde_message(msg: &str) -> String {
-    let marker = "invalid type: string \"";
-    match msg.find(marker) {
-        Some(start) => {
-            let value_start = start + marker.len();
-            match msg[value_start..].find("\", expected") {
-                Some(len) => format!(
-                    "{}invalid type: string{}",
-                    &msg[..start],
-                    &msg[value_start + len + 1..]
-                ),
-                None => format!("{}invalid type: string", &msg[..start]),
-            }
-        }
-        None => msg.to_owned(),
-    }
-}
-
-fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
-    let (line, column) = match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |p| p + 1) + 1;
-            (line, column)
-        }
-        None => (0, 0),
-    };
-    ConfigError::Syntax {
-        line,
-        column,
-        message: e.message().trim().to_owned(),
-    }
 }
 
 #[cfg(test)]
