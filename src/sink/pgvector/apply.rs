@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use futures::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient};
 
 use super::table::{Target, key_text, positions_table, quote_ident};
@@ -96,7 +97,7 @@ pub(super) async fn record_positions(
 
 /// A position as the three sortable columns rows carry: (partition, major, minor). Postgres:
 /// (NULL, commit LSN, ordinal); Kafka: (partition, offset, 0).
-pub(crate) fn position_columns(p: &Position) -> (Option<i32>, i64, i64) {
+fn position_columns(p: &Position) -> (Option<i32>, i64, i64) {
     match p {
         Position::Lsn {
             commit_lsn,
@@ -203,25 +204,15 @@ pub(super) async fn apply_source(
     let mut has_toast = false;
     for (key, e) in &rows {
         let op = if e.op == Op::Delete { "d" } else { "u" };
-        let (payload, toast_keys) = payload_of(config, e);
-        has_toast |= toast_keys.is_some();
-        let embedding = e.embedding.clone().map(pgvector::Vector::from);
-        let text_hash = e.text_hash.map(|h| h as i64);
-        let (partition, major, minor) = position_columns(&e.position);
-        let mut values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&op];
+        let tail = RowTail::new(config, e);
+        has_toast |= tail.toast_keys.is_some();
+        let mut values: Vec<&(dyn ToSql + Sync)> = vec![&op];
         for k in key {
             values.push(k);
         }
-        values.extend_from_slice(&[
-            &payload,
-            &toast_keys,
-            &embedding,
-            &text_hash,
-            &partition,
-            &major,
-            &minor,
-            &e.source_ts,
-        ]);
+        values.push(&tail.payload);
+        values.push(&tail.toast_keys);
+        tail.push_after_payload(&mut values);
         writer
             .as_mut()
             .write(&values)
@@ -236,9 +227,51 @@ pub(super) async fn apply_source(
     Ok(rows.len())
 }
 
+/// The columns a row carries after its key, as sent by binary COPY (staging and bulk load).
+pub(super) struct RowTail<'e> {
+    pub payload: Option<serde_json::Value>,
+    /// Names of unchanged-TOAST columns (staging only: the bulk load never sees them).
+    pub toast_keys: Option<Vec<String>>,
+    embedding: Option<pgvector::Vector>,
+    text_hash: Option<i64>,
+    partition: Option<i32>,
+    major: i64,
+    minor: i64,
+    source_ts: &'e Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl<'e> RowTail<'e> {
+    pub fn new(config: &Config, e: &'e ChangeEvent) -> Self {
+        let (payload, toast_keys) = payload_of(config, e);
+        let (partition, major, minor) = position_columns(&e.position);
+        RowTail {
+            payload,
+            toast_keys,
+            embedding: e.embedding.clone().map(pgvector::Vector::from),
+            text_hash: e.text_hash.map(|h| h as i64),
+            partition,
+            major,
+            minor,
+            source_ts: &e.source_ts,
+        }
+    }
+
+    /// Appends, in table order, the columns that follow `payload`.
+    pub fn push_after_payload<'a>(&'a self, values: &mut Vec<&'a (dyn ToSql + Sync)>) {
+        values.extend_from_slice(&[
+            &self.embedding,
+            &self.text_hash,
+            &self.partition,
+            &self.major,
+            &self.minor,
+            self.source_ts,
+        ]);
+    }
+}
+
 /// The row's payload (selected columns as jsonb) and the names of its unchanged-TOAST columns,
 /// whose stored values the merge keeps.
-pub(crate) fn payload_of(
+fn payload_of(
     config: &Config,
     e: &ChangeEvent,
 ) -> (Option<serde_json::Value>, Option<Vec<String>>) {

@@ -12,7 +12,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
 use super::PgvectorError;
-use super::apply::{payload_of, position_columns};
+use super::apply::RowTail;
 use super::table::{Target, quote_ident, sql_type};
 use crate::config::PgvectorSink as Config;
 use crate::event::{ChangeEvent, Op, Value};
@@ -120,23 +120,13 @@ pub async fn try_direct_copy(
                 .iter()
                 .filter_map(|(k, _)| e.key.get(k).map(KeyParam))
                 .collect();
-            let (payload, _) = payload_of(config, e);
-            let embedding = e.embedding.clone().map(pgvector::Vector::from);
-            let text_hash = e.text_hash.map(|h| h as i64);
-            let (partition, major, minor) = position_columns(&e.position);
+            let tail = RowTail::new(config, e);
             let mut values: Vec<&(dyn ToSql + Sync)> = key_params
                 .iter()
                 .map(|k| k as &(dyn ToSql + Sync))
                 .collect();
-            values.extend_from_slice(&[
-                &payload,
-                &embedding,
-                &text_hash,
-                &partition,
-                &major,
-                &minor,
-                &e.source_ts,
-            ]);
+            values.push(&tail.payload);
+            tail.push_after_payload(&mut values);
             writer.as_mut().write(&values).await?;
         }
         writer.finish().await
