@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use common::kafka::{committed, create_topic};
+use common::kafka::{committed, create_topic, producer};
 use common::{env, unique};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -24,14 +24,6 @@ use tributary::event::{Op, Position, Value};
 use tributary::source::kafka::{self, KafkaEvent, KafkaSourceHandle};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn producer() -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
-        .set("message.timeout.ms", "10000")
-        .create()
-        .unwrap()
-}
 
 /// Produces `(partition, key, value)` messages in order; returns their (partition, offset).
 /// (partition, key, value)

@@ -33,13 +33,18 @@ pub async fn create_topic(partitions: i32) -> String {
     topic
 }
 
-/// Produces `(key, value)` messages; returns the offset after the last message per partition.
-pub async fn produce(topic: &str, messages: &[(String, Vec<u8>)], partitions: i32) -> Vec<i64> {
-    let producer: FutureProducer = ClientConfig::new()
+/// A producer to the services' broker.
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
         .set("bootstrap.servers", env("TRIBUTARY_KAFKA_BROKERS"))
         .set("message.timeout.ms", "10000")
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// Produces `(key, value)` messages; returns the offset after the last message per partition.
+pub async fn produce(topic: &str, messages: &[(String, Vec<u8>)], partitions: i32) -> Vec<i64> {
+    let producer = producer();
     let mut next = vec![0i64; partitions as usize];
     for (i, (key, value)) in messages.iter().enumerate() {
         let partition = (i as i32) % partitions;

@@ -187,14 +187,7 @@ pub(super) async fn apply_source(
     ))
     .await
     .map_err(PgvectorError::from_pg)?;
-    let types: Vec<_> = tx
-        .prepare(&format!("SELECT * FROM {stage}"))
-        .await
-        .map_err(PgvectorError::from_pg)?
-        .columns()
-        .iter()
-        .map(|c| c.type_().clone())
-        .collect();
+    let types = column_types(tx, &format!("SELECT * FROM {stage}")).await?;
     let sink = tx
         .copy_in::<_, Bytes>(&format!("COPY {stage} FROM STDIN (FORMAT binary)"))
         .await
@@ -225,6 +218,21 @@ pub(super) async fn apply_source(
         .await
         .map_err(PgvectorError::from_pg)?;
     Ok(rows.len())
+}
+
+/// The types of a query's result columns: what a binary COPY into those columns must send.
+pub(super) async fn column_types(
+    client: &impl GenericClient,
+    query: &str,
+) -> Result<Vec<tokio_postgres::types::Type>, PgvectorError> {
+    Ok(client
+        .prepare(query)
+        .await
+        .map_err(PgvectorError::from_pg)?
+        .columns()
+        .iter()
+        .map(|c| c.type_().clone())
+        .collect())
 }
 
 /// The columns a row carries after its key, as sent by binary COPY (staging and bulk load).

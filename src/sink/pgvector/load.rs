@@ -12,7 +12,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
 use super::PgvectorError;
-use super::apply::RowTail;
+use super::apply::{RowTail, column_types};
 use super::table::{Target, quote_ident, sql_type};
 use crate::config::PgvectorSink as Config;
 use crate::event::{ChangeEvent, Op, Value};
@@ -97,14 +97,7 @@ pub async fn try_direct_copy(
         "{}, payload, embedding, text_hash, _pos_partition, _pos_major, _pos_minor, _source_ts",
         keys.join(", ")
     );
-    let types: Vec<Type> = sp
-        .prepare(&format!("SELECT {columns} FROM {}", target.qualified))
-        .await
-        .map_err(PgvectorError::from_pg)?
-        .columns()
-        .iter()
-        .map(|c| c.type_().clone())
-        .collect();
+    let types = column_types(&sp, &format!("SELECT {columns} FROM {}", target.qualified)).await?;
     let result = async {
         let sink = sp
             .copy_in::<_, Bytes>(&format!(
