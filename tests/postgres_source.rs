@@ -8,6 +8,8 @@ use tributary::event::{ChangeEvent, Op, Position, Value};
 use tributary::secret::ConnString;
 use tributary::source::postgres::PostgresSourceReader;
 
+const WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 struct Db {
     admin: tokio_postgres::Client,
     client: tokio_postgres::Client,
@@ -35,25 +37,28 @@ impl Db {
     }
 
     fn config(&self, tables: &[&str]) -> PostgresSource {
-        PostgresSource {
-            url: ConnString::new(self.url.clone()),
-            publication: "trib pub".into(),
-            slot: self.slot.clone(),
-            tables: tables.iter().map(|t| t.to_string()).collect(),
-            schema: None,
-        }
+        PostgresSource::new(ConnString::new(self.url.clone()), "trib pub", &self.slot, tables)
     }
 
     /// Drops the slot (it holds WAL on the shared server) and the database.
     async fn drop_slot(&self) {
-        self.admin
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                 WHERE slot_name = $1 AND NOT active",
-                &[&self.slot],
-            )
-            .await
-            .unwrap();
+        // The walsender of a reader just dropped may take a moment to exit.
+        for _ in 0..100 {
+            let gone = self
+                .admin
+                .query_one(
+                    "SELECT count(*) = 0 FROM pg_replication_slots WHERE slot_name = $1 \
+                     AND (active OR pg_drop_replication_slot(slot_name) IS NOT NULL)",
+                    &[&self.slot],
+                )
+                .await
+                .unwrap()
+                .get::<_, bool>(0);
+            if gone {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         let db = url::Url::parse(&self.url)
             .unwrap()
             .path()
@@ -71,11 +76,10 @@ impl Db {
 async fn poll_n(src: &mut PostgresSourceReader, n: usize) -> Vec<ChangeEvent> {
     let mut out = Vec::new();
     for _ in 0..100 {
-        out.extend(src.poll(10_000).await.unwrap());
+        out.extend(src.poll(10_000, WAIT).await.unwrap());
         if out.len() >= n {
             break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     out
 }
@@ -97,6 +101,8 @@ async fn streams_inserts_updates_deletes_truncates_with_positions() {
     let mut src = PostgresSourceReader::connect(&db.config(&["items"]))
         .await
         .unwrap();
+    // TRUNCATE waits for the initial snapshot (it holds ACCESS SHARE locks): read it first.
+    assert!(src.poll(10, WAIT).await.unwrap().is_empty());
     db.client
         .batch_execute(
             "BEGIN; INSERT INTO items VALUES (1, 'a', '{x,\"y z\"}', 1.50), (2, 'b', NULL, NULL); COMMIT;
@@ -164,7 +170,8 @@ async fn streams_inserts_updates_deletes_truncates_with_positions() {
         assert!(w[0] < w[1], "positions must increase: {w:?}");
     }
     // Nothing new: a second poll hands out nothing again.
-    assert!(src.poll(10_000).await.unwrap().is_empty());
+    assert!(src.poll(10_000, WAIT).await.unwrap().is_empty());
+    src.close().await;
     db.drop_slot().await;
 }
 
@@ -182,7 +189,7 @@ async fn acknowledged_positions_are_not_redelivered_after_restart() {
     let evs = poll_n(&mut src, 3).await;
     assert_eq!(evs.len(), 3);
     src.ack(&evs[1].position).await.unwrap();
-    drop(src);
+    src.close().await;
     // A new reader (a restarted process) gets only what was not acknowledged.
     let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
     let again = poll_n(&mut src, 1).await;
@@ -196,7 +203,7 @@ async fn acknowledged_positions_are_not_redelivered_after_restart() {
                 _ => unreachable!(),
             }
     );
-    drop(src);
+    src.close().await;
     db.drop_slot().await;
 }
 
@@ -204,6 +211,7 @@ async fn acknowledged_positions_are_not_redelivered_after_restart() {
 async fn quoted_table_names_toast_and_replica_identity() {
     let db = Db::new(
         r#"CREATE TABLE "Order Items" (id int PRIMARY KEY, "it's" text, big text);
+           ALTER TABLE "Order Items" ALTER COLUMN big SET STORAGE EXTERNAL;
            CREATE TABLE full_rows (id int PRIMARY KEY, big text, n int);
            ALTER TABLE full_rows REPLICA IDENTITY FULL;
            CREATE TABLE nokey (v int);"#,
@@ -226,8 +234,7 @@ async fn quoted_table_names_toast_and_replica_identity() {
             .unwrap();
     db.client
         .batch_execute(
-            r#"ALTER TABLE "Order Items" ALTER COLUMN big SET STORAGE EXTERNAL;
-               INSERT INTO "Order Items" VALUES (1, 'q''uote', repeat('x', 100000));
+            r#"INSERT INTO "Order Items" VALUES (1, 'q''uote', repeat('x', 100000));
                UPDATE "Order Items" SET "it's" = 'changed' WHERE id = 1;
                INSERT INTO full_rows VALUES (1, repeat('y', 100000), 1);
                UPDATE full_rows SET n = 2 WHERE id = 1;"#,
@@ -250,7 +257,7 @@ async fn quoted_table_names_toast_and_replica_identity() {
     // FULL identity: the whole old row comes along, with the old value of n.
     assert_eq!(int(&evs[3], "before", "n"), Some(Value::Int32(1)));
     assert_eq!(int(&evs[3], "after", "n"), Some(Value::Int32(2)));
-    drop(src);
+    src.close().await;
     db.drop_slot().await;
 }
 
@@ -260,6 +267,8 @@ async fn added_and_dropped_columns_show_in_later_events() {
     let mut src = PostgresSourceReader::connect(&db.config(&["s"]))
         .await
         .unwrap();
+    // DDL waits for the initial snapshot (it holds ACCESS SHARE locks): read it first.
+    assert!(src.poll(10, WAIT).await.unwrap().is_empty());
     db.client
         .batch_execute(
             "INSERT INTO s VALUES (1, 'x');
@@ -278,6 +287,6 @@ async fn added_and_dropped_columns_show_in_later_events() {
         Some(Value::Json(serde_json::json!({"k": [1]})))
     );
     assert!(evs[1].schema_version > evs[0].schema_version);
-    drop(src);
+    src.close().await;
     db.drop_slot().await;
 }

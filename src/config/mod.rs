@@ -141,6 +141,96 @@ pub struct PostgresSource {
     pub tables: Vec<String>,
     /// Publish every table of this schema instead of a list.
     pub schema: Option<String>,
+    /// `initial` (default): on first start, emit every existing row as a snapshot read inside
+    /// the snapshot the slot exported; `never`: stream changes only.
+    #[serde(default)]
+    pub snapshot: SnapshotMode,
+    /// Rows per primary-key chunk while snapshotting.
+    #[serde(default = "default_snapshot_chunk_rows")]
+    pub snapshot_chunk_rows: u32,
+    /// Table (in the source database) recording which tables' snapshots are durable, so an
+    /// interrupted snapshot resumes without emitting completed tables twice.
+    #[serde(default = "default_state_table")]
+    pub state_table: String,
+    /// A transaction's changes are held in memory up to this many MiB, then spilled to disk.
+    #[serde(default = "default_max_tx_memory_mb")]
+    pub max_tx_memory_mb: u64,
+    /// Where spilled transactions go (default: the system temporary directory).
+    pub spill_dir: Option<PathBuf>,
+    /// Optional table written every `heartbeat_interval_s` while the publication is idle so the
+    /// slot advances even when only unpublished tables change (created when missing; add it to
+    /// the publication or let Tributary add it when it creates the publication).
+    pub heartbeat_table: Option<String>,
+    #[serde(default = "default_heartbeat_interval_s")]
+    pub heartbeat_interval_s: u64,
+    /// A warning is logged while the slot retains more WAL than this many MiB.
+    #[serde(default = "default_slot_lag_warn_mb")]
+    pub slot_lag_warn_mb: u64,
+    /// What to do when the slot was invalidated (`wal_status = lost`) or dropped: `error`
+    /// (default: stop and say how to recover) or `recreate` (new slot, new snapshot).
+    #[serde(default)]
+    pub on_slot_lost: SlotLostPolicy,
+    /// How often the slot's lag and status are sampled for metrics.
+    #[serde(default = "default_slot_check_interval_s")]
+    pub slot_check_interval_s: u64,
+}
+
+impl PostgresSource {
+    /// A source with every optional setting at its default.
+    pub fn new(url: ConnString, publication: &str, slot: &str, tables: &[&str]) -> Self {
+        PostgresSource {
+            url,
+            publication: publication.into(),
+            slot: slot.into(),
+            tables: tables.iter().map(|t| t.to_string()).collect(),
+            schema: None,
+            snapshot: SnapshotMode::default(),
+            snapshot_chunk_rows: default_snapshot_chunk_rows(),
+            state_table: default_state_table(),
+            max_tx_memory_mb: default_max_tx_memory_mb(),
+            spill_dir: None,
+            heartbeat_table: None,
+            heartbeat_interval_s: default_heartbeat_interval_s(),
+            slot_lag_warn_mb: default_slot_lag_warn_mb(),
+            on_slot_lost: SlotLostPolicy::default(),
+            slot_check_interval_s: default_slot_check_interval_s(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    #[default]
+    Initial,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotLostPolicy {
+    #[default]
+    Error,
+    Recreate,
+}
+
+fn default_snapshot_chunk_rows() -> u32 {
+    10_000
+}
+fn default_state_table() -> String {
+    "public.tributary_snapshot_state".into()
+}
+fn default_max_tx_memory_mb() -> u64 {
+    64
+}
+fn default_heartbeat_interval_s() -> u64 {
+    30
+}
+fn default_slot_lag_warn_mb() -> u64 {
+    1024
+}
+fn default_slot_check_interval_s() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -569,6 +659,29 @@ impl Config {
                 parse_table_name(t).map_err(|m| {
                     ConfigError::invalid(format!("sources.postgres.tables[{i}]"), m)
                 })?;
+            }
+            parse_table_name(&pg.state_table)
+                .map_err(|m| ConfigError::invalid("sources.postgres.state_table", m))?;
+            if let Some(t) = &pg.heartbeat_table {
+                parse_table_name(t)
+                    .map_err(|m| ConfigError::invalid("sources.postgres.heartbeat_table", m))?;
+            }
+            for (key, value, range) in [
+                (
+                    "sources.postgres.snapshot_chunk_rows",
+                    u64::from(pg.snapshot_chunk_rows),
+                    1..=10_000_000,
+                ),
+                ("sources.postgres.max_tx_memory_mb", pg.max_tx_memory_mb, 1..=1_048_576),
+                ("sources.postgres.heartbeat_interval_s", pg.heartbeat_interval_s, 1..=86_400),
+                ("sources.postgres.slot_check_interval_s", pg.slot_check_interval_s, 1..=86_400),
+            ] {
+                if !range.contains(&value) {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("{value} is outside {}..={}", range.start(), range.end()),
+                    ));
+                }
             }
         }
         if let Some(k) = &self.sources.kafka {

@@ -1,4 +1,5 @@
-//! pgoutput (protocol v1) message decoding and text-format value conversion.
+//! pgoutput message decoding (protocol v1, plus v2's streamed in-progress transactions) and
+//! text-format value conversion.
 //!
 //! The server sends column values in their text output form; [`convert`] turns the common types
 //! into typed [`Value`]s and keeps anything else as text, so no value is ever lost.
@@ -75,8 +76,24 @@ pub enum Message {
     Truncate {
         rels: Vec<u32>,
     },
+    /// Protocol v2: a block of an in-progress transaction's changes follows.
+    StreamStart { xid: u32 },
+    StreamStop,
+    StreamCommit {
+        xid: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_ts: DateTime<Utc>,
+    },
+    /// `subxid == xid` aborts the whole transaction, otherwise one subtransaction.
+    StreamAbort { xid: u32, subxid: u32 },
     /// Origin, logical decoding messages: nothing to emit.
     Other,
+}
+
+/// The first byte of messages that, inside a stream block, carry the transaction id.
+pub fn has_stream_xid(tag: u8) -> bool {
+    matches!(tag, b'I' | b'U' | b'D' | b'T' | b'R' | b'Y' | b'M')
 }
 
 struct Reader<'a> {
@@ -143,10 +160,43 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes one pgoutput message.
+/// Decodes one pgoutput message sent outside a stream block.
 pub fn parse(data: &[u8]) -> Result<Message, DecodeError> {
     let mut r = Reader { buf: data };
-    Ok(match r.u8()? {
+    let tag = r.u8()?;
+    body(tag, &mut r)
+}
+
+/// Decodes one message sent inside a stream block: changes, relations and types carry the
+/// (sub)transaction id first, which is returned beside the message.
+pub fn parse_streamed(data: &[u8]) -> Result<(Option<u32>, Message), DecodeError> {
+    let mut r = Reader { buf: data };
+    let tag = r.u8()?;
+    let xid = if has_stream_xid(tag) { Some(r.u32()?) } else { None };
+    Ok((xid, body(tag, &mut r)?))
+}
+
+fn body(tag: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+    Ok(match tag {
+        b'S' => {
+            let xid = r.u32()?;
+            Message::StreamStart { xid }
+        }
+        b'E' => Message::StreamStop,
+        b'c' => {
+            let xid = r.u32()?;
+            r.u8()?;
+            Message::StreamCommit {
+                xid,
+                commit_lsn: Lsn(r.u64()?),
+                end_lsn: Lsn(r.u64()?),
+                commit_ts: r.ts()?,
+            }
+        }
+        b'A' => Message::StreamAbort {
+            xid: r.u32()?,
+            subxid: r.u32()?,
+        },
         b'B' => Message::Begin {
             final_lsn: Lsn(r.u64()?),
             commit_ts: r.ts()?,
@@ -195,7 +245,7 @@ pub fn parse(data: &[u8]) -> Result<Message, DecodeError> {
         }
         b'I' => {
             let rel = r.u32()?;
-            expect(&mut r, b'N')?;
+            expect(r, b'N')?;
             Message::Insert {
                 rel,
                 new: r.tuple()?,

@@ -1,0 +1,252 @@
+//! The initial snapshot: every row of every published table, read inside the snapshot the slot
+//! exported when it was created (or a temporary slot exported when an interrupted snapshot
+//! resumes), so that nothing is missed or doubled between snapshot and stream.
+//!
+//! Each table is read through a cursor ordered by its primary key (or every column under
+//! `REPLICA IDENTITY FULL` without one) and handed out `chunk_rows` rows at a time. Values are
+//! selected as text and converted by the same [`decode::convert`] the stream uses, so a snapshot
+//! row and a streamed insert of the same row are equal.
+//!
+//! Which tables are durably done is kept in the source database's state table: a table is
+//! marked done once the pipeline acknowledged its last row, and a restart re-reads only the
+//! others (from a fresh exported snapshot, whose LSN becomes that table's stream filter).
+
+use std::collections::HashMap;
+
+use chrono::Utc;
+use tokio_postgres::{Client, NoTls};
+
+use super::{PgSourceError, db, decode, quote_ident};
+use crate::event::{ChangeEvent, Lsn, Op, Position, Row, Value};
+
+/// Snapshot ordinals carry the attempt number in their high bits, so rows of a resumed snapshot
+/// always sort after anything an interrupted attempt could have made durable.
+pub const EPOCH_SHIFT: u32 = 40;
+
+#[derive(Debug, Clone)]
+pub struct SnapTable {
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<(String, u32)>,
+    pub key: Vec<String>,
+    pub estimated_rows: i64,
+    /// Ordinal of the table's last row, once it has been read completely.
+    pub last_ordinal: Option<u64>,
+    pub rows: u64,
+    pub done: bool,
+}
+
+pub struct Snapshot {
+    client: Client,
+    pub tables: Vec<SnapTable>,
+    current: usize,
+    cursor_open: bool,
+    /// Commit LSN stamped on snapshot positions (just below the slot's start).
+    pub base: Lsn,
+    next_ordinal: u64,
+    chunk_rows: u32,
+    type_names: HashMap<u32, String>,
+}
+
+impl Snapshot {
+    /// Opens a read-only transaction on the exported snapshot `snapshot_name` and plans the
+    /// tables. `url` is an ordinary (non-replication) connection string.
+    pub async fn open(
+        url: &str,
+        snapshot_name: &str,
+        tables: Vec<(String, String)>,
+        base: Lsn,
+        epoch: u64,
+        chunk_rows: u32,
+    ) -> Result<Self, PgSourceError> {
+        let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(db)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::warn!(error = %e, "PostgreSQL snapshot connection closed");
+            }
+        });
+        client
+            .batch_execute(&format!(
+                "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3; \
+                 BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+                 SET TRANSACTION SNAPSHOT {}",
+                super::quote_literal(snapshot_name)
+            ))
+            .await
+            .map_err(db)?;
+        // Like pg_dump: hold ACCESS SHARE locks for the whole read so DDL on these tables waits
+        // for the snapshot instead of breaking it (the table's current definition is what a
+        // query parses against, whatever the snapshot).
+        if !tables.is_empty() {
+            let list: Vec<String> = tables
+                .iter()
+                .map(|(s, n)| format!("{}.{}", quote_ident(s), quote_ident(n)))
+                .collect();
+            client
+                .batch_execute(&format!("LOCK TABLE {} IN ACCESS SHARE MODE", list.join(", ")))
+                .await
+                .map_err(db)?;
+        }
+        let mut planned = Vec::new();
+        for (schema, name) in tables {
+            planned.push(plan_table(&client, schema, name).await?);
+        }
+        let type_names = super::load_type_names(&client).await?;
+        for t in &planned {
+            metrics::gauge!("tributary_snapshot_rows_estimated", "table" => format!("{}.{}", t.schema, t.name))
+                .set(t.estimated_rows.max(0) as f64);
+        }
+        Ok(Snapshot {
+            client,
+            tables: planned,
+            current: 0,
+            cursor_open: false,
+            base,
+            next_ordinal: epoch << EPOCH_SHIFT,
+            chunk_rows,
+            type_names,
+        })
+    }
+
+    pub fn finished(&self) -> bool {
+        self.current >= self.tables.len()
+    }
+
+    /// The next chunk of rows (empty once every table was read).
+    pub async fn next_chunk(&mut self) -> Result<Vec<ChangeEvent>, PgSourceError> {
+        while self.current < self.tables.len() {
+            let t = &self.tables[self.current];
+            if !self.cursor_open {
+                let cols: Vec<String> = t
+                    .columns
+                    .iter()
+                    .map(|(c, _)| format!("{}::text", quote_ident(c)))
+                    .collect();
+                let order: Vec<String> = if t.key.is_empty() {
+                    t.columns.iter().map(|(c, _)| quote_ident(c)).collect()
+                } else {
+                    t.key.iter().map(|c| quote_ident(c)).collect()
+                };
+                self.client
+                    .batch_execute(&format!(
+                        "DECLARE tributary_snap NO SCROLL CURSOR FOR SELECT {} FROM {}.{} ORDER BY {}",
+                        if cols.is_empty() { "1".to_string() } else { cols.join(", ") },
+                        quote_ident(&t.schema),
+                        quote_ident(&t.name),
+                        order.join(", ")
+                    ))
+                    .await
+                    .map_err(db)?;
+                self.cursor_open = true;
+            }
+            let rows = self
+                .client
+                .query(&format!("FETCH {} FROM tributary_snap", self.chunk_rows), &[])
+                .await
+                .map_err(db)?;
+            if rows.is_empty() {
+                self.client
+                    .batch_execute("CLOSE tributary_snap")
+                    .await
+                    .map_err(db)?;
+                self.cursor_open = false;
+                let t = &mut self.tables[self.current];
+                t.last_ordinal = Some(self.next_ordinal.saturating_sub(1));
+                tracing::info!(table = %format!("{}.{}", t.schema, t.name), rows = t.rows, "snapshot of table read");
+                self.current += 1;
+                continue;
+            }
+            let t = &mut self.tables[self.current];
+            let source = format!("{}.{}", t.schema, t.name);
+            let now = Utc::now();
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let mut row = Row::new();
+                for (i, (col, oid)) in t.columns.iter().enumerate() {
+                    let v: Option<&str> = r.get(i);
+                    let value = match v {
+                        None => Value::Null,
+                        Some(s) => decode::convert(*oid, s, &self.type_names),
+                    };
+                    row.push(col.clone(), value);
+                }
+                let mut key = Row::new();
+                for k in &t.key {
+                    if let Some(v) = row.get(k) {
+                        key.push(k.clone(), v.clone());
+                    }
+                }
+                out.push(ChangeEvent {
+                    source: source.clone(),
+                    op: Op::Snapshot,
+                    key,
+                    before: None,
+                    after: Some(row),
+                    schema_version: 1,
+                    position: Position::Lsn {
+                        commit_lsn: self.base,
+                        tx_ordinal: self.next_ordinal,
+                    },
+                    source_ts: Some(now),
+                    embedding: None,
+                    text_hash: None,
+                });
+                self.next_ordinal += 1;
+            }
+            t.rows += out.len() as u64;
+            metrics::counter!("tributary_snapshot_rows_total", "table" => source)
+                .increment(out.len() as u64);
+            return Ok(out);
+        }
+        Ok(Vec::new())
+    }
+
+    /// Ends the snapshot transaction.
+    pub async fn close(self) -> Result<(), PgSourceError> {
+        self.client.batch_execute("COMMIT").await.map_err(db)
+    }
+}
+
+async fn plan_table(client: &Client, schema: String, name: String) -> Result<SnapTable, PgSourceError> {
+    let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+    let cols = client
+        .query(
+            "SELECT a.attname::text, a.atttypid::int8,
+                    coalesce(a.attnum = ANY(i.indkey), false)
+             FROM pg_attribute a
+             LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attgenerated = ''
+             ORDER BY a.attnum",
+            &[&qualified],
+        )
+        .await
+        .map_err(db)?;
+    let columns: Vec<(String, u32)> = cols
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32))
+        .collect();
+    let key = cols
+        .iter()
+        .filter(|r| r.get::<_, bool>(2))
+        .map(|r| r.get::<_, String>(0))
+        .collect();
+    let est = client
+        .query_one(
+            "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass",
+            &[&qualified],
+        )
+        .await
+        .map_err(db)?
+        .get(0);
+    Ok(SnapTable {
+        schema,
+        name,
+        columns,
+        key,
+        estimated_rows: est,
+        last_ordinal: None,
+        rows: 0,
+        done: false,
+    })
+}
