@@ -40,8 +40,7 @@ impl Db {
         PostgresSource::new(ConnString::new(self.url.clone()), "trib pub", &self.slot, tables)
     }
 
-    /// Drops the slot (it holds WAL on the shared server) and the database.
-    async fn drop_slot(&self) {
+    async fn drop_only_slot(&self) {
         // The walsender of a reader just dropped may take a moment to exit.
         for _ in 0..100 {
             let gone = self
@@ -59,6 +58,11 @@ impl Db {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
+    }
+
+    /// Drops the slot (it holds WAL on the shared server) and the database.
+    async fn drop_slot(&self) {
+        self.drop_only_slot().await;
         let db = url::Url::parse(&self.url)
             .unwrap()
             .path()
@@ -93,7 +97,7 @@ fn int(ev: &ChangeEvent, side: &str, col: &str) -> Option<Value> {
     row.as_ref().and_then(|r| r.get(col).cloned())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_inserts_updates_deletes_truncates_with_positions() {
     let db =
         Db::new("CREATE TABLE items (id int PRIMARY KEY, name text, tags text[], price numeric);")
@@ -175,7 +179,7 @@ async fn streams_inserts_updates_deletes_truncates_with_positions() {
     db.drop_slot().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_positions_are_not_redelivered_after_restart() {
     let db = Db::new("CREATE TABLE t (id int PRIMARY KEY);").await;
     let cfg = db.config(&["t"]);
@@ -207,7 +211,7 @@ async fn acknowledged_positions_are_not_redelivered_after_restart() {
     db.drop_slot().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quoted_table_names_toast_and_replica_identity() {
     let db = Db::new(
         r#"CREATE TABLE "Order Items" (id int PRIMARY KEY, "it's" text, big text);
@@ -261,7 +265,7 @@ async fn quoted_table_names_toast_and_replica_identity() {
     db.drop_slot().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn added_and_dropped_columns_show_in_later_events() {
     let db = Db::new("CREATE TABLE s (id int PRIMARY KEY, gone text);").await;
     let mut src = PostgresSourceReader::connect(&db.config(&["s"]))
@@ -289,4 +293,342 @@ async fn added_and_dropped_columns_show_in_later_events() {
     assert!(evs[1].schema_version > evs[0].schema_version);
     src.close().await;
     db.drop_slot().await;
+}
+
+/// Polls until `idle` consecutive polls return nothing.
+async fn poll_all(src: &mut PostgresSourceReader) -> Vec<ChangeEvent> {
+    let mut out = Vec::new();
+    let mut empty = 0;
+    while empty < 5 {
+        let got = src.poll(50_000, WAIT).await.unwrap();
+        if got.is_empty() {
+            empty += 1;
+        } else {
+            empty = 0;
+        }
+        out.extend(got);
+    }
+    out
+}
+
+/// Applies events to a key → name map, as a consumer keeping the table in sync would.
+fn apply(state: &mut std::collections::BTreeMap<i32, String>, evs: &[ChangeEvent]) {
+    for e in evs {
+        let id = match e.key.get("id") {
+            Some(Value::Int32(i)) => *i,
+            other => panic!("unexpected key {other:?}"),
+        };
+        match e.op {
+            Op::Delete => {
+                state.remove(&id);
+            }
+            _ => {
+                let name = match int(e, "after", "name") {
+                    Some(Value::Text(s)) => s,
+                    other => panic!("unexpected name {other:?}"),
+                };
+                state.insert(id, name);
+            }
+        }
+    }
+}
+
+async fn table_state(
+    client: &tokio_postgres::Client,
+    table: &str,
+) -> std::collections::BTreeMap<i32, String> {
+    client
+        .query(&format!("SELECT id, name FROM {table}"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn no_duplicate_positions(evs: &[ChangeEvent]) {
+    let mut seen = std::collections::HashSet::new();
+    for e in evs {
+        assert!(seen.insert(e.position.clone()), "position {:?} delivered twice", e.position);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_with_concurrent_writes_misses_and_doubles_nothing() {
+    let db = Db::new(
+        "CREATE TABLE t (id int PRIMARY KEY, name text NOT NULL);
+         INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 3000) g;
+         ANALYZE t;",
+    )
+    .await;
+    let mut cfg = db.config(&["t"]);
+    cfg.snapshot_chunk_rows = 500;
+    let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    // Writes racing the snapshot: committed after the slot exported it.
+    let writer = {
+        let url = db.url.clone();
+        tokio::spawn(async move {
+            let c = common::pg_connect(&url).await;
+            for i in 0..50 {
+                c.batch_execute(&format!(
+                    "INSERT INTO t VALUES ({0}, 'new {0}');
+                     UPDATE t SET name = 'upd {1}' WHERE id = {1};
+                     DELETE FROM t WHERE id = {2};",
+                    3001 + i,
+                    1 + i * 7,
+                    2000 + i
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let first = src.poll(50_000, WAIT).await.unwrap();
+    assert!(first.len() <= 500, "snapshot chunks hold at most snapshot_chunk_rows rows");
+    writer.await.unwrap();
+    let mut evs = first;
+    evs.extend(poll_all(&mut src).await);
+    let snap: Vec<&ChangeEvent> = evs.iter().filter(|e| e.op == Op::Snapshot).collect();
+    assert_eq!(snap.len(), 3000, "every row existing at slot creation, once");
+    assert!(evs[..3000].iter().all(|e| e.op == Op::Snapshot), "snapshot rows come first");
+    assert_eq!(evs.len() - 3000, 150, "every later change, once");
+    no_duplicate_positions(&evs);
+    for w in evs.windows(2) {
+        assert!(w[0].position < w[1].position, "positions increase: {:?}", w);
+    }
+    let mut state = Default::default();
+    apply(&mut state, &evs);
+    assert_eq!(state, table_state(&db.client, "t").await);
+
+    // The table's snapshot is recorded done only once its last row is acknowledged.
+    assert!(!snapshot_done(&db).await);
+    src.ack(&evs[2999].position).await.unwrap();
+    assert!(snapshot_done(&db).await);
+    src.close().await;
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_snapshot_resumes_without_emitting_completed_tables_again() {
+    let db = Db::new(
+        "CREATE TABLE a (id int PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE b (id int PRIMARY KEY, name text NOT NULL);
+         INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 100) g;
+         INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let mut cfg = db.config(&["a", "b"]);
+    cfg.snapshot_chunk_rows = 40;
+    let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    let mut first = Vec::new();
+    while first.iter().filter(|e: &&ChangeEvent| e.source == "public.b").count() == 0 {
+        first.extend(src.poll(1000, WAIT).await.unwrap());
+    }
+    let last_a = first.iter().rev().find(|e| e.source == "public.a").unwrap();
+    assert_eq!(first.iter().filter(|e| e.source == "public.a").count(), 100);
+    src.ack(&last_a.position).await.unwrap();
+    // Crash in the middle of table b.
+    drop(src);
+    db.client
+        .batch_execute("INSERT INTO a VALUES (101, 'a101'); INSERT INTO b VALUES (101, 'b101');")
+        .await
+        .unwrap();
+
+    let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    let second = poll_all(&mut src).await;
+    let a_snap = second.iter().filter(|e| e.source == "public.a" && e.op == Op::Snapshot).count();
+    assert_eq!(a_snap, 0, "table a's snapshot was durable: not emitted again");
+    let b_snap = second.iter().filter(|e| e.source == "public.b" && e.op == Op::Snapshot).count();
+    assert_eq!(b_snap, 101, "table b is read again from a fresh snapshot (with the new row)");
+    let inserts: Vec<&str> = second
+        .iter()
+        .filter(|e| e.op == Op::Insert)
+        .map(|e| e.source.as_str())
+        .collect();
+    assert_eq!(inserts, vec!["public.a"], "b's insert is in its new snapshot, not streamed twice");
+    // Resumed snapshot rows sort after anything the interrupted attempt handed out.
+    assert!(second[0].position > first.last().unwrap().position);
+    let mut a = Default::default();
+    apply(&mut a, &first.iter().filter(|e| e.source == "public.a").cloned().collect::<Vec<_>>());
+    apply(&mut a, &second.iter().filter(|e| e.source == "public.a").cloned().collect::<Vec<_>>());
+    assert_eq!(a, table_state(&db.client, "a").await);
+    let mut b = Default::default();
+    apply(&mut b, &second.iter().filter(|e| e.source == "public.b").cloned().collect::<Vec<_>>());
+    assert_eq!(b, table_state(&db.client, "b").await);
+    src.close().await;
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transaction_is_streamed_and_spilled_and_an_aborted_one_emits_nothing() {
+    let db = Db::new("CREATE TABLE big (id int PRIMARY KEY, name text NOT NULL);").await;
+    // Make the server stream any transaction past 1 MB of changes (protocol v2).
+    let dbname = url::Url::parse(&db.url).unwrap().path().trim_start_matches('/').to_owned();
+    db.admin
+        .batch_execute(&format!("ALTER DATABASE {dbname} SET logical_decoding_work_mem = '1MB'"))
+        .await
+        .unwrap();
+    let mut cfg = db.config(&["big"]);
+    cfg.max_tx_memory_mb = 1;
+    let spill = tempfile::tempdir().unwrap();
+    cfg.spill_dir = Some(spill.path().to_owned());
+    let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    assert!(src.poll(10, WAIT).await.unwrap().is_empty());
+    db.client
+        .batch_execute(
+            "BEGIN; INSERT INTO big SELECT g, 'x' || g FROM generate_series(1, 50000) g; ROLLBACK;
+             BEGIN;
+             INSERT INTO big SELECT g, 'n' || g FROM generate_series(1, 100000) g;
+             SAVEPOINT s; INSERT INTO big SELECT g, 'gone' FROM generate_series(100001, 120000) g;
+             ROLLBACK TO SAVEPOINT s;
+             INSERT INTO big SELECT g, 'n' || g FROM generate_series(100001, 200000) g;
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    // While the server streams the transaction in, polls return nothing: wait for the commit.
+    let mut evs = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while evs.len() < 200_000 && std::time::Instant::now() < deadline {
+        evs.extend(src.poll(50_000, WAIT).await.unwrap());
+    }
+    evs.extend(poll_all(&mut src).await);
+    if evs.len() != 200_000 {
+        let ids: std::collections::BTreeSet<i32> = evs.iter().filter_map(|e| match e.key.get("id") { Some(Value::Int32(i)) => Some(*i), _ => None }).collect();
+        let missing: Vec<i32> = (1..=200_000).filter(|i| !ids.contains(i)).take(5).collect();
+        eprintln!("missing {missing:?}; first {:?}", evs.first().map(|e| (&e.position, &e.key)));
+    }
+    assert_eq!(evs.len(), 200_000, "the committed rows once; aborted ones never");
+    let commit = match evs[0].position {
+        Position::Lsn { commit_lsn, .. } => commit_lsn,
+        _ => unreachable!(),
+    };
+    for (i, e) in evs.iter().enumerate() {
+        assert_eq!(
+            e.position,
+            Position::Lsn { commit_lsn: commit, tx_ordinal: i as u64 }
+        );
+    }
+    assert!(evs.iter().all(|e| !matches!(int(e, "after", "name"), Some(Value::Text(ref s)) if s == "gone")));
+    let streamed: i64 = db
+        .admin
+        .query_one(
+            "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = $1",
+            &[&db.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(streamed >= 1, "the server streamed the transaction in progress");
+    src.close().await;
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_connection_resumes_with_no_gap_and_no_duplicate() {
+    let db = Db::new("CREATE TABLE t (id int PRIMARY KEY, name text NOT NULL);").await;
+    let mut src = PostgresSourceReader::connect(&db.config(&["t"])).await.unwrap();
+    assert!(src.poll(10, WAIT).await.unwrap().is_empty());
+    db.client
+        .batch_execute("INSERT INTO t SELECT g, 'r' || g FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    let mut evs = poll_n(&mut src, 100).await;
+    // The server side of the replication connection goes away.
+    db.admin
+        .execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.slot],
+        )
+        .await
+        .unwrap();
+    for i in 101..=200 {
+        db.client
+            .batch_execute(&format!("INSERT INTO t VALUES ({i}, 'r{i}')"))
+            .await
+            .unwrap();
+    }
+    evs.extend(poll_all(&mut src).await);
+    assert_eq!(evs.len(), 200);
+    no_duplicate_positions(&evs);
+    let mut state = Default::default();
+    apply(&mut state, &evs);
+    assert_eq!(state, table_state(&db.client, "t").await);
+    src.close().await;
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_publication_still_advances_the_slot() {
+    let db = Db::new(
+        "CREATE TABLE t (id int PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE busy (id serial PRIMARY KEY, v text);",
+    )
+    .await;
+    let mut src = PostgresSourceReader::connect(&db.config(&["t"])).await.unwrap();
+    assert!(src.poll(10, WAIT).await.unwrap().is_empty());
+    let before = src.confirmed_flush().await.unwrap();
+    db.client
+        .batch_execute("INSERT INTO busy (v) SELECT 'x' FROM generate_series(1, 10000)")
+        .await
+        .unwrap();
+    let wal: String = db
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut advanced = false;
+    for _ in 0..50 {
+        assert!(src.poll(10, WAIT).await.unwrap().is_empty());
+        let now = src.confirmed_flush().await.unwrap();
+        if now > before && now.0 >= lsn(&wal) {
+            advanced = true;
+            break;
+        }
+    }
+    assert!(advanced, "confirmed_flush_lsn must move past WAL written to unpublished tables");
+    src.close().await;
+    db.drop_slot().await;
+}
+
+fn lsn(s: &str) -> u64 {
+    let (hi, lo) = s.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_stops_with_a_recovery_hint_or_is_recreated() {
+    let db = Db::new(
+        "CREATE TABLE t (id int PRIMARY KEY, name text NOT NULL);
+         INSERT INTO t VALUES (1, 'one');",
+    )
+    .await;
+    let mut cfg = db.config(&["t"]);
+    let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    let evs = poll_all(&mut src).await;
+    assert_eq!(evs.len(), 1);
+    src.close().await;
+    db.drop_only_slot().await;
+    let err = PostgresSourceReader::connect(&cfg).await.err().expect("a dropped slot is an error");
+    let msg = err.to_string();
+    assert!(msg.contains("dropped") && msg.contains("on_slot_lost"), "{msg}");
+    cfg.on_slot_lost = tributary::config::SlotLostPolicy::Recreate;
+    let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    let again = poll_all(&mut src).await;
+    assert_eq!(again.len(), 1, "recreate takes a new snapshot");
+    assert_eq!(again[0].op, Op::Snapshot);
+    src.close().await;
+    db.drop_slot().await;
+}
+
+async fn snapshot_done(db: &Db) -> bool {
+    db.client
+        .query_one(
+            "SELECT done FROM public.tributary_snapshot_state WHERE slot = $1",
+            &[&db.slot],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }

@@ -174,7 +174,18 @@ pub struct PostgresSourceReader {
 impl PostgresSourceReader {
     /// Connects, creates the publication and slot when missing, checks replica identities and,
     /// on first start, prepares the initial snapshot.
+    ///
+    /// Needs a multi-thread Tokio runtime: there `pg_walstream` drives the replication socket on
+    /// the caller's runtime, where a read interrupted by [`poll`](Self::poll)'s wait deadline
+    /// keeps what it had buffered (its worker-thread driver would drop it).
     pub async fn connect(cfg: &PostgresSource) -> Result<Self, PgSourceError> {
+        if tokio::runtime::Handle::current().runtime_flavor()
+            != tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            return Err(PgSourceError::Setup(
+                "the PostgreSQL source needs a multi-thread Tokio runtime".into(),
+            ));
+        }
         let (client, conn) = tokio_postgres::connect(cfg.url.expose(), NoTls)
             .await
             .map_err(db)?;
