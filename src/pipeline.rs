@@ -1,7 +1,7 @@
 //! `tributary run`: source → batches → enrichment → sinks, acknowledging only what is durable.
 //!
 //! ```text
-//! Kafka source ──events──► batcher ──Vec<ChangeEvent>──► enrich ──Enriched──► sink loop ──► Delta (Bronze)
+//! sources ──events──► batcher ──Vec<ChangeEvent>──► enrich ──Enriched──► sink loop ──► Delta (Bronze)
 //!      ▲          (bounded)          (bounded)                   (bounded)        │      ──► pgvector
 //!      │                                                                          │      ──► dead letters
 //!      └──────────────── ack(position) ◄── Checkpoints (min durable over sinks) ◄─┘
@@ -19,10 +19,9 @@
 //! - Errors: connection errors are retried with backoff inside the stages; data errors become
 //!   dead letters; configuration errors stop `run` with the message.
 //!
-//! This build wires the Kafka source, the enrichment stage, the Bronze Delta sink and the
-//! pgvector sink; a configuration naming a stage that is not wired yet (the PostgreSQL source)
-//! is refused at start, never ignored. Dead letters go to the Delta `_dlq` table when a Delta sink
-//! is configured, otherwise to `sources.kafka.dead_letter`.
+//! Both sources (PostgreSQL snapshot + stream, Kafka) feed one bounded channel, each in its own
+//! order; a position is acknowledged to the source it came from. Dead letters go to the Delta
+//! `_dlq` table when a Delta sink is configured, otherwise to `sources.kafka.dead_letter`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -39,6 +38,7 @@ use crate::event::{ChangeEvent, Position, StreamId};
 use crate::sink::delta::DeltaSink;
 use crate::sink::pgvector::PgvectorSink;
 use crate::source::kafka::{self, dead_letters::DeadLetterWriter};
+use crate::source::postgres;
 use crate::telemetry::{self, health::Health};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,24 +74,23 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunSummary, PipelineError> {
-    if config.sources.postgres.is_some() {
+    let kafka_config = config.sources.kafka.clone();
+    let pg_source_config = config.sources.postgres.clone();
+    if kafka_config.is_none() && pg_source_config.is_none() {
         return Err(PipelineError::Config(
-            "sources.postgres: the PostgreSQL source is not wired into `tributary run` in this \
-             build; remove [sources.postgres] to run Kafka → Delta / pgvector"
-                .into(),
+            "sources: `run` needs [sources.postgres] or [sources.kafka]".into(),
         ));
     }
-    let kafka_config = config
-        .sources
-        .kafka
-        .clone()
-        .ok_or_else(|| PipelineError::Config("sources.kafka: `run` needs a source".into()))?;
     let pg_config = config.sinks.pgvector.clone();
-    let dead_letter_config = kafka_config.dead_letter.clone().ok_or_else(|| {
-        PipelineError::Config(
-            "sources.kafka.dead_letter: set `topic` or `path` (where rejected events go)".into(),
-        )
-    })?;
+    let dead_letter_config = match &kafka_config {
+        Some(k) => Some(k.dead_letter.clone().ok_or_else(|| {
+            PipelineError::Config(
+                "sources.kafka.dead_letter: set `topic` or `path` (where rejected events go)"
+                    .into(),
+            )
+        })?),
+        None => None,
+    };
 
     let health = Health::new(Duration::from_secs(config.telemetry.ready_window_s));
     let _http = if config.telemetry.listen.is_empty() {
@@ -156,17 +155,64 @@ pub async fn run(
         None => None,
     };
 
-    let props = kafka_config
-        .librdkafka_properties()
-        .map_err(|e| PipelineError::Config(e.to_string()))?;
-    let mut dead_letters = DeadLetterWriter::open(&dead_letter_config, &props)
+    let mut dead_letters = match (&kafka_config, &dead_letter_config) {
+        (Some(k), Some(d)) => {
+            let props = k
+                .librdkafka_properties()
+                .map_err(|e| PipelineError::Config(e.to_string()))?;
+            Some(
+                DeadLetterWriter::open(d, &props)
+                    .await
+                    .map_err(|e| PipelineError::Config(e.to_string()))?,
+            )
+        }
+        _ => None,
+    };
+    // Every source feeds one bounded channel, each in its own order.
+    let (merged_tx, mut merged_rx) =
+        mpsc::channel::<Vec<ChangeEvent>>(config.pipeline.channel_capacity.max(1));
+    let mut forwarders = Vec::new();
+    let mut sources = Sources::default();
+    if let Some(k) = &kafka_config {
+        let (mut rx, handle) = kafka::start(k, config.pipeline.channel_capacity)
+            .await
+            .map_err(|e| PipelineError::Source(e.to_string()))?;
+        sources.kafka_acker = Some(handle.acker());
+        sources.kafka = Some(handle);
+        let tx = merged_tx.clone();
+        forwarders.push(AbortOnDrop(tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                let events = batch.into_iter().map(|e| e.event).collect();
+                if tx.send(events).await.is_err() {
+                    break;
+                }
+            }
+        })));
+    }
+    if let Some(p) = &pg_source_config {
+        let (mut rx, handle) = postgres::start(
+            p,
+            config.pipeline.channel_capacity,
+            config.pipeline.batch_max_events,
+        )
         .await
-        .map_err(|e| PipelineError::Config(e.to_string()))?;
-    let (mut source_rx, source) = kafka::start(&kafka_config, config.pipeline.channel_capacity)
-        .await
-        .map_err(|e| PipelineError::Source(e.to_string()))?;
-    let acker = source.acker();
-    let source_health = health.source("kafka");
+        .map_err(|e| match e.kind() {
+            ErrorKind::Config => PipelineError::Config(format!("sources.postgres: {e}")),
+            _ => PipelineError::Source(format!("sources.postgres: {e}")),
+        })?;
+        sources.pg_acker = Some(handle.acker());
+        sources.postgres = Some(handle);
+        let tx = merged_tx.clone();
+        forwarders.push(AbortOnDrop(tokio::spawn(async move {
+            while let Some(events) = rx.recv().await {
+                if tx.send(events).await.is_err() {
+                    break;
+                }
+            }
+        })));
+    }
+    drop(merged_tx);
+    let source_health = health.source(if kafka_config.is_some() { "kafka" } else { "postgres" });
 
     // Batcher: cut by count or by time.
     let (batch_tx, batch_rx) = mpsc::channel::<Vec<ChangeEvent>>(4);
@@ -175,12 +221,12 @@ pub async fn run(
         Duration::from_millis(config.pipeline.batch_max_wait_ms),
     );
     let batcher = tokio::spawn(async move {
-        while let Some(first) = source_rx.recv().await {
-            let mut batch: Vec<ChangeEvent> = first.into_iter().map(|e| e.event).collect();
+        while let Some(first) = merged_rx.recv().await {
+            let mut batch = first;
             let deadline = tokio::time::Instant::now() + max_wait;
             while batch.len() < max_events {
-                match tokio::time::timeout_at(deadline, source_rx.recv()).await {
-                    Ok(Some(more)) => batch.extend(more.into_iter().map(|e| e.event)),
+                match tokio::time::timeout_at(deadline, merged_rx.recv()).await {
+                    Ok(Some(more)) => batch.extend(more),
                     Ok(None) | Err(_) => break,
                 }
             }
@@ -224,8 +270,10 @@ pub async fn run(
     };
 
     let mut checkpoints = Checkpoints::new(sink_names.iter().copied());
+    let kafka_acker = sources.kafka_acker.take();
+    let pg_acker = sources.pg_acker.take();
     let mut summary = RunSummary::default();
-    let mut source = Some(source);
+    let mut source = Some(sources);
     let mut stopping = None;
     let mut drain_deadline = None;
     tokio::pin!(shutdown);
@@ -285,8 +333,15 @@ pub async fn run(
                         .map_err(|e| PipelineError::Sink(e.to_string()))?;
                 }
                 None => {
+                    let Some(writer) = dead_letters.as_mut() else {
+                        return Err(PipelineError::Config(format!(
+                            "{} events were rejected and there is nowhere to put them: configure \
+                             [sinks.delta] (its _dlq table) or sources.kafka.dead_letter",
+                            letters.len()
+                        )));
+                    };
                     for letter in &letters {
-                        dead_letters
+                        writer
                             .write(letter)
                             .await
                             .map_err(|e| PipelineError::Sink(e.to_string()))?;
@@ -300,7 +355,7 @@ pub async fn run(
         for ((source_name, _), position) in last_positions(&batch.events) {
             for sink in &sink_names {
                 if let Some(ack) = checkpoints.durable(sink, &source_name, &position) {
-                    acker.ack(&ack);
+                    sources_ack(&kafka_acker, &pg_acker, &ack);
                 }
             }
         }
@@ -316,6 +371,9 @@ pub async fn run(
     if let Some(t) = enrich_task {
         t.abort();
     }
+    drop(forwarders);
+    // The PostgreSQL source applies acknowledgements until every acker is gone.
+    drop((kafka_acker, pg_acker));
     let source_result = match (stopping, source) {
         (Some(task), _) => task
             .await
@@ -326,6 +384,54 @@ pub async fn run(
     };
     source_result.map_err(|e| PipelineError::Source(e.to_string()))?;
     Ok(summary)
+}
+
+/// The running sources.
+#[derive(Default)]
+struct Sources {
+    kafka: Option<kafka::KafkaSourceHandle>,
+    kafka_acker: Option<kafka::KafkaAcker>,
+    postgres: Option<postgres::PostgresSourceHandle>,
+    pg_acker: Option<postgres::PostgresAcker>,
+}
+
+impl Sources {
+    /// Stops every source (concurrently) and reports the first failure.
+    async fn shutdown(self) -> Result<(), String> {
+        let k = async {
+            match self.kafka {
+                Some(k) => k.shutdown().await.map_err(|e| e.to_string()),
+                None => Ok(()),
+            }
+        };
+        let p = async {
+            match self.postgres {
+                Some(p) => p.shutdown().await.map_err(|e| e.to_string()),
+                None => Ok(()),
+            }
+        };
+        let (k, p) = tokio::join!(k, p);
+        k.and(p)
+    }
+}
+
+fn sources_ack(
+    kafka: &Option<kafka::KafkaAcker>,
+    pg: &Option<postgres::PostgresAcker>,
+    position: &Position,
+) {
+    match position {
+        Position::Kafka { .. } => {
+            if let Some(k) = kafka {
+                k.ack(position);
+            }
+        }
+        Position::Lsn { .. } => {
+            if let Some(p) = pg {
+                p.ack(position);
+            }
+        }
+    }
 }
 
 /// A batch's events grouped by source, each group in source order.

@@ -191,3 +191,137 @@ os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
     let v: (u64, u64) = serde_json::from_slice(&out.stdout).unwrap();
     v
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_snapshot_and_stream_land_once_in_bronze_and_pgvector_equals_the_source() {
+    // The source database with rows before the connector's first start.
+    let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let dbname = unique("pipesrc");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .unwrap();
+    let src_url = common::pg_url_for_db(&dbname);
+    let src = pg_connect(&src_url).await;
+    src.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, customer text NOT NULL, note text NOT NULL);
+         INSERT INTO orders SELECT g, 'Customer ' || (g % 5), 'note number ' || g
+         FROM generate_series(1, 200) g;",
+    )
+    .await
+    .unwrap();
+    let slot = unique("slot");
+    let schema = unique("pipe");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "pipeline-pg-test"
+[sources.postgres]
+url = "{src_url}"
+publication = "orders_pub"
+slot = "{slot}"
+tables = ["orders"]
+snapshot_chunk_rows = 50
+[embedding]
+model_dir = "{model}"
+[embedding.templates]
+"public.orders" = "{{customer}} wrote: {{note}}"
+[sinks.delta]
+uri = "{lake}"
+[sinks.pgvector]
+url = "{pg}"
+schema = "{schema}"
+[pipeline]
+batch_max_wait_ms = 100
+[telemetry]
+listen = ""
+"#,
+            model = env("TRIBUTARY_MODEL_DIR"),
+            pg = env("TRIBUTARY_PG_URL"),
+            lake = dir.path().join("lake").display(),
+        ),
+    )
+    .unwrap();
+    let pg = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let table = format!("\"{schema}\".\"orders\"");
+    let count = |sql: String| {
+        let pg = &pg;
+        async move {
+            pg.query_one(&sql, &[])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(-1)
+        }
+    };
+    let run = start(&config);
+    wait_for("the snapshot in pgvector", async || {
+        count(format!("SELECT count(*) FROM {table} WHERE embedding IS NOT NULL")).await == 200
+    })
+    .await;
+    src.batch_execute(
+        "INSERT INTO orders VALUES (201, 'Customer 1', 'three brass lamps');
+         UPDATE orders SET note = 'changed its mind' WHERE id = 7;
+         DELETE FROM orders WHERE id = 8;
+         BEGIN; UPDATE orders SET id = 1000 WHERE id = 9; COMMIT;",
+    )
+    .await
+    .unwrap();
+    wait_for("the live changes in pgvector", async || {
+        count(format!("SELECT count(*) FROM {table}")).await == 200
+            && count(format!(
+                "SELECT count(*) FROM {table} WHERE payload->>'note' = 'changed its mind'"
+            ))
+            .await
+                == 1
+            && count(format!("SELECT count(*) FROM {table} WHERE id = 1000")).await == 1
+    })
+    .await;
+    let (code, stderr) = stop(run, &config);
+    assert_eq!(code, 0, "{stderr}");
+
+    // pgvector equals the source table (keys and text).
+    let expected: Vec<(i32, String)> = src
+        .query("SELECT id, note FROM orders ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let got: Vec<(i32, String)> = pg
+        .query(&format!("SELECT id, payload->>'note' FROM {table} ORDER BY id"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(got, expected);
+    // Bronze: 200 snapshot rows + 4 changes (the key change is one update), each once.
+    let bronze = dir.path().join("lake").join("public.orders");
+    assert_eq!(bronze_rows(&bronze), (204, 204));
+
+    // Restart: the acknowledged snapshot and changes are not delivered again.
+    let run = start(&config);
+    src.batch_execute("INSERT INTO orders VALUES (202, 'Customer 2', 'one more')")
+        .await
+        .unwrap();
+    wait_for("the new row", async || {
+        count(format!("SELECT count(*) FROM {table} WHERE id = 202")).await == 1
+    })
+    .await;
+    let (code, stderr) = stop(run, &config);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(bronze_rows(&bronze), (205, 205));
+
+    drop(src);
+    admin
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

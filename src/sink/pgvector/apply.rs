@@ -109,6 +109,28 @@ fn position_columns(p: &Position) -> (Option<i32>, i64, i64) {
     }
 }
 
+/// For an update whose old key (sent by the source when the key changed) differs from its new
+/// key: a delete of the old key at the same position.
+fn moved_from(target: &Target, e: &ChangeEvent) -> Option<ChangeEvent> {
+    if e.op != Op::Update {
+        return None;
+    }
+    let before = e.before.as_ref()?;
+    let mut old_key = crate::event::Row::new();
+    for (k, _) in &target.keys {
+        old_key.push(k.clone(), before.get(k)?.clone());
+    }
+    let changed = target.keys.iter().any(|(k, _)| old_key.get(k) != e.key.get(k));
+    changed.then(|| ChangeEvent {
+        op: Op::Delete,
+        key: old_key,
+        after: None,
+        embedding: None,
+        text_hash: None,
+        ..e.clone()
+    })
+}
+
 /// Applies one source's events (in order) inside `tx`; returns how many rows were staged.
 pub(super) async fn apply_source(
     tx: &mut tokio_postgres::Transaction<'_>,
@@ -127,10 +149,20 @@ pub(super) async fn apply_source(
         }
         None => 0,
     };
+    // An update that changed the key removes the row under the old key first.
+    let old_keys: Vec<Option<ChangeEvent>> = events[start..]
+        .iter()
+        .map(|e| moved_from(target, e))
+        .collect();
+    let ordered: Vec<&ChangeEvent> = events[start..]
+        .iter()
+        .zip(&old_keys)
+        .flat_map(|(e, old)| old.iter().chain(std::iter::once(*e)))
+        .collect();
     // Only the last change per key matters.
     let mut last: HashMap<Vec<Option<String>>, usize> = HashMap::new();
     let mut rows = Vec::new();
-    for e in &events[start..] {
+    for e in &ordered {
         let key: Vec<Option<String>> = target
             .keys
             .iter()

@@ -25,7 +25,10 @@
 
 pub mod decode;
 pub mod snapshot;
+pub mod task;
 pub mod txbuf;
+
+pub use task::{PostgresAcker, PostgresSourceHandle, start};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;

@@ -1,0 +1,118 @@
+//! The PostgreSQL source as a task for the pipeline: it polls the reader, sends batches on a
+//! bounded channel (a slow pipeline slows the reader, and the server keeps the WAL), and applies
+//! acknowledgements between polls. On shutdown it stops reading, keeps applying the
+//! acknowledgements of batches still draining until every acker is dropped, then closes the
+//! replication connection after a last status update.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::{PgSourceError, PostgresSourceReader};
+use crate::config::PostgresSource;
+use crate::event::{ChangeEvent, Position};
+
+/// How long a poll waits for new changes before acknowledgements are applied.
+const POLL_WAIT: Duration = Duration::from_millis(100);
+
+/// Acknowledges durable positions; cheap to clone. Positions of other sources are ignored.
+#[derive(Clone)]
+pub struct PostgresAcker {
+    tx: mpsc::UnboundedSender<Position>,
+}
+
+impl PostgresAcker {
+    pub fn ack(&self, position: &Position) {
+        if matches!(position, Position::Lsn { .. }) {
+            // The task is gone only after every acker was dropped or it failed.
+            let _ = self.tx.send(position.clone());
+        }
+    }
+}
+
+pub struct PostgresSourceHandle {
+    acker: PostgresAcker,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), PgSourceError>>,
+}
+
+impl PostgresSourceHandle {
+    pub fn acker(&self) -> PostgresAcker {
+        self.acker.clone()
+    }
+
+    /// Stops reading; returns once the acknowledgements of batches in flight were applied
+    /// (every acker dropped) and the connection closed.
+    pub async fn shutdown(self) -> Result<(), PgSourceError> {
+        let _ = self.stop.send(true);
+        drop(self.acker);
+        self.task
+            .await
+            .map_err(|e| PgSourceError::Setup(format!("PostgreSQL source task failed: {e}")))?
+    }
+}
+
+/// Connects (publication, slot, snapshot plan) and starts reading: batches of up to
+/// `max_events`, at most `capacity` queued.
+pub async fn start(
+    cfg: &PostgresSource,
+    capacity: usize,
+    max_events: usize,
+) -> Result<(mpsc::Receiver<Vec<ChangeEvent>>, PostgresSourceHandle), PgSourceError> {
+    let mut reader = PostgresSourceReader::connect(cfg).await?;
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Position>();
+    let (stop, mut stop_rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut tx = Some(tx);
+        loop {
+            apply_acks(&mut reader, &mut ack_rx).await?;
+            if *stop_rx.borrow() {
+                break;
+            }
+            let events = reader.poll(max_events, POLL_WAIT).await?;
+            if events.is_empty() {
+                continue;
+            }
+            let sender = tx.as_ref().expect("sender kept until stop");
+            tokio::select! {
+                sent = sender.send(events) => if sent.is_err() { break },
+                // Not sent: not acknowledged, so delivered again on the next start.
+                _ = stop_rx.changed() => break,
+            }
+        }
+        tx.take();
+        while let Some(p) = ack_rx.recv().await {
+            reader.ack(&p).await?;
+            apply_acks(&mut reader, &mut ack_rx).await?;
+        }
+        reader.close().await;
+        Ok(())
+    });
+    Ok((
+        rx,
+        PostgresSourceHandle {
+            acker: PostgresAcker { tx: ack_tx },
+            stop,
+            task,
+        },
+    ))
+}
+
+/// Applies the highest pending acknowledgement (they only move forward).
+async fn apply_acks(
+    reader: &mut PostgresSourceReader,
+    rx: &mut mpsc::UnboundedReceiver<Position>,
+) -> Result<(), PgSourceError> {
+    let mut best: Option<Position> = None;
+    while let Ok(p) = rx.try_recv() {
+        if best.as_ref().is_none_or(|b| p > *b) {
+            best = Some(p);
+        }
+    }
+    match best {
+        Some(p) => reader.ack(&p).await,
+        None => Ok(()),
+    }
+}
