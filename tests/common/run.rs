@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 /// Starts `tributary run`; its log goes to the config's path with `.log` (read back by [`stop`];
 /// a file, not a pipe, so a chatty run never blocks on a full pipe).
-pub fn start(config: &Path) -> Child {
+pub fn start(config: &Path) -> Running {
     let log = std::fs::File::create(config.with_extension("log")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_tributary"))
+    let child = Command::new(env!("CARGO_BIN_EXE_tributary"))
         .args(["run", "--config"])
         .arg(config)
         .env(
@@ -18,11 +18,26 @@ pub fn start(config: &Path) -> Child {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap()
+        .unwrap();
+    Running(child)
+}
+
+/// A running connector; killed if the test ends (or panics) without [`stop`], so a failed test
+/// never leaves a process holding a replication slot or a consumer group.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// SIGTERM, then the exit status and the run's log (panics if it takes over 30 s).
-pub fn stop(mut child: Child, config: &Path) -> (i32, String) {
+pub fn stop(mut run: Running, config: &Path) -> (i32, String) {
+    let child = &mut run.0;
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
