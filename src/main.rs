@@ -72,6 +72,8 @@ const EXIT_CONFIG: u8 = 2;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_format);
+    // Crash points from FAILPOINTS (only in builds with the `failpoints` feature).
+    let _failpoints = fail::FailScenario::setup();
     match cli.command {
         Command::Run { config } => run(&config).await,
         Command::Check { config, timeout } => check(&config, Duration::from_secs(timeout)).await,

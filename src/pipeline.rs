@@ -312,6 +312,8 @@ pub async fn run(
             }
             h.commit_succeeded();
         }
+        // Crash points for the crash-safety tests (no-ops unless built with `failpoints`).
+        fail::fail_point!("pipeline::after-delta-commit", |_| std::process::abort());
         if let (Some(p), Some(h)) = (pgvector.as_mut(), pg_health.as_ref()) {
             match p.write(&batch.events).await {
                 Ok(o) => {
@@ -349,6 +351,7 @@ pub async fn run(
                 }
             }
         }
+        fail::fail_point!("pipeline::before-ack", |_| std::process::abort());
         summary.events += batch.events.len() as u64;
         summary.batches += 1;
         summary.dead_letters += letters.len() as u64;

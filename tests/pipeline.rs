@@ -162,35 +162,10 @@ listen = ""
 
     // Bronze holds every change exactly once: 30 orders + the update, no position twice, read by
     // an independent reader (the Python deltalake package).
-    let (rows, distinct) = bronze_rows(&dir.path().join("lake").join(&topic));
+    let (rows, distinct) = common::bronze_positions(&dir.path().join("lake").join(&topic));
     assert_eq!((rows, distinct), (31, 31));
 }
 
-/// (rows, distinct positions) of a Bronze table, read by Python `deltalake`.
-fn bronze_rows(table: &std::path::Path) -> (u64, u64) {
-    let script = r#"
-import json, os, sys
-from deltalake import DeltaTable
-t = DeltaTable(sys.argv[1]).to_pyarrow_table()
-pos = set(zip(t.column("_position_major").to_pylist(), t.column("_position_minor").to_pylist()))
-print(json.dumps([t.num_rows, len(pos)]))
-sys.stdout.flush()
-os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
-"#;
-    let out = std::process::Command::new(env("TRIBUTARY_PYTHON"))
-        .arg("-c")
-        .arg(script)
-        .arg(table)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: (u64, u64) = serde_json::from_slice(&out.stdout).unwrap();
-    v
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_snapshot_and_stream_land_once_in_bronze_and_pgvector_equals_the_source() {
@@ -300,7 +275,7 @@ listen = ""
     assert_eq!(got, expected);
     // Bronze: 200 snapshot rows + 4 changes (the key change is one update), each once.
     let bronze = dir.path().join("lake").join("public.orders");
-    assert_eq!(bronze_rows(&bronze), (204, 204));
+    assert_eq!(common::bronze_positions(&bronze), (204, 204));
 
     // Restart: the acknowledged snapshot and changes are not delivered again.
     let run = start(&config);
@@ -313,7 +288,7 @@ listen = ""
     .await;
     let (code, stderr) = stop(run, &config);
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(bronze_rows(&bronze), (205, 205));
+    assert_eq!(common::bronze_positions(&bronze), (205, 205));
 
     drop(src);
     admin

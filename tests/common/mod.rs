@@ -33,3 +33,29 @@ pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
     tokio::spawn(conn);
     client
 }
+
+/// (rows, distinct positions) of a Bronze table, read by Python `deltalake`.
+pub fn bronze_positions(table: &std::path::Path) -> (u64, u64) {
+    let script = r#"
+import json, os, sys
+from deltalake import DeltaTable
+t = DeltaTable(sys.argv[1]).to_pyarrow_table()
+pos = set(zip(t.column("_position_major").to_pylist(), t.column("_position_minor").to_pylist()))
+print(json.dumps([t.num_rows, len(pos)]))
+sys.stdout.flush()
+os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
+"#;
+    let out = std::process::Command::new(env("TRIBUTARY_PYTHON"))
+        .arg("-c")
+        .arg(script)
+        .arg(table)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: (u64, u64) = serde_json::from_slice(&out.stdout).unwrap();
+    v
+}

@@ -7,8 +7,14 @@ use std::time::{Duration, Instant};
 /// Starts `tributary run`; its log goes to the config's path with `.log` (read back by [`stop`];
 /// a file, not a pipe, so a chatty run never blocks on a full pipe).
 pub fn start(config: &Path) -> Running {
+    start_with_env(config, &[])
+}
+
+/// [`start`] with extra environment variables (e.g. `FAILPOINTS`).
+pub fn start_with_env(config: &Path, vars: &[(&str, &str)]) -> Running {
     let log = std::fs::File::create(config.with_extension("log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .envs(vars.iter().copied())
         .args(["run", "--config"])
         .arg(config)
         .env(

@@ -1,0 +1,247 @@
+//! Crash safety: `tributary run` is killed with SIGKILL at random moments (and, in builds with
+//! the `failpoints` feature, aborts at the named points between sink commits and the
+//! acknowledgement) while PostgreSQL takes a workload of inserts, updates, deletes and one large
+//! transaction; it is restarted each time. At the end Bronze holds every change exactly once and
+//! the pgvector table equals the source table.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::run::{Running, start, stop, wait_for};
+use common::{env, pg_connect, unique};
+
+const KILLS: usize = 24;
+
+/// The workload, run while the connector is being killed: returns the number of row changes
+/// (each statement's affected-row count), which is what Bronze must hold.
+async fn workload(url: String) -> u64 {
+    let c = pg_connect(&url).await;
+    let mut changes = 0u64;
+    let mut next_id = 1i32;
+    let mut deleted = 0i32;
+    for round in 0..220 {
+        // 200 inserts in one transaction.
+        changes += c
+            .execute(
+                "INSERT INTO items SELECT g, g % 97, 'note ' || g FROM generate_series($1::int, $2::int) g",
+                &[&next_id, &(next_id + 199)],
+            )
+            .await
+            .unwrap();
+        next_id += 200;
+        // 20 single-row updates and 5 deletes, each its own transaction.
+        for j in 0..20 {
+            let id = deleted + 1 + ((round * 37 + j * 11) % (next_id - deleted - 1));
+            changes += c
+                .execute("UPDATE items SET v = v + 1, note = note || '+' WHERE id = $1", &[&id])
+                .await
+                .unwrap();
+        }
+        for _ in 0..5 {
+            deleted += 1;
+            changes += c
+                .execute("DELETE FROM items WHERE id = $1", &[&deleted])
+                .await
+                .unwrap();
+        }
+        if round == 110 {
+            // The large transaction: 10,000 updates at once.
+            changes += c
+                .execute(
+                    "UPDATE items SET note = note || ' (bulk)' WHERE id > $1 AND id <= $1 + 10000",
+                    &[&deleted],
+                )
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    changes
+}
+
+fn sigkill(mut run: Running) {
+    run.0.kill().unwrap();
+    run.0.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let dbname = unique("crashsrc");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .unwrap();
+    let src_url = common::pg_url_for_db(&dbname);
+    let src = pg_connect(&src_url).await;
+    src.batch_execute("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text NOT NULL)")
+        .await
+        .unwrap();
+    let slot = unique("slot");
+    let schema = unique("crash");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "crash-test"
+[sources.postgres]
+url = "{src_url}"
+publication = "items_pub"
+slot = "{slot}"
+tables = ["items"]
+[sinks.delta]
+uri = "{lake}"
+[sinks.pgvector]
+url = "{pg}"
+schema = "{schema}"
+[pipeline]
+batch_max_wait_ms = 50
+batch_max_events = 2000
+[telemetry]
+listen = ""
+"#,
+            pg = env("TRIBUTARY_PG_URL"),
+            lake = dir.path().join("lake").display(),
+        ),
+    )
+    .unwrap();
+
+    // First start: slot and (empty) snapshot, so that Bronze must hold every change of the
+    // workload one by one (a snapshot taken mid-workload would fold some of them into rows).
+    let run = start(&config);
+    wait_for("the initial snapshot", async || {
+        src.query_opt(
+            "SELECT 1 FROM public.tributary_snapshot_state WHERE slot = $1 AND done",
+            &[&slot],
+        )
+        .await
+        .is_ok_and(|r| r.is_some())
+    })
+    .await;
+    sigkill(run);
+
+    let work = tokio::spawn(workload(src_url.clone()));
+    // Deterministic pseudo-random kill moments (an LCG), 150–900 ms into each run; every third
+    // run instead arms a crash point (when built with them).
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut kills = 0;
+    let mut aborts = 0;
+    let started = Instant::now();
+    while kills + aborts < KILLS || !work.is_finished() {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let after = Duration::from_millis(150 + (x >> 33) % 750);
+        let point = (cfg!(feature = "failpoints") && (kills + aborts) % 3 == 2).then(|| {
+            if (x >> 20) % 2 == 0 {
+                "pipeline::after-delta-commit"
+            } else {
+                "pipeline::before-ack"
+            }
+        });
+        let run = match point {
+            Some(p) => {
+                let run = common::run::start_with_env(&config, &[("FAILPOINTS", &format!("{p}=return"))]);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut run = run;
+                while run.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if run.0.try_wait().unwrap().is_some() {
+                    aborts += 1;
+                    continue;
+                }
+                // Nothing reached the point (no changes pending): kill it instead.
+                run
+            }
+            None => {
+                let run = start(&config);
+                tokio::time::sleep(after).await;
+                run
+            }
+        };
+        sigkill(run);
+        kills += 1;
+        assert!(started.elapsed() < Duration::from_secs(600), "crash loop took too long");
+    }
+    let changes = work.await.unwrap();
+    assert!(changes >= 50_000, "the workload is at least 50,000 changes ({changes})");
+    assert!(kills + aborts >= KILLS);
+
+    // A last clean run catches up.
+    let run = start(&config);
+    let pg = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let table = format!("\"{schema}\".\"items\"");
+    let source_rows: i64 = src
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_for("pgvector to catch up", async || {
+        pg.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .map(|r| r.get::<_, i64>(0) == source_rows)
+            .unwrap_or(false)
+            && pg
+                .query_one(
+                    &format!("SELECT count(*) FROM {table} WHERE payload->>'note' LIKE '%(bulk)%'"),
+                    &[],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) > 0)
+                .unwrap_or(false)
+    })
+    .await;
+    // Let the stream settle (the last changes may trail the counts above), then stop cleanly.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, log) = stop(run, &config);
+    assert_eq!(code, 0, "{log}");
+
+    // pgvector equals the source.
+    let expected: Vec<(i32, i32, String)> = src
+        .query("SELECT id, v, note FROM items ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let got: Vec<(i32, i32, String)> = pg
+        .query(
+            &format!(
+                "SELECT id, (payload->>'v')::int, payload->>'note' FROM {table} ORDER BY id"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "pgvector differs from the source after {kills} kills");
+
+    // Bronze: every change exactly once — as many rows as the workload changed, no position twice.
+    let (rows, distinct) = common::bronze_positions(&dir.path().join("lake").join("public.items"));
+    assert_eq!(
+        (rows, distinct),
+        (changes, changes),
+        "Bronze must hold each of the {changes} changes once ({kills} kills, {aborts} crash points)"
+    );
+
+    drop(src);
+    for _ in 0..50 {
+        if admin
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
