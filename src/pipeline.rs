@@ -168,13 +168,16 @@ pub async fn run(
         }
         _ => None,
     };
-    // Every source feeds one bounded channel, each in its own order.
+    // Every source feeds one bounded channel, each in its own order. `channel_capacity` counts
+    // events; the channels hold batches, so each is sized in batches of its producer.
+    let cap = config.pipeline.channel_capacity;
+    let in_batches = |batch: usize| (cap / batch.max(1)).max(1);
     let (merged_tx, mut merged_rx) =
-        mpsc::channel::<Vec<ChangeEvent>>(config.pipeline.channel_capacity.max(1));
+        mpsc::channel::<Vec<ChangeEvent>>(in_batches(config.pipeline.batch_max_events));
     let mut forwarders = Vec::new();
     let mut sources = Sources::default();
     if let Some(k) = &kafka_config {
-        let (mut rx, handle) = kafka::start(k, config.pipeline.channel_capacity)
+        let (mut rx, handle) = kafka::start(k, in_batches(kafka::consumer::MAX_BATCH))
             .await
             .map_err(|e| PipelineError::Source(e.to_string()))?;
         sources.kafka_acker = Some(handle.acker());
@@ -192,7 +195,7 @@ pub async fn run(
     if let Some(p) = &pg_source_config {
         let (mut rx, handle) = postgres::start(
             p,
-            config.pipeline.channel_capacity,
+            in_batches(config.pipeline.batch_max_events),
             config.pipeline.batch_max_events,
         )
         .await

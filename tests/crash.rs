@@ -245,3 +245,125 @@ listen = ""
         .await
         .unwrap();
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sink_slows_the_source_and_memory_stays_bounded() {
+    let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let dbname = unique("slowsrc");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .unwrap();
+    let src_url = common::pg_url_for_db(&dbname);
+    let src = pg_connect(&src_url).await;
+    src.batch_execute("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text NOT NULL)")
+        .await
+        .unwrap();
+    let slot = unique("slot");
+    let schema = unique("slow");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "slow-sink-test"
+[sources.postgres]
+url = "{src_url}"
+publication = "items_pub"
+slot = "{slot}"
+tables = ["items"]
+max_tx_memory_mb = 16
+[sinks.delta]
+uri = "{lake}"
+[sinks.pgvector]
+url = "{pg}"
+schema = "{schema}"
+[pipeline]
+batch_max_events = 1000
+channel_capacity = 1000
+[telemetry]
+listen = ""
+"#,
+            pg = env("TRIBUTARY_PG_URL"),
+            lake = dir.path().join("lake").display(),
+        ),
+    )
+    .unwrap();
+    // Every batch takes at least 250 ms in the sinks.
+    let run = common::run::start_with_env(&config, &[("FAILPOINTS", "pipeline::before-ack=sleep(250)")]);
+    let pid = run.0.id();
+    wait_for("the initial snapshot", async || {
+        src.query_opt(
+            "SELECT 1 FROM public.tributary_snapshot_state WHERE slot = $1 AND done",
+            &[&slot],
+        )
+        .await
+        .is_ok_and(|r| r.is_some())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let baseline = rss_kib(pid);
+    // 400,000 changes with long notes (~200 MB of row data) arrive much faster than the sink
+    // (which takes 250 ms per 1,000-event batch).
+    src.batch_execute(
+        "INSERT INTO items SELECT g, g, repeat('x', 500) || g FROM generate_series(1, 400000) g",
+    )
+    .await
+    .unwrap();
+    let mut peak = baseline;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peak = peak.max(rss_kib(pid));
+    }
+    let pg = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let applied: i64 = pg
+        .query_one(&format!("SELECT count(*) FROM \"{schema}\".\"items\""), &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0);
+    drop(run);
+    eprintln!(
+        "slow sink: {applied} of 400000 applied after 10 s; RSS baseline {} MiB, peak {} MiB",
+        baseline / 1024,
+        peak / 1024
+    );
+    assert!(
+        applied < 100_000,
+        "the sink is throttled: most changes must still wait in the WAL ({applied} applied)"
+    );
+    assert!(
+        peak - baseline < 100 * 1024,
+        "memory must stay bounded while 400,000 changes wait: RSS grew {} MiB (baseline {} MiB)",
+        (peak - baseline) / 1024,
+        baseline / 1024
+    );
+
+    drop(src);
+    for _ in 0..50 {
+        if admin
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

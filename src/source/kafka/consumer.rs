@@ -189,7 +189,7 @@ struct Worker {
 
 /// Events handed over per channel message: one wake-up of the pipeline per batch, not per
 /// event (waking a parked task costs more than decoding a message).
-const MAX_BATCH: usize = 512;
+pub const MAX_BATCH: usize = 512;
 
 impl Worker {
     async fn run(mut self, mut stopped: watch::Receiver<bool>) -> Result<(), KafkaSourceError> {
