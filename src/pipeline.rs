@@ -175,21 +175,29 @@ pub async fn run(
     let (merged_tx, mut merged_rx) =
         mpsc::channel::<Vec<ChangeEvent>>(in_batches(config.pipeline.batch_max_events));
     let mut forwarders = Vec::new();
+    // A source whose task ends (it failed) stops the run: it must not go on silently without it.
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<&'static str>();
     let mut sources = Sources::default();
     if let Some(k) = &kafka_config {
-        let (mut rx, handle) = kafka::start(k, in_batches(kafka::consumer::MAX_BATCH))
+        let (mut rx, handle) = kafka::start_with_health(
+            k,
+            in_batches(kafka::consumer::MAX_BATCH),
+            Some(health.source("kafka")),
+        )
             .await
             .map_err(|e| PipelineError::Source(e.to_string()))?;
         sources.kafka_acker = Some(handle.acker());
         sources.kafka = Some(handle);
         let tx = merged_tx.clone();
+        let ended = ended_tx.clone();
         forwarders.push(AbortOnDrop(tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 let events = batch.into_iter().map(|e| e.event).collect();
                 if tx.send(events).await.is_err() {
-                    break;
+                    return;
                 }
             }
+            let _ = ended.send("kafka");
         })));
     }
     if let Some(p) = &pg_source_config {
@@ -197,6 +205,7 @@ pub async fn run(
             p,
             in_batches(config.pipeline.batch_max_events),
             config.pipeline.batch_max_events,
+            Some(health.source("postgres")),
         )
         .await
         .map_err(|e| match e.kind() {
@@ -206,16 +215,17 @@ pub async fn run(
         sources.pg_acker = Some(handle.acker());
         sources.postgres = Some(handle);
         let tx = merged_tx.clone();
+        let ended = ended_tx.clone();
         forwarders.push(AbortOnDrop(tokio::spawn(async move {
             while let Some(events) = rx.recv().await {
                 if tx.send(events).await.is_err() {
-                    break;
+                    return;
                 }
             }
+            let _ = ended.send("postgres");
         })));
     }
     drop(merged_tx);
-    let source_health = health.source(if kafka_config.is_some() { "kafka" } else { "postgres" });
 
     // Batcher: cut by count or by time.
     let (batch_tx, batch_rx) = mpsc::channel::<Vec<ChangeEvent>>(4);
@@ -233,7 +243,6 @@ pub async fn run(
                     Ok(None) | Err(_) => break,
                 }
             }
-            source_health.progress();
             if batch_tx.send(batch).await.is_err() {
                 break;
             }
@@ -284,6 +293,17 @@ pub async fn run(
         let next = tokio::select! {
             () = &mut shutdown, if source.is_some() => {
                 tracing::info!("shutdown requested: draining in-flight batches");
+                if let Some(s) = source.take() {
+                    stopping = Some(tokio::spawn(s.shutdown()));
+                }
+                drain_deadline = Some(
+                    tokio::time::Instant::now()
+                        + Duration::from_secs(config.pipeline.shutdown_timeout_s),
+                );
+                continue;
+            }
+            Some(name) = ended_rx.recv(), if source.is_some() => {
+                tracing::error!(source = name, "source stopped; draining and stopping the run");
                 if let Some(s) = source.take() {
                     stopping = Some(tokio::spawn(s.shutdown()));
                 }

@@ -300,3 +300,85 @@ listen = ""
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_under_a_running_connector_stops_it_with_the_reason() {
+    let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let dbname = unique("dropsrc");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .unwrap();
+    let src_url = common::pg_url_for_db(&dbname);
+    let src = pg_connect(&src_url).await;
+    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let slot = unique("slot");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "dropped-slot-test"
+[sources.postgres]
+url = "{src_url}"
+publication = "p"
+slot = "{slot}"
+tables = ["t"]
+[sinks.delta]
+uri = "{lake}"
+[telemetry]
+listen = ""
+"#,
+            lake = dir.path().join("lake").display(),
+        ),
+    )
+    .unwrap();
+    let mut run = start(&config);
+    wait_for("streaming", async || {
+        admin
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await
+            .is_ok_and(|r| r.is_some())
+    })
+    .await;
+    // An operator drops the slot: terminate its walsender and drop it before the reconnect.
+    wait_for("the slot to be dropped", async || {
+        let _ = admin
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await;
+        admin
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .is_ok()
+    })
+    .await;
+    for _ in 0..300 {
+        if run.0.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        run.0.try_wait().unwrap().is_some(),
+        "the run must stop: {}",
+        std::fs::read_to_string(config.with_extension("log")).unwrap()
+    );
+    let code = run.0.wait().unwrap().code();
+    let log = std::fs::read_to_string(config.with_extension("log")).unwrap();
+    assert_ne!(code, Some(0), "{log}");
+    assert!(log.contains(&slot), "the error names the slot: {log}");
+    drop(src);
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

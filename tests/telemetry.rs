@@ -182,3 +182,121 @@ listen = "127.0.0.1:{port}"
     assert!(!log.contains(SECRET), "the secret leaked into the log");
     assert!(!text.contains(SECRET), "the secret leaked into a metric");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sources_stay_ready_and_a_stalled_postgres_loop_turns_readyz_red() {
+    use common::kafka::create_topic;
+    use common::run::{start, stop, wait_for};
+    use common::{env, pg_connect, unique};
+
+    let topic = create_topic(1).await;
+    let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let dbname = unique("telsrc");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .unwrap();
+    let src_url = common::pg_url_for_db(&dbname);
+    pg_connect(&src_url)
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let slot = unique("slot");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "readiness-test"
+[sources.postgres]
+url = "{src_url}"
+publication = "p"
+slot = "{slot}"
+tables = ["t"]
+slot_check_interval_s = 1
+[sources.kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+commit_interval_ms = 300
+dead_letter = {{ path = "{dlq}" }}
+[[sources.kafka.topics]]
+name = "{topic}"
+key_columns = ["id"]
+[sinks.delta]
+uri = "{lake}"
+[telemetry]
+listen = "127.0.0.1:{port}"
+ready_window_s = 2
+"#,
+            brokers = env("TRIBUTARY_KAFKA_BROKERS"),
+            group = unique("group"),
+            dlq = dir.path().join("dlq.jsonl").display(),
+            lake = dir.path().join("lake").display(),
+        ),
+    )
+    .unwrap();
+    let run = start(&config);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for("the endpoint", async || {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+    wait_for("ready", async || get(addr, "/readyz").await.0 == 200).await;
+    // Nothing happens on either source for twice the window: both are idle, not stalled.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let (code, body) = get(addr, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("kafka") && body.contains("postgres"), "{body}");
+    let text = get(addr, "/metrics").await.1;
+    assert!(
+        sample(&text, &format!("tributary_postgres_slot_lag_bytes{{slot=\"{slot}\"}}")).is_some(),
+        "{text}"
+    );
+
+    // The replication connection drops and cannot come back: the loop stalls, /readyz says so.
+    admin
+        .batch_execute(&format!("ALTER DATABASE {dbname} ALLOW_CONNECTIONS false"))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    wait_for("/readyz to turn red", async || {
+        let (code, body) = get(addr, "/readyz").await;
+        code == 503 && body.lines().any(|l| l.contains("postgres") && l.contains("no progress"))
+    })
+    .await;
+    // Connections allowed again: the source reconnects (backoff) and is ready again.
+    admin
+        .batch_execute(&format!("ALTER DATABASE {dbname} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    wait_for("/readyz to recover", async || get(addr, "/readyz").await.0 == 200).await;
+    let (code, log) = stop(run, &config);
+    assert_eq!(code, 0, "{log}");
+
+    for _ in 0..50 {
+        if admin
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

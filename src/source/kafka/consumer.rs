@@ -12,6 +12,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use crate::telemetry::health::SourceHealth;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -102,6 +103,16 @@ pub async fn start(
     config: &KafkaConfig,
     capacity: usize,
 ) -> Result<(mpsc::Receiver<Vec<KafkaEvent>>, KafkaSourceHandle), KafkaSourceError> {
+    start_with_health(config, capacity, None).await
+}
+
+/// [`start`], reporting liveness to `health`: every message received, and every commit tick
+/// while the consumer has no errors (an idle topic is alive; a broker out of reach is not).
+pub async fn start_with_health(
+    config: &KafkaConfig,
+    capacity: usize,
+    health: Option<SourceHealth>,
+) -> Result<(mpsc::Receiver<Vec<KafkaEvent>>, KafkaSourceHandle), KafkaSourceError> {
     let props = config
         .librdkafka_properties()
         .map_err(|e| KafkaSourceError::Config(e.to_string()))?;
@@ -159,6 +170,7 @@ pub async fn start(
         batch: Vec::with_capacity(MAX_BATCH),
         props,
         commit_interval: Duration::from_millis(config.commit_interval_ms),
+        health,
     };
     let task = tokio::spawn(worker.run(stopped));
     Ok((
@@ -185,6 +197,7 @@ struct Worker {
     batch: Vec<KafkaEvent>,
     props: SecretMap,
     commit_interval: Duration,
+    health: Option<SourceHealth>,
 }
 
 /// Events handed over per channel message: one wake-up of the pipeline per batch, not per
@@ -228,6 +241,11 @@ impl Worker {
                     biased;
                     _ = stopped.changed() => break Ok(()),
                     _ = tick.tick() => {
+                        if failures == 0 {
+                            if let Some(h) = &self.health {
+                                h.progress();
+                            }
+                        }
                         commit(&*consumer, &self.shared, None, CommitMode::Async);
                         last_commit = Instant::now();
                         continue;
@@ -237,6 +255,9 @@ impl Worker {
             };
             match received {
                 Ok(message) => {
+                    if let Some(h) = &self.health {
+                        h.progress();
+                    }
                     if failures > 0 {
                         tracing::info!("Kafka consumer receiving again");
                         failures = 0;

@@ -26,7 +26,7 @@ pub mod decode;
 pub mod offsets;
 mod row_json;
 
-pub use consumer::{KafkaAcker, KafkaSourceHandle, start};
+pub use consumer::{KafkaAcker, KafkaSourceHandle, start, start_with_health};
 pub use decode::{Decoded, KafkaEvent, KafkaMeta};
 
 use crate::error::{Classify, ErrorKind};

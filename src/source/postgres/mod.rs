@@ -100,6 +100,45 @@ fn replication_url(url: &str) -> String {
     }
 }
 
+/// An ordinary connection with the session settings the text conversions expect.
+async fn sql_connect(url: &str) -> Result<Client, PgSourceError> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(db)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "PostgreSQL source connection closed");
+        }
+    });
+    client
+        .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3")
+        .await
+        .map_err(db)?;
+    Ok(client)
+}
+
+/// A server refusing connections for now (starting up, shutting down, connections disallowed).
+fn is_refused(e: &PgSourceError) -> bool {
+    match e {
+        PgSourceError::Connection(e) => e.as_db_error().is_some_and(|d| {
+            matches!(d.code().code(), "57P03" | "57P01" | "57P02" | "55000" | "53300")
+        }),
+        _ => false,
+    }
+}
+
+/// Errors re-connecting cannot fix: the slot or publication is gone, or the role lost its rights.
+fn is_permanent_start_error(e: &ReplicationError) -> bool {
+    let m = e.to_string();
+    [
+        "does not exist",
+        "permission denied",
+        "must be superuser or replication role",
+        "password authentication failed",
+    ]
+        .iter()
+        .any(|p| m.contains(p))
+        && !m.contains("connection refused")
+}
+
 /// Names of non-built-in types (extensions such as pgvector's `vector`), by OID.
 async fn load_type_names(client: &Client) -> Result<HashMap<u32, String>, PgSourceError> {
     let rows = client
@@ -189,20 +228,7 @@ impl PostgresSourceReader {
                 "the PostgreSQL source needs a multi-thread Tokio runtime".into(),
             ));
         }
-        let (client, conn) = tokio_postgres::connect(cfg.url.expose(), NoTls)
-            .await
-            .map_err(db)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::warn!(error = %e, "PostgreSQL source connection closed");
-            }
-        });
-        client
-            .batch_execute(
-                "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3",
-            )
-            .await
-            .map_err(db)?;
+        let client = sql_connect(cfg.url.expose()).await?;
         let version: i32 = client
             .query_one("SELECT current_setting('server_version_num')::int4", &[])
             .await
@@ -571,6 +597,19 @@ impl PostgresSourceReader {
         if self.started && self.stream.is_some() {
             return Ok(());
         }
+        // `START_REPLICATION` through pg_walstream creates a missing slot: a slot dropped under
+        // us would silently come back empty, its changes lost. Check first.
+        self.ensure_client().await?;
+        let dropped = || {
+            PgSourceError::Setup(format!(
+                "replication slot {:?} was dropped while running; restart to apply \
+                 sources.postgres.on_slot_lost ({:?})",
+                self.cfg.slot, self.cfg.on_slot_lost
+            ))
+        };
+        let Some((_, _, before)) = self.slot_row().await? else {
+            return Err(dropped());
+        };
         use backon::{ExponentialBuilder, Retryable};
         let url = replication_url(self.cfg.url.expose());
         let config = self.stream_config(&self.cfg.slot, "nothing", false);
@@ -589,20 +628,29 @@ impl PostgresSourceReader {
                 Ok::<_, ReplicationError>(s)
             }
         };
+        // The slot and publication were checked at start-up, so a failure here is the server
+        // being away (restart, failover, connections refused): retry until it is back, except
+        // for what no retry can fix.
         let stream = start
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(200))
                     .with_max_delay(Duration::from_secs(10))
-                    .with_max_times(12)
+                    .without_max_times()
                     .with_jitter(),
             )
-            .when(|e: &ReplicationError| e.is_transient())
+            .when(|e: &ReplicationError| e.is_transient() || !is_permanent_start_error(e))
             .notify(|e, after| {
                 tracing::warn!(error = %e, retry_in = ?after, "PostgreSQL replication connection failed; retrying");
             })
             .await
             .map_err(repl)?;
+        // Only this source moves the slot, so a slot now ahead of where it was (and of what we
+        // flushed) was dropped and re-created by the START above in between: its changes are lost.
+        match self.slot_row().await? {
+            Some((_, _, now)) if now <= before.max(self.flushed) => {}
+            _ => return Err(dropped()),
+        }
         // Discard anything half-received on the old connection: the server sends it again.
         self.open_tx = None;
         self.streams.clear();
@@ -990,8 +1038,33 @@ impl PostgresSourceReader {
         Ok(())
     }
 
+    /// Re-opens the SQL connection after the server went away (restart, failover), retrying
+    /// with backoff until it is back.
+    async fn ensure_client(&mut self) -> Result<(), PgSourceError> {
+        if !self.client.is_closed() {
+            return Ok(());
+        }
+        use backon::{ExponentialBuilder, Retryable};
+        let url = self.cfg.url.expose().to_string();
+        self.client = (|| sql_connect(&url))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(10))
+                    .without_max_times()
+                    .with_jitter(),
+            )
+            .when(|e: &PgSourceError| e.kind() == ErrorKind::Connection || is_refused(e))
+            .notify(|e, after| {
+                tracing::warn!(error = %e, retry_in = ?after, "PostgreSQL connection failed; retrying");
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Heartbeat writes and slot health, at their configured intervals.
     async fn periodic(&mut self) -> Result<(), PgSourceError> {
+        self.ensure_client().await?;
         let now = std::time::Instant::now();
         if let Some(h) = &self.cfg.heartbeat_table {
             if now.duration_since(self.last_heartbeat) >= Duration::from_secs(self.cfg.heartbeat_interval_s)

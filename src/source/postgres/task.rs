@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use super::{PgSourceError, PostgresSourceReader};
 use crate::config::PostgresSource;
 use crate::event::{ChangeEvent, Position};
+use crate::telemetry::health::SourceHealth;
 
 /// How long a poll waits for new changes before acknowledgements are applied.
 const POLL_WAIT: Duration = Duration::from_millis(100);
@@ -54,11 +55,12 @@ impl PostgresSourceHandle {
 }
 
 /// Connects (publication, slot, snapshot plan) and starts reading: batches of up to
-/// `max_events`, at most `capacity` queued.
+/// `max_events`, at most `capacity` queued; every completed poll is reported to `health`.
 pub async fn start(
     cfg: &PostgresSource,
     capacity: usize,
     max_events: usize,
+    health: Option<SourceHealth>,
 ) -> Result<(mpsc::Receiver<Vec<ChangeEvent>>, PostgresSourceHandle), PgSourceError> {
     let mut reader = PostgresSourceReader::connect(cfg).await?;
     let (tx, rx) = mpsc::channel(capacity.max(1));
@@ -72,6 +74,11 @@ pub async fn start(
                 break;
             }
             let events = reader.poll(max_events, POLL_WAIT).await?;
+            // A poll that returned is a live loop, idle or not; a stalled connection (retrying
+            // with backoff inside `poll`) or a full pipeline stops these signals.
+            if let Some(h) = &health {
+                h.progress();
+            }
             if events.is_empty() {
                 continue;
             }
