@@ -46,6 +46,8 @@ pub struct Snapshot {
     next_ordinal: u64,
     chunk_rows: u32,
     type_names: HashMap<u32, String>,
+    /// Rows done / estimated, drawn only when stderr is a terminal (metrics carry it otherwise).
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl Snapshot {
@@ -96,7 +98,20 @@ impl Snapshot {
             metrics::gauge!("tributary_snapshot_rows_estimated", "table" => format!("{}.{}", t.schema, t.name))
                 .set(t.estimated_rows.max(0) as f64);
         }
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+            let total: i64 = planned.iter().map(|t| t.estimated_rows.max(0)).sum();
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "snapshot {msg} [{bar:30}] {human_pos}/~{human_len} rows ({per_sec}, eta {eta})",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar
+        });
         Ok(Snapshot {
+            bar,
             client,
             tables: planned,
             current: 0,
@@ -194,6 +209,10 @@ impl Snapshot {
                 self.next_ordinal += 1;
             }
             t.rows += out.len() as u64;
+            if let Some(bar) = &self.bar {
+                bar.set_message(source.clone());
+                bar.inc(out.len() as u64);
+            }
             metrics::counter!("tributary_snapshot_rows_total", "table" => source)
                 .increment(out.len() as u64);
             return Ok(out);
@@ -203,6 +222,9 @@ impl Snapshot {
 
     /// Ends the snapshot transaction.
     pub async fn close(self) -> Result<(), PgSourceError> {
+        if let Some(bar) = &self.bar {
+            bar.finish_with_message("done");
+        }
         self.client.batch_execute("COMMIT").await.map_err(db)
     }
 }
