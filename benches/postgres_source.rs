@@ -38,7 +38,10 @@ async fn main() {
     let (admin, conn) = tokio_postgres::connect(&base, NoTls).await.unwrap();
     tokio::spawn(conn);
     let db = format!("bench_pgsrc_{}", std::process::id());
-    admin.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
     let mut url = url::Url::parse(&base).unwrap();
     url.set_path(&db);
     let url = url.to_string();
@@ -57,10 +60,16 @@ async fn main() {
         for run in 0..RUNS {
             client.batch_execute("TRUNCATE narrow").await.unwrap();
             let pid = std::process::id();
-            let (a, b) = (format!("bench_a_{pid}_{run}_{per_tx}"), format!("bench_b_{pid}_{run}_{per_tx}"));
+            let (a, b) = (
+                format!("bench_a_{pid}_{run}_{per_tx}"),
+                format!("bench_b_{pid}_{run}_{per_tx}"),
+            );
             for s in [&a, &b] {
                 client
-                    .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[s])
+                    .execute(
+                        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                        &[s],
+                    )
                     .await
                     .unwrap();
             }
@@ -87,7 +96,16 @@ async fn main() {
                 // pg_recvlogical: receives the same changes and writes them out (to /dev/null).
                 let t = Instant::now();
                 let status = Command::new(format!("{bin}/pg_recvlogical"))
-                    .args(["-d", &url, "--slot", &b, "--start", "--no-loop", "-f", "/dev/null"])
+                    .args([
+                        "-d",
+                        &url,
+                        "--slot",
+                        &b,
+                        "--start",
+                        "--no-loop",
+                        "-f",
+                        "/dev/null",
+                    ])
                     .args(["--endpos", &endpos])
                     .args(["-o", "proto_version=2", "-o", "publication_names=bench_pub"])
                     .args(["-o", "streaming=on"])
@@ -107,7 +125,11 @@ async fn main() {
                     let connected = t.elapsed();
                     let mut got = 0;
                     while got < rows {
-                        got += src.poll(10_000, Duration::from_millis(200)).await.unwrap().len();
+                        got += src
+                            .poll(10_000, Duration::from_millis(200))
+                            .await
+                            .unwrap()
+                            .len();
                     }
                     let rate = rows as f64 / t.elapsed().as_secs_f64();
                     src.close().await;
@@ -132,7 +154,9 @@ async fn main() {
             connect.push(ms);
             tokio::time::sleep(Duration::from_millis(300)).await;
             for s in [&a, &b] {
-                let _ = client.execute("SELECT pg_drop_replication_slot($1)", &[s]).await;
+                let _ = client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[s])
+                    .await;
             }
         }
         let (o, p) = (median(ours.clone()), median(theirs.clone()));
@@ -142,7 +166,11 @@ async fn main() {
             ours.iter().map(|x| *x as u64).collect::<Vec<_>>(),
             theirs.iter().map(|x| *x as u64).collect::<Vec<_>>()
         );
-        println!("{:>20}  (tributary's time includes connecting and checking the publication: median {:.0} ms)", "", median(connect));
+        println!(
+            "{:>20}  (tributary's time includes connecting and checking the publication: median {:.0} ms)",
+            "",
+            median(connect)
+        );
     }
     drop(client);
     admin

@@ -184,8 +184,8 @@ pub async fn run(
             in_batches(kafka::consumer::MAX_BATCH),
             Some(health.source("kafka")),
         )
-            .await
-            .map_err(|e| PipelineError::Source(e.to_string()))?;
+        .await
+        .map_err(|e| PipelineError::Source(e.to_string()))?;
         sources.kafka_acker = Some(handle.acker());
         sources.kafka = Some(handle);
         let tx = merged_tx.clone();

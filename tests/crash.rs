@@ -34,7 +34,10 @@ async fn workload(url: String) -> u64 {
         for j in 0..20 {
             let id = deleted + 1 + ((round * 37 + j * 11) % (next_id - deleted - 1));
             changes += c
-                .execute("UPDATE items SET v = v + 1, note = note || '+' WHERE id = $1", &[&id])
+                .execute(
+                    "UPDATE items SET v = v + 1, note = note || '+' WHERE id = $1",
+                    &[&id],
+                )
                 .await
                 .unwrap();
         }
@@ -75,9 +78,11 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         .unwrap();
     let src_url = common::pg_url_for_db(&dbname);
     let src = pg_connect(&src_url).await;
-    src.batch_execute("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text NOT NULL)")
-        .await
-        .unwrap();
+    src.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text NOT NULL)",
+    )
+    .await
+    .unwrap();
     let slot = unique("slot");
     let schema = unique("crash");
     let dir = tempfile::tempdir().unwrap();
@@ -131,7 +136,9 @@ listen = ""
     let mut aborts = 0;
     let started = Instant::now();
     while kills + aborts < KILLS || !work.is_finished() {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let after = Duration::from_millis(150 + (x >> 33) % 750);
         let point = (cfg!(feature = "failpoints") && (kills + aborts) % 3 == 2).then(|| {
             if (x >> 20) % 2 == 0 {
@@ -142,7 +149,8 @@ listen = ""
         });
         let run = match point {
             Some(p) => {
-                let run = common::run::start_with_env(&config, &[("FAILPOINTS", &format!("{p}=return"))]);
+                let run =
+                    common::run::start_with_env(&config, &[("FAILPOINTS", &format!("{p}=return"))]);
                 let deadline = Instant::now() + Duration::from_secs(10);
                 let mut run = run;
                 while run.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
@@ -163,10 +171,16 @@ listen = ""
         };
         sigkill(run);
         kills += 1;
-        assert!(started.elapsed() < Duration::from_secs(600), "crash loop took too long");
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "crash loop took too long"
+        );
     }
     let changes = work.await.unwrap();
-    assert!(changes >= 50_000, "the workload is at least 50,000 changes ({changes})");
+    assert!(
+        changes >= 50_000,
+        "the workload is at least 50,000 changes ({changes})"
+    );
     assert!(kills + aborts >= KILLS);
 
     // A last clean run catches up.
@@ -208,9 +222,7 @@ listen = ""
         .collect();
     let got: Vec<(i32, i32, String)> = pg
         .query(
-            &format!(
-                "SELECT id, (payload->>'v')::int, payload->>'note' FROM {table} ORDER BY id"
-            ),
+            &format!("SELECT id, (payload->>'v')::int, payload->>'note' FROM {table} ORDER BY id"),
             &[],
         )
         .await
@@ -219,7 +231,10 @@ listen = ""
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     assert_eq!(got.len(), expected.len());
-    assert!(got == expected, "pgvector differs from the source after {kills} kills");
+    assert!(
+        got == expected,
+        "pgvector differs from the source after {kills} kills"
+    );
 
     // Bronze: every change exactly once — as many rows as the workload changed, no position twice.
     let (rows, distinct) = common::bronze_positions(&dir.path().join("lake").join("public.items"));
@@ -268,9 +283,11 @@ async fn a_slow_sink_slows_the_source_and_memory_stays_bounded() {
         .unwrap();
     let src_url = common::pg_url_for_db(&dbname);
     let src = pg_connect(&src_url).await;
-    src.batch_execute("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text NOT NULL)")
-        .await
-        .unwrap();
+    src.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text NOT NULL)",
+    )
+    .await
+    .unwrap();
     let slot = unique("slot");
     let schema = unique("slow");
     let dir = tempfile::tempdir().unwrap();
@@ -303,7 +320,10 @@ listen = ""
     )
     .unwrap();
     // Every batch takes at least 250 ms in the sinks.
-    let run = common::run::start_with_env(&config, &[("FAILPOINTS", "pipeline::before-ack=sleep(250)")]);
+    let run = common::run::start_with_env(
+        &config,
+        &[("FAILPOINTS", "pipeline::before-ack=sleep(250)")],
+    );
     let pid = run.0.id();
     wait_for("the initial snapshot", async || {
         src.query_opt(

@@ -166,7 +166,6 @@ listen = ""
     assert_eq!((rows, distinct), (31, 31));
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_snapshot_and_stream_land_once_in_bronze_and_pgvector_equals_the_source() {
     // The source database with rows before the connector's first start.
@@ -233,7 +232,11 @@ listen = ""
     };
     let run = start(&config);
     wait_for("the snapshot in pgvector", async || {
-        count(format!("SELECT count(*) FROM {table} WHERE embedding IS NOT NULL")).await == 200
+        count(format!(
+            "SELECT count(*) FROM {table} WHERE embedding IS NOT NULL"
+        ))
+        .await
+            == 200
     })
     .await;
     src.batch_execute(
@@ -266,7 +269,10 @@ listen = ""
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let got: Vec<(i32, String)> = pg
-        .query(&format!("SELECT id, payload->>'note' FROM {table} ORDER BY id"), &[])
+        .query(
+            &format!("SELECT id, payload->>'note' FROM {table} ORDER BY id"),
+            &[],
+        )
         .await
         .unwrap()
         .iter()

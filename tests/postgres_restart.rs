@@ -16,7 +16,10 @@ use tributary::source::postgres::PostgresSourceReader;
 async fn server_restart_mid_stream_resumes_with_no_gap_and_no_duplicate() {
     let admin = common::pg_connect(&common::env("TRIBUTARY_PG_URL")).await;
     let db = common::unique("restart");
-    admin.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
     let url = common::pg_url_for_db(&db);
     common::pg_connect(&url)
         .await
@@ -33,7 +36,12 @@ async fn server_restart_mid_stream_resumes_with_no_gap_and_no_duplicate() {
     let slot = common::unique("slot");
     let cfg = PostgresSource::new(ConnString::new(url.clone()), "p", &slot, &["t"]);
     let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
-    assert!(src.poll(10, Duration::from_millis(200)).await.unwrap().is_empty());
+    assert!(
+        src.poll(10, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Writer: 1..=300 in single-row transactions, reconnecting across the restart.
     let writer = {
@@ -93,8 +101,16 @@ async fn server_restart_mid_stream_resumes_with_no_gap_and_no_duplicate() {
             }
         })
         .collect();
-    assert_eq!(ids, (1..=300).collect::<Vec<_>>(), "every insert once, in order");
-    assert_ne!(before, started_at(common::pg_connect(&url).await).await, "the server restarted");
+    assert_eq!(
+        ids,
+        (1..=300).collect::<Vec<_>>(),
+        "every insert once, in order"
+    );
+    assert_ne!(
+        before,
+        started_at(common::pg_connect(&url).await).await,
+        "the server restarted"
+    );
     src.close().await;
 
     let admin = common::pg_connect(&common::env("TRIBUTARY_PG_URL")).await;

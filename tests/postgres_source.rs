@@ -37,7 +37,12 @@ impl Db {
     }
 
     fn config(&self, tables: &[&str]) -> PostgresSource {
-        PostgresSource::new(ConnString::new(self.url.clone()), "trib pub", &self.slot, tables)
+        PostgresSource::new(
+            ConnString::new(self.url.clone()),
+            "trib pub",
+            &self.slot,
+            tables,
+        )
     }
 
     async fn drop_only_slot(&self) {
@@ -357,7 +362,11 @@ async fn table_state(
 fn no_duplicate_positions(evs: &[ChangeEvent]) {
     let mut seen = std::collections::HashSet::new();
     for e in evs {
-        assert!(seen.insert(e.position.clone()), "position {:?} delivered twice", e.position);
+        assert!(
+            seen.insert(e.position.clone()),
+            "position {:?} delivered twice",
+            e.position
+        );
     }
 }
 
@@ -392,13 +401,23 @@ async fn snapshot_with_concurrent_writes_misses_and_doubles_nothing() {
         })
     };
     let first = src.poll(50_000, WAIT).await.unwrap();
-    assert!(first.len() <= 500, "snapshot chunks hold at most snapshot_chunk_rows rows");
+    assert!(
+        first.len() <= 500,
+        "snapshot chunks hold at most snapshot_chunk_rows rows"
+    );
     writer.await.unwrap();
     let mut evs = first;
     evs.extend(poll_all(&mut src).await);
     let snap: Vec<&ChangeEvent> = evs.iter().filter(|e| e.op == Op::Snapshot).collect();
-    assert_eq!(snap.len(), 3000, "every row existing at slot creation, once");
-    assert!(evs[..3000].iter().all(|e| e.op == Op::Snapshot), "snapshot rows come first");
+    assert_eq!(
+        snap.len(),
+        3000,
+        "every row existing at slot creation, once"
+    );
+    assert!(
+        evs[..3000].iter().all(|e| e.op == Op::Snapshot),
+        "snapshot rows come first"
+    );
     assert_eq!(evs.len() - 3000, 150, "every later change, once");
     no_duplicate_positions(&evs);
     for w in evs.windows(2) {
@@ -429,7 +448,12 @@ async fn interrupted_snapshot_resumes_without_emitting_completed_tables_again() 
     cfg.snapshot_chunk_rows = 40;
     let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
     let mut first = Vec::new();
-    while first.iter().filter(|e: &&ChangeEvent| e.source == "public.b").count() == 0 {
+    while first
+        .iter()
+        .filter(|e: &&ChangeEvent| e.source == "public.b")
+        .count()
+        == 0
+    {
         first.extend(src.poll(1000, WAIT).await.unwrap());
     }
     let last_a = first.iter().rev().find(|e| e.source == "public.a").unwrap();
@@ -444,24 +468,61 @@ async fn interrupted_snapshot_resumes_without_emitting_completed_tables_again() 
 
     let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
     let second = poll_all(&mut src).await;
-    let a_snap = second.iter().filter(|e| e.source == "public.a" && e.op == Op::Snapshot).count();
-    assert_eq!(a_snap, 0, "table a's snapshot was durable: not emitted again");
-    let b_snap = second.iter().filter(|e| e.source == "public.b" && e.op == Op::Snapshot).count();
-    assert_eq!(b_snap, 101, "table b is read again from a fresh snapshot (with the new row)");
+    let a_snap = second
+        .iter()
+        .filter(|e| e.source == "public.a" && e.op == Op::Snapshot)
+        .count();
+    assert_eq!(
+        a_snap, 0,
+        "table a's snapshot was durable: not emitted again"
+    );
+    let b_snap = second
+        .iter()
+        .filter(|e| e.source == "public.b" && e.op == Op::Snapshot)
+        .count();
+    assert_eq!(
+        b_snap, 101,
+        "table b is read again from a fresh snapshot (with the new row)"
+    );
     let inserts: Vec<&str> = second
         .iter()
         .filter(|e| e.op == Op::Insert)
         .map(|e| e.source.as_str())
         .collect();
-    assert_eq!(inserts, vec!["public.a"], "b's insert is in its new snapshot, not streamed twice");
+    assert_eq!(
+        inserts,
+        vec!["public.a"],
+        "b's insert is in its new snapshot, not streamed twice"
+    );
     // Resumed snapshot rows sort after anything the interrupted attempt handed out.
     assert!(second[0].position > first.last().unwrap().position);
     let mut a = Default::default();
-    apply(&mut a, &first.iter().filter(|e| e.source == "public.a").cloned().collect::<Vec<_>>());
-    apply(&mut a, &second.iter().filter(|e| e.source == "public.a").cloned().collect::<Vec<_>>());
+    apply(
+        &mut a,
+        &first
+            .iter()
+            .filter(|e| e.source == "public.a")
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    apply(
+        &mut a,
+        &second
+            .iter()
+            .filter(|e| e.source == "public.a")
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
     assert_eq!(a, table_state(&db.client, "a").await);
     let mut b = Default::default();
-    apply(&mut b, &second.iter().filter(|e| e.source == "public.b").cloned().collect::<Vec<_>>());
+    apply(
+        &mut b,
+        &second
+            .iter()
+            .filter(|e| e.source == "public.b")
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
     assert_eq!(b, table_state(&db.client, "b").await);
     src.close().await;
     db.drop_slot().await;
@@ -471,9 +532,15 @@ async fn interrupted_snapshot_resumes_without_emitting_completed_tables_again() 
 async fn large_transaction_is_streamed_and_spilled_and_an_aborted_one_emits_nothing() {
     let db = Db::new("CREATE TABLE big (id int PRIMARY KEY, name text NOT NULL);").await;
     // Make the server stream any transaction past 1 MB of changes (protocol v2).
-    let dbname = url::Url::parse(&db.url).unwrap().path().trim_start_matches('/').to_owned();
+    let dbname = url::Url::parse(&db.url)
+        .unwrap()
+        .path()
+        .trim_start_matches('/')
+        .to_owned();
     db.admin
-        .batch_execute(&format!("ALTER DATABASE {dbname} SET logical_decoding_work_mem = '1MB'"))
+        .batch_execute(&format!(
+            "ALTER DATABASE {dbname} SET logical_decoding_work_mem = '1MB'"
+        ))
         .await
         .unwrap();
     let mut cfg = db.config(&["big"]);
@@ -502,11 +569,24 @@ async fn large_transaction_is_streamed_and_spilled_and_an_aborted_one_emits_noth
     }
     evs.extend(poll_all(&mut src).await);
     if evs.len() != 200_000 {
-        let ids: std::collections::BTreeSet<i32> = evs.iter().filter_map(|e| match e.key.get("id") { Some(Value::Int32(i)) => Some(*i), _ => None }).collect();
+        let ids: std::collections::BTreeSet<i32> = evs
+            .iter()
+            .filter_map(|e| match e.key.get("id") {
+                Some(Value::Int32(i)) => Some(*i),
+                _ => None,
+            })
+            .collect();
         let missing: Vec<i32> = (1..=200_000).filter(|i| !ids.contains(i)).take(5).collect();
-        eprintln!("missing {missing:?}; first {:?}", evs.first().map(|e| (&e.position, &e.key)));
+        eprintln!(
+            "missing {missing:?}; first {:?}",
+            evs.first().map(|e| (&e.position, &e.key))
+        );
     }
-    assert_eq!(evs.len(), 200_000, "the committed rows once; aborted ones never");
+    assert_eq!(
+        evs.len(),
+        200_000,
+        "the committed rows once; aborted ones never"
+    );
     let commit = match evs[0].position {
         Position::Lsn { commit_lsn, .. } => commit_lsn,
         _ => unreachable!(),
@@ -514,10 +594,16 @@ async fn large_transaction_is_streamed_and_spilled_and_an_aborted_one_emits_noth
     for (i, e) in evs.iter().enumerate() {
         assert_eq!(
             e.position,
-            Position::Lsn { commit_lsn: commit, tx_ordinal: i as u64 }
+            Position::Lsn {
+                commit_lsn: commit,
+                tx_ordinal: i as u64
+            }
         );
     }
-    assert!(evs.iter().all(|e| !matches!(int(e, "after", "name"), Some(Value::Text(ref s)) if s == "gone")));
+    assert!(
+        evs.iter()
+            .all(|e| !matches!(int(e, "after", "name"), Some(Value::Text(ref s)) if s == "gone"))
+    );
     let streamed: i64 = db
         .admin
         .query_one(
@@ -527,7 +613,10 @@ async fn large_transaction_is_streamed_and_spilled_and_an_aborted_one_emits_noth
         .await
         .unwrap()
         .get(0);
-    assert!(streamed >= 1, "the server streamed the transaction in progress");
+    assert!(
+        streamed >= 1,
+        "the server streamed the transaction in progress"
+    );
     src.close().await;
     db.drop_slot().await;
 }
@@ -535,7 +624,9 @@ async fn large_transaction_is_streamed_and_spilled_and_an_aborted_one_emits_noth
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_connection_resumes_with_no_gap_and_no_duplicate() {
     let db = Db::new("CREATE TABLE t (id int PRIMARY KEY, name text NOT NULL);").await;
-    let mut src = PostgresSourceReader::connect(&db.config(&["t"])).await.unwrap();
+    let mut src = PostgresSourceReader::connect(&db.config(&["t"]))
+        .await
+        .unwrap();
     assert!(src.poll(10, WAIT).await.unwrap().is_empty());
     db.client
         .batch_execute("INSERT INTO t SELECT g, 'r' || g FROM generate_series(1, 100) g")
@@ -573,7 +664,9 @@ async fn idle_publication_still_advances_the_slot() {
          CREATE TABLE busy (id serial PRIMARY KEY, v text);",
     )
     .await;
-    let mut src = PostgresSourceReader::connect(&db.config(&["t"])).await.unwrap();
+    let mut src = PostgresSourceReader::connect(&db.config(&["t"]))
+        .await
+        .unwrap();
     assert!(src.poll(10, WAIT).await.unwrap().is_empty());
     let before = src.confirmed_flush().await.unwrap();
     db.client
@@ -595,7 +688,10 @@ async fn idle_publication_still_advances_the_slot() {
             break;
         }
     }
-    assert!(advanced, "confirmed_flush_lsn must move past WAL written to unpublished tables");
+    assert!(
+        advanced,
+        "confirmed_flush_lsn must move past WAL written to unpublished tables"
+    );
     src.close().await;
     db.drop_slot().await;
 }
@@ -618,9 +714,15 @@ async fn a_dropped_slot_stops_with_a_recovery_hint_or_is_recreated() {
     assert_eq!(evs.len(), 1);
     src.close().await;
     db.drop_only_slot().await;
-    let err = PostgresSourceReader::connect(&cfg).await.err().expect("a dropped slot is an error");
+    let err = PostgresSourceReader::connect(&cfg)
+        .await
+        .err()
+        .expect("a dropped slot is an error");
     let msg = err.to_string();
-    assert!(msg.contains("dropped") && msg.contains("on_slot_lost"), "{msg}");
+    assert!(
+        msg.contains("dropped") && msg.contains("on_slot_lost"),
+        "{msg}"
+    );
     cfg.on_slot_lost = tributary::config::SlotLostPolicy::Recreate;
     let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
     let again = poll_all(&mut src).await;

@@ -252,10 +252,17 @@ ready_window_s = 2
     tokio::time::sleep(std::time::Duration::from_secs(4)).await;
     let (code, body) = get(addr, "/readyz").await;
     assert_eq!(code, 200, "{body}");
-    assert!(body.contains("kafka") && body.contains("postgres"), "{body}");
+    assert!(
+        body.contains("kafka") && body.contains("postgres"),
+        "{body}"
+    );
     let text = get(addr, "/metrics").await.1;
     assert!(
-        sample(&text, &format!("tributary_postgres_slot_lag_bytes{{slot=\"{slot}\"}}")).is_some(),
+        sample(
+            &text,
+            &format!("tributary_postgres_slot_lag_bytes{{slot=\"{slot}\"}}")
+        )
+        .is_some(),
         "{text}"
     );
 
@@ -273,7 +280,10 @@ ready_window_s = 2
         .unwrap();
     wait_for("/readyz to turn red", async || {
         let (code, body) = get(addr, "/readyz").await;
-        code == 503 && body.lines().any(|l| l.contains("postgres") && l.contains("no progress"))
+        code == 503
+            && body
+                .lines()
+                .any(|l| l.contains("postgres") && l.contains("no progress"))
     })
     .await;
     // Connections allowed again: the source reconnects (backoff) and is ready again.
@@ -281,7 +291,10 @@ ready_window_s = 2
         .batch_execute(&format!("ALTER DATABASE {dbname} ALLOW_CONNECTIONS true"))
         .await
         .unwrap();
-    wait_for("/readyz to recover", async || get(addr, "/readyz").await.0 == 200).await;
+    wait_for("/readyz to recover", async || {
+        get(addr, "/readyz").await.0 == 200
+    })
+    .await;
     let (code, log) = stop(run, &config);
     assert_eq!(code, 0, "{log}");
 

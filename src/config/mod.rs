@@ -672,9 +672,21 @@ impl Config {
                     u64::from(pg.snapshot_chunk_rows),
                     1..=10_000_000,
                 ),
-                ("sources.postgres.max_tx_memory_mb", pg.max_tx_memory_mb, 1..=1_048_576),
-                ("sources.postgres.heartbeat_interval_s", pg.heartbeat_interval_s, 1..=86_400),
-                ("sources.postgres.slot_check_interval_s", pg.slot_check_interval_s, 1..=86_400),
+                (
+                    "sources.postgres.max_tx_memory_mb",
+                    pg.max_tx_memory_mb,
+                    1..=1_048_576,
+                ),
+                (
+                    "sources.postgres.heartbeat_interval_s",
+                    pg.heartbeat_interval_s,
+                    1..=86_400,
+                ),
+                (
+                    "sources.postgres.slot_check_interval_s",
+                    pg.slot_check_interval_s,
+                    1..=86_400,
+                ),
             ] {
                 if !range.contains(&value) {
                     return Err(ConfigError::invalid(

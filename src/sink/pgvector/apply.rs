@@ -120,7 +120,10 @@ fn moved_from(target: &Target, e: &ChangeEvent) -> Option<ChangeEvent> {
     for (k, _) in &target.keys {
         old_key.push(k.clone(), before.get(k)?.clone());
     }
-    let changed = target.keys.iter().any(|(k, _)| old_key.get(k) != e.key.get(k));
+    let changed = target
+        .keys
+        .iter()
+        .any(|(k, _)| old_key.get(k) != e.key.get(k));
     changed.then(|| ChangeEvent {
         op: Op::Delete,
         key: old_key,

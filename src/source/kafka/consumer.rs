@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::telemetry::health::SourceHealth;
 use futures::FutureExt as _;
 use metrics::Counter;
 use rdkafka::consumer::{
@@ -12,7 +13,6 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
-use crate::telemetry::health::SourceHealth;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 

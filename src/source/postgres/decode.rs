@@ -77,7 +77,9 @@ pub enum Message {
         rels: Vec<u32>,
     },
     /// Protocol v2: a block of an in-progress transaction's changes follows.
-    StreamStart { xid: u32 },
+    StreamStart {
+        xid: u32,
+    },
     StreamStop,
     StreamCommit {
         xid: u32,
@@ -86,7 +88,10 @@ pub enum Message {
         commit_ts: DateTime<Utc>,
     },
     /// `subxid == xid` aborts the whole transaction, otherwise one subtransaction.
-    StreamAbort { xid: u32, subxid: u32 },
+    StreamAbort {
+        xid: u32,
+        subxid: u32,
+    },
     /// Origin, logical decoding messages: nothing to emit.
     Other,
 }
@@ -172,7 +177,11 @@ pub fn parse(data: &[u8]) -> Result<Message, DecodeError> {
 pub fn parse_streamed(data: &[u8]) -> Result<(Option<u32>, Message), DecodeError> {
     let mut r = Reader { buf: data };
     let tag = r.u8()?;
-    let xid = if has_stream_xid(tag) { Some(r.u32()?) } else { None };
+    let xid = if has_stream_xid(tag) {
+        Some(r.u32()?)
+    } else {
+        None
+    };
     Ok((xid, body(tag, &mut r)?))
 }
 

@@ -85,7 +85,10 @@ impl Snapshot {
                 .map(|(s, n)| format!("{}.{}", quote_ident(s), quote_ident(n)))
                 .collect();
             client
-                .batch_execute(&format!("LOCK TABLE {} IN ACCESS SHARE MODE", list.join(", ")))
+                .batch_execute(&format!(
+                    "LOCK TABLE {} IN ACCESS SHARE MODE",
+                    list.join(", ")
+                ))
                 .await
                 .map_err(db)?;
         }
@@ -156,7 +159,10 @@ impl Snapshot {
             }
             let rows = self
                 .client
-                .query(&format!("FETCH {} FROM tributary_snap", self.chunk_rows), &[])
+                .query(
+                    &format!("FETCH {} FROM tributary_snap", self.chunk_rows),
+                    &[],
+                )
                 .await
                 .map_err(db)?;
             if rows.is_empty() {
@@ -229,7 +235,11 @@ impl Snapshot {
     }
 }
 
-async fn plan_table(client: &Client, schema: String, name: String) -> Result<SnapTable, PgSourceError> {
+async fn plan_table(
+    client: &Client,
+    schema: String,
+    name: String,
+) -> Result<SnapTable, PgSourceError> {
     let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
     let cols = client
         .query(

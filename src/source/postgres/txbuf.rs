@@ -178,6 +178,9 @@ mod tests {
         b.push(2, b"b").unwrap();
         b.push(1, b"c").unwrap();
         b.abort_subtransaction(2);
-        assert_eq!(drain(b.into_replay().unwrap()), vec![b"a".to_vec(), b"c".to_vec()]);
+        assert_eq!(
+            drain(b.into_replay().unwrap()),
+            vec![b"a".to_vec(), b"c".to_vec()]
+        );
     }
 }

@@ -1,0 +1,549 @@
+//! Start-up and upkeep of what the source reads through: the publication (created when missing,
+//! identifiers quoted), replica identities, the heartbeat and snapshot-state tables, the slot
+//! (created with an exported snapshot, or checked, with the lost-slot policy), snapshot planning
+//! and per-table completion, and the slot's health (lag, `wal_status`) sampled for metrics.
+
+use std::time::Duration;
+
+use pg_walstream::{
+    LogicalReplicationStream, ReplicationSlotOptions, ReplicationStreamConfig, RetryConfig,
+    StreamingMode,
+};
+
+use super::snapshot::{self, Snapshot};
+use super::{
+    PgSourceError, PostgresSourceReader, SlotHealth, db, quote_ident, repl, replication_url,
+};
+use crate::config::{PostgresSource, SlotLostPolicy, SnapshotMode, parse_table_name};
+use crate::event::Lsn;
+
+impl PostgresSourceReader {
+    pub(super) fn qualified(t: &(String, String)) -> String {
+        format!("{}.{}", quote_ident(&t.0), quote_ident(&t.1))
+    }
+
+    pub(super) async fn ensure_state_table(&self) -> Result<(), PgSourceError> {
+        self.client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                    slot text NOT NULL, schema_name text NOT NULL, table_name text NOT NULL,
+                    snapshot_lsn pg_lsn NOT NULL, epoch int8 NOT NULL, done bool NOT NULL,
+                    done_at timestamptz, PRIMARY KEY (slot, schema_name, table_name))",
+                Self::qualified(&self.state_table)
+            ))
+            .await
+            .map_err(|e| {
+                PgSourceError::Setup(format!(
+                    "creating the snapshot state table {} (sources.postgres.state_table): {}",
+                    self.cfg.state_table,
+                    crate::check::pg_error_text(&e)
+                ))
+            })
+    }
+
+    pub(super) async fn ensure_heartbeat_table(&self) -> Result<(), PgSourceError> {
+        let Some(h) = &self.cfg.heartbeat_table else {
+            return Ok(());
+        };
+        let t = parse_table_name(h).map_err(PgSourceError::Setup)?;
+        let q = Self::qualified(&t);
+        self.client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {q} (id int PRIMARY KEY, ts timestamptz NOT NULL)"
+            ))
+            .await
+            .map_err(db)?;
+        let member = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&self.cfg.publication, &t.0, &t.1],
+            )
+            .await
+            .map_err(db)?
+            .is_some();
+        if !member {
+            let sql = format!(
+                "ALTER PUBLICATION {} ADD TABLE {q}",
+                quote_ident(&self.cfg.publication)
+            );
+            if let Err(e) = self.client.batch_execute(&sql).await {
+                tracing::warn!(error = %crate::check::pg_error_text(&e), table = %h,
+                    "could not add the heartbeat table to the publication; the slot advances on keepalives only");
+            }
+        }
+        Ok(())
+    }
+
+    /// Published tables (minus our own), sorted.
+    pub(super) async fn published_tables(&self) -> Result<Vec<(String, String)>, PgSourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT schemaname::text, tablename::text FROM pg_publication_tables
+                 WHERE pubname = $1 ORDER BY 1, 2",
+                &[&self.cfg.publication],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .filter(|t| !self.internal.contains(t))
+            .collect())
+    }
+
+    /// `(plugin, wal_status, confirmed_flush)` of the slot, if it exists.
+    pub(super) async fn slot_row(
+        &self,
+    ) -> Result<Option<(Option<String>, Option<String>, Lsn)>, PgSourceError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT plugin::text, wal_status, coalesce((confirmed_flush_lsn - '0/0')::int8, 0)
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.cfg.slot],
+            )
+            .await
+            .map_err(db)?;
+        Ok(row.map(|r| (r.get(0), r.get(1), Lsn(r.get::<_, i64>(2) as u64))))
+    }
+
+    pub(super) fn stream_config(
+        &self,
+        slot: &str,
+        snapshot: &str,
+        temporary: bool,
+    ) -> ReplicationStreamConfig {
+        let (proto, mode) = if self.streaming_protocol {
+            (2, StreamingMode::On)
+        } else {
+            (1, StreamingMode::Off)
+        };
+        ReplicationStreamConfig::new(
+            slot.to_string(),
+            // pg_walstream wraps the name in double quotes itself; double any inside it.
+            self.cfg.publication.replace('"', "\"\""),
+            proto,
+            mode,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            Duration::from_secs(3600),
+            RetryConfig {
+                max_attempts: 1,
+                initial_delay: Duration::from_millis(100),
+                max_delay: Duration::from_millis(100),
+                multiplier: 1.0,
+                max_duration: Duration::from_secs(30),
+                jitter: false,
+            },
+        )
+        .with_slot_options(ReplicationSlotOptions {
+            temporary,
+            snapshot: Some(snapshot.to_string()),
+            ..Default::default()
+        })
+    }
+
+    /// Creates (or checks) the slot, applies the lost-slot policy, and plans the snapshot.
+    pub(super) async fn prepare_slot_and_snapshot(&mut self) -> Result<(), PgSourceError> {
+        let state_rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT schema_name, table_name, (snapshot_lsn - '0/0')::int8, epoch, done FROM {} WHERE slot = $1",
+                    Self::qualified(&self.state_table)
+                ),
+                &[&self.cfg.slot],
+            )
+            .await
+            .map_err(db)?;
+        let slot = self.slot_row().await?;
+        let lost = match &slot {
+            Some((plugin, wal_status, _)) => {
+                if plugin.as_deref() != Some("pgoutput") {
+                    return Err(PgSourceError::Setup(format!(
+                        "replication slot {:?} exists but is not a pgoutput logical slot",
+                        self.cfg.slot
+                    )));
+                }
+                wal_status.as_deref() == Some("lost")
+            }
+            // Snapshot state without a slot: someone dropped it.
+            None => !state_rows.is_empty(),
+        };
+        let mut slot_exists = slot.is_some();
+        if lost {
+            match self.cfg.on_slot_lost {
+                SlotLostPolicy::Error => {
+                    return Err(PgSourceError::Setup(format!(
+                        "replication slot {:?} was {}: changes made since it was last read are \
+                         gone. To recover, set sources.postgres.on_slot_lost = \"recreate\" (new \
+                         slot and a new snapshot of every table) or drop the slot and delete its \
+                         rows from {} yourself",
+                        self.cfg.slot,
+                        if slot_exists {
+                            "invalidated (wal_status = lost)"
+                        } else {
+                            "dropped"
+                        },
+                        self.cfg.state_table
+                    )));
+                }
+                SlotLostPolicy::Recreate => {
+                    tracing::warn!(slot = %self.cfg.slot, "replication slot lost: recreating it and taking a new snapshot");
+                    if slot_exists {
+                        self.client
+                            .execute("SELECT pg_drop_replication_slot($1)", &[&self.cfg.slot])
+                            .await
+                            .map_err(db)?;
+                        slot_exists = false;
+                    }
+                }
+            }
+        }
+        let want_snapshot = self.cfg.snapshot == SnapshotMode::Initial;
+        if !slot_exists {
+            self.client
+                .execute(
+                    &format!(
+                        "DELETE FROM {} WHERE slot = $1",
+                        Self::qualified(&self.state_table)
+                    ),
+                    &[&self.cfg.slot],
+                )
+                .await
+                .map_err(db)?;
+            let mode = if want_snapshot { "export" } else { "nothing" };
+            let mut stream = LogicalReplicationStream::new(
+                &replication_url(self.cfg.url.expose()),
+                self.stream_config(&self.cfg.slot, mode, false),
+            )
+            .await
+            .map_err(repl)?;
+            stream.ensure_replication_slot().await.map_err(repl)?;
+            let (_, _, consistent) = self.slot_row().await?.ok_or_else(|| {
+                PgSourceError::Setup(format!(
+                    "slot {:?} vanished right after creation",
+                    self.cfg.slot
+                ))
+            })?;
+            if want_snapshot {
+                let name = stream
+                    .exported_snapshot_name()
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        PgSourceError::Setup("the new slot exported no snapshot".into())
+                    })?;
+                let tables = self.published_tables().await?;
+                self.record_snapshot_plan(&tables, consistent, 1).await?;
+                self.open_snapshot(&name, tables, consistent, 1).await?;
+            }
+            // Keep the connection: it becomes the stream once the snapshot is read.
+            self.stream = Some(stream);
+            return Ok(());
+        }
+        // Existing slot: resume an interrupted snapshot, if any.
+        let mut epoch = 0u64;
+        let mut pending = Vec::new();
+        for r in &state_rows {
+            let t: (String, String) = (r.get(0), r.get(1));
+            let lsn = Lsn(r.get::<_, i64>(2) as u64);
+            epoch = epoch.max(r.get::<_, i64>(3) as u64);
+            if r.get::<_, bool>(4) {
+                self.snapshot_lsn.insert(t, lsn);
+            } else {
+                pending.push(t);
+            }
+        }
+        if !pending.is_empty() {
+            let confirmed = slot.map(|s| s.2).unwrap_or(Lsn(0));
+            let temp_slot = format!("{}_snap_{}", self.cfg.slot, std::process::id());
+            let mut temp = LogicalReplicationStream::new(
+                &replication_url(self.cfg.url.expose()),
+                self.stream_config(&temp_slot, "export", true),
+            )
+            .await
+            .map_err(repl)?;
+            temp.ensure_replication_slot().await.map_err(repl)?;
+            let at: i64 = self
+                .client
+                .query_one(
+                    "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&temp_slot],
+                )
+                .await
+                .map_err(db)?
+                .get(0);
+            let name = temp
+                .exported_snapshot_name()
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    PgSourceError::Setup("the temporary slot exported no snapshot".into())
+                })?;
+            tracing::info!(tables = pending.len(), "resuming an interrupted snapshot");
+            self.record_snapshot_plan(&pending, Lsn(at as u64), epoch + 1)
+                .await?;
+            self.open_snapshot_at(&name, pending, confirmed, Lsn(at as u64), epoch + 1)
+                .await?;
+            drop(temp);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn record_snapshot_plan(
+        &self,
+        tables: &[(String, String)],
+        lsn: Lsn,
+        epoch: u64,
+    ) -> Result<(), PgSourceError> {
+        let sql = format!(
+            "INSERT INTO {} (slot, schema_name, table_name, snapshot_lsn, epoch, done)
+             VALUES ($1, $2, $3, $4::text::pg_lsn, $5, false)
+             ON CONFLICT (slot, schema_name, table_name)
+             DO UPDATE SET snapshot_lsn = excluded.snapshot_lsn, epoch = excluded.epoch, done = false",
+            Self::qualified(&self.state_table)
+        );
+        for t in tables {
+            self.client
+                .execute(
+                    &sql,
+                    &[
+                        &self.cfg.slot,
+                        &t.0,
+                        &t.1,
+                        &lsn.to_string(),
+                        &(epoch as i64),
+                    ],
+                )
+                .await
+                .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn open_snapshot(
+        &mut self,
+        name: &str,
+        tables: Vec<(String, String)>,
+        slot_start: Lsn,
+        epoch: u64,
+    ) -> Result<(), PgSourceError> {
+        self.open_snapshot_at(name, tables, slot_start, slot_start, epoch)
+            .await
+    }
+
+    /// `slot_start`: where the slot's stream begins (snapshot positions sort just below it);
+    /// `at`: the LSN the snapshot is consistent at (changes of these tables committed before it
+    /// are skipped).
+    pub(super) async fn open_snapshot_at(
+        &mut self,
+        name: &str,
+        tables: Vec<(String, String)>,
+        slot_start: Lsn,
+        at: Lsn,
+        epoch: u64,
+    ) -> Result<(), PgSourceError> {
+        for t in &tables {
+            self.snapshot_lsn.insert(t.clone(), at);
+        }
+        let snap = Snapshot::open(
+            self.cfg.url.expose(),
+            name,
+            tables,
+            Lsn(slot_start.0.saturating_sub(1)),
+            epoch,
+            self.cfg.snapshot_chunk_rows,
+        )
+        .await?;
+        self.snapshot = Some(snap);
+        Ok(())
+    }
+
+    /// Marks tables whose snapshot rows are all acknowledged (`acked`: highest durable ordinal)
+    /// as done in the state table.
+    pub(super) async fn settle_snapshot(
+        &mut self,
+        acked: Option<u64>,
+    ) -> Result<(), PgSourceError> {
+        if let Some(a) = acked {
+            self.snapshot_acked = self.snapshot_acked.max(Some(a));
+        }
+        let acked = self.snapshot_acked;
+        let tables: &mut Vec<snapshot::SnapTable> = match &mut self.snapshot {
+            Some(s) => &mut s.tables,
+            None => &mut self.snapshot_done,
+        };
+        let mut newly_done = Vec::new();
+        for t in tables.iter_mut() {
+            if t.done {
+                continue;
+            }
+            let Some(last) = t.last_ordinal else { break };
+            if t.rows == 0 || acked.is_some_and(|a| a >= last) {
+                t.done = true;
+                newly_done.push((t.schema.clone(), t.name.clone()));
+            } else {
+                break;
+            }
+        }
+        for (schema, name) in newly_done {
+            self.client
+                .execute(
+                    &format!(
+                        "UPDATE {} SET done = true, done_at = now() WHERE slot = $1 AND schema_name = $2 AND table_name = $3",
+                        Self::qualified(&self.state_table)
+                    ),
+                    &[&self.cfg.slot, &schema, &name],
+                )
+                .await
+                .map_err(db)?;
+            tracing::info!(table = %format!("{schema}.{name}"), "snapshot of table durable");
+        }
+        Ok(())
+    }
+
+    /// Heartbeat writes and slot health, at their configured intervals.
+    pub(super) async fn periodic(&mut self) -> Result<(), PgSourceError> {
+        self.ensure_client().await?;
+        let now = std::time::Instant::now();
+        if let Some(h) = &self.cfg.heartbeat_table {
+            if now.duration_since(self.last_heartbeat)
+                >= Duration::from_secs(self.cfg.heartbeat_interval_s)
+                && self.in_flight.is_empty()
+            {
+                self.last_heartbeat = now;
+                let t = parse_table_name(h).map_err(PgSourceError::Setup)?;
+                let sql = format!(
+                    "INSERT INTO {} (id, ts) VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET ts = now()",
+                    Self::qualified(&t)
+                );
+                if let Err(e) = self.client.batch_execute(&sql).await {
+                    tracing::warn!(error = %crate::check::pg_error_text(&e), "heartbeat write failed");
+                }
+            }
+        }
+        let due = self.last_slot_check.is_none_or(|t| {
+            now.duration_since(t) >= Duration::from_secs(self.cfg.slot_check_interval_s)
+        });
+        if due {
+            self.last_slot_check = Some(now);
+            self.check_slot().await?;
+        }
+        Ok(())
+    }
+
+    /// Slot lag and status as metrics; a warning past the configured lag; the lost-slot policy.
+    pub async fn check_slot(&mut self) -> Result<SlotHealth, PgSourceError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT coalesce((pg_current_wal_lsn() - confirmed_flush_lsn)::int8, 0), wal_status
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.cfg.slot],
+            )
+            .await
+            .map_err(db)?;
+        let Some(row) = row else {
+            return Err(PgSourceError::Setup(format!(
+                "replication slot {:?} was dropped while running; restart to apply \
+                 sources.postgres.on_slot_lost ({:?})",
+                self.cfg.slot, self.cfg.on_slot_lost
+            )));
+        };
+        let health = SlotHealth {
+            lag_bytes: row.get::<_, i64>(0),
+            wal_status: row.get::<_, Option<String>>(1).unwrap_or_default(),
+        };
+        metrics::gauge!("tributary_postgres_slot_lag_bytes", "slot" => self.cfg.slot.clone())
+            .set(health.lag_bytes as f64);
+        for s in ["reserved", "extended", "unreserved", "lost"] {
+            metrics::gauge!("tributary_postgres_slot_wal_status", "slot" => self.cfg.slot.clone(), "status" => s)
+                .set(if health.wal_status == s { 1.0 } else { 0.0 });
+        }
+        if health.wal_status == "lost" {
+            return Err(PgSourceError::Setup(format!(
+                "replication slot {:?} was invalidated (wal_status = lost); restart to apply \
+                 sources.postgres.on_slot_lost ({:?})",
+                self.cfg.slot, self.cfg.on_slot_lost
+            )));
+        }
+        if health.lag_bytes > (self.cfg.slot_lag_warn_mb as i64) << 20 {
+            tracing::warn!(slot = %self.cfg.slot, lag_bytes = health.lag_bytes, wal_status = %health.wal_status,
+                "replication slot retains more WAL than sources.postgres.slot_lag_warn_mb");
+        }
+        Ok(health)
+    }
+
+    pub(super) async fn ensure_publication(
+        &self,
+        cfg: &PostgresSource,
+    ) -> Result<(), PgSourceError> {
+        let exists = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&self.cfg.publication],
+            )
+            .await
+            .map_err(db)?
+            .is_some();
+        if exists {
+            return Ok(());
+        }
+        let target = if let Some(schema) = &cfg.schema {
+            format!("FOR TABLES IN SCHEMA {}", quote_ident(schema))
+        } else if !cfg.tables.is_empty() {
+            let names = cfg
+                .tables
+                .iter()
+                .map(|t| {
+                    let (s, n) = parse_table_name(t).map_err(PgSourceError::Setup)?;
+                    Ok(format!("{}.{}", quote_ident(&s), quote_ident(&n)))
+                })
+                .collect::<Result<Vec<_>, PgSourceError>>()?;
+            format!("FOR TABLE {}", names.join(", "))
+        } else {
+            return Err(PgSourceError::Setup(format!(
+                "publication {:?} does not exist and neither sources.postgres.tables nor \
+                 sources.postgres.schema says what to publish",
+                self.cfg.publication
+            )));
+        };
+        self.client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} {target}",
+                quote_ident(&self.cfg.publication)
+            ))
+            .await
+            .map_err(db)
+    }
+
+    pub(super) async fn check_replica_identity(&self) -> Result<(), PgSourceError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT quote_ident(p.schemaname) || '.' || quote_ident(p.tablename)
+                 FROM pg_publication_tables p
+                 JOIN pg_namespace n ON n.nspname = p.schemaname
+                 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
+                 WHERE p.pubname = $1 AND c.relreplident <> 'f'
+                   AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+                   AND NOT (c.relreplident = 'i' AND EXISTS
+                        (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident))
+                 ORDER BY 1",
+                &[&self.cfg.publication],
+            )
+            .await
+            .map_err(db)?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        Err(PgSourceError::Setup(format!(
+            "published tables without a primary key cannot be replicated: {}; add a primary key \
+             or run ALTER TABLE … REPLICA IDENTITY FULL",
+            names.join(", ")
+        )))
+    }
+}

@@ -1,0 +1,474 @@
+//! The replication stream: (re)connecting with backoff, buffering each transaction's pgoutput
+//! messages until its commit (streamed v2 chunks per xid, spilled past the bound), handing its
+//! changes out as positioned events, and moving the slot's flush position only over what the
+//! pipeline acknowledged (or, while nothing is in flight, to the server's reported position).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use pg_walstream::{LogicalReplicationStream, ReplicationError};
+
+use super::decode::{self, Message, Relation, TupleValue};
+use super::txbuf::TxBuffer;
+use super::{
+    InFlight, PgSourceError, PostgresSourceReader, Replaying, is_permanent_start_error, is_refused,
+    repl, replication_url, sql_connect,
+};
+use crate::error::{Classify, ErrorKind};
+use crate::event::{ChangeEvent, Lsn, Op, Position, Row};
+
+impl PostgresSourceReader {
+    /// Starts (or restarts, after a lost connection) streaming from the slot's confirmed
+    /// position, retrying with exponential backoff.
+    pub(super) async fn ensure_stream(&mut self) -> Result<(), PgSourceError> {
+        if self.started && self.stream.is_some() {
+            return Ok(());
+        }
+        // `START_REPLICATION` through pg_walstream creates a missing slot: a slot dropped under
+        // us would silently come back empty, its changes lost. Check first.
+        self.ensure_client().await?;
+        let dropped = || {
+            PgSourceError::Setup(format!(
+                "replication slot {:?} was dropped while running; restart to apply \
+                 sources.postgres.on_slot_lost ({:?})",
+                self.cfg.slot, self.cfg.on_slot_lost
+            ))
+        };
+        let Some((_, _, before)) = self.slot_row().await? else {
+            return Err(dropped());
+        };
+        use backon::{ExponentialBuilder, Retryable};
+        let url = replication_url(self.cfg.url.expose());
+        let config = self.stream_config(&self.cfg.slot, "nothing", false);
+        let existing = self.stream.take();
+        let mut existing = Some(existing);
+        let start = || {
+            let url = url.clone();
+            let config = config.clone();
+            let reuse = existing.take().flatten();
+            async move {
+                let mut s = match reuse {
+                    Some(s) => s,
+                    None => LogicalReplicationStream::new(&url, config).await?,
+                };
+                s.start(None).await?;
+                Ok::<_, ReplicationError>(s)
+            }
+        };
+        // The slot and publication were checked at start-up, so a failure here is the server
+        // being away (restart, failover, connections refused): retry until it is back, except
+        // for what no retry can fix.
+        let stream = start
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(10))
+                    .without_max_times()
+                    .with_jitter(),
+            )
+            .when(|e: &ReplicationError| e.is_transient() || !is_permanent_start_error(e))
+            .notify(|e, after| {
+                tracing::warn!(error = %e, retry_in = ?after, "PostgreSQL replication connection failed; retrying");
+            })
+            .await
+            .map_err(repl)?;
+        // Only this source moves the slot, so a slot now ahead of where it was (and of what we
+        // flushed) was dropped and re-created by the START above in between: its changes are lost.
+        match self.slot_row().await? {
+            Some((_, _, now)) if now <= before.max(self.flushed) => {}
+            _ => return Err(dropped()),
+        }
+        // Discard anything half-received on the old connection: the server sends it again.
+        self.open_tx = None;
+        self.streams.clear();
+        self.stream_xid = None;
+        self.stream = Some(stream);
+        self.started = true;
+        Ok(())
+    }
+
+    /// One pgoutput message off the wire.
+    pub(super) fn handle(&mut self, data: &[u8]) -> Result<(), PgSourceError> {
+        let Some(&tag) = data.first() else {
+            return Ok(());
+        };
+        let limit = (self.cfg.max_tx_memory_mb as usize) << 20;
+        if let Some(xid) = self.stream_xid {
+            if tag == b'E' {
+                self.stream_xid = None;
+                return Ok(());
+            }
+            let sub = if decode::has_stream_xid(tag) && data.len() >= 5 {
+                u32::from_be_bytes(data[1..5].try_into().expect("4 bytes"))
+            } else {
+                xid
+            };
+            let spill = self.cfg.spill_dir.clone();
+            self.streams
+                .entry(xid)
+                .or_insert_with(|| TxBuffer::new(limit, spill, true))
+                .push(sub, data)?;
+            return Ok(());
+        }
+        match tag {
+            b'B' => {
+                self.open_tx = Some(TxBuffer::new(limit, self.cfg.spill_dir.clone(), false));
+            }
+            b'C' => {
+                if let Message::Commit {
+                    commit_lsn,
+                    end_lsn,
+                    commit_ts,
+                } = decode::parse(data)?
+                {
+                    if let Some(buf) = self.open_tx.take() {
+                        self.commit(buf, commit_lsn, end_lsn, commit_ts)?;
+                    }
+                }
+            }
+            b'S' => {
+                if let Message::StreamStart { xid } = decode::parse(data)? {
+                    self.stream_xid = Some(xid);
+                }
+            }
+            b'c' => {
+                if let Message::StreamCommit {
+                    xid,
+                    commit_lsn,
+                    end_lsn,
+                    commit_ts,
+                } = decode::parse(data)?
+                {
+                    let buf = self
+                        .streams
+                        .remove(&xid)
+                        .unwrap_or_else(|| TxBuffer::new(limit, None, true));
+                    if buf.spilled_bytes() > 0 {
+                        tracing::info!(
+                            xid,
+                            messages = buf.messages(),
+                            spilled_bytes = buf.spilled_bytes(),
+                            "large streamed transaction committed"
+                        );
+                    }
+                    self.commit(buf, commit_lsn, end_lsn, commit_ts)?;
+                }
+            }
+            b'A' => {
+                if let Message::StreamAbort { xid, subxid } = decode::parse(data)? {
+                    if xid == subxid {
+                        self.streams.remove(&xid);
+                    } else if let Some(b) = self.streams.get_mut(&xid) {
+                        b.abort_subtransaction(subxid);
+                    }
+                }
+            }
+            _ => match &mut self.open_tx {
+                Some(buf) => buf.push(0, data)?,
+                // Relation/Type messages between transactions.
+                None => self.apply_meta(decode::parse(data)?),
+            },
+        }
+        Ok(())
+    }
+
+    pub(super) fn apply_meta(&mut self, msg: Message) {
+        match msg {
+            Message::Relation(rel) => {
+                let changed = self.relations.get(&rel.id) != Some(&rel);
+                if changed {
+                    *self.schema_versions.entry(rel.id).or_insert(0) += 1;
+                }
+                self.relations.insert(rel.id, rel);
+            }
+            Message::Type { oid, name } => {
+                self.type_names.insert(oid, name);
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn commit(
+        &mut self,
+        buf: TxBuffer,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_ts: DateTime<Utc>,
+    ) -> Result<(), PgSourceError> {
+        if commit_lsn <= self.last_emitted {
+            return Ok(());
+        }
+        self.last_emitted = commit_lsn;
+        self.in_flight.push_back(InFlight {
+            commit_lsn,
+            end_lsn,
+            events: None,
+        });
+        self.replaying = Some(Replaying {
+            replay: buf.into_replay()?,
+            commit_lsn,
+            commit_ts,
+            ordinal: 0,
+        });
+        Ok(())
+    }
+
+    /// Hands out the committed transaction's changes, up to `max` events in `out`.
+    pub(super) fn drain_replay(
+        &mut self,
+        out: &mut Vec<ChangeEvent>,
+        max: usize,
+    ) -> Result<(), PgSourceError> {
+        let mut buf = std::mem::take(&mut self.msg_buf);
+        while out.len() < max {
+            let r = self.replaying.as_mut().expect("replaying");
+            if !r.replay.next_into(&mut buf)? {
+                let done = self.replaying.take().expect("replaying");
+                if let Some(f) = self
+                    .in_flight
+                    .iter_mut()
+                    .rev()
+                    .find(|f| f.commit_lsn == done.commit_lsn)
+                {
+                    f.events = Some(done.ordinal);
+                }
+                break;
+            }
+            let msg = if r.replay.streamed {
+                decode::parse_streamed(&buf)?.1
+            } else {
+                decode::parse(&buf)?
+            };
+            let (commit_lsn, commit_ts) = (r.commit_lsn, r.commit_ts);
+            match msg {
+                Message::Relation(_) | Message::Type { .. } => self.apply_meta(msg),
+                Message::Insert { .. }
+                | Message::Update { .. }
+                | Message::Delete { .. }
+                | Message::Truncate { .. } => {
+                    for mut ev in self.to_events(msg)? {
+                        let Some((schema, name)) = ev
+                            .source
+                            .split_once('.')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                        else {
+                            continue;
+                        };
+                        let t = (schema, name);
+                        if self.internal.contains(&t)
+                            || self.snapshot_lsn.get(&t).is_some_and(|at| commit_lsn < *at)
+                        {
+                            continue;
+                        }
+                        let r = self.replaying.as_mut().expect("replaying");
+                        ev.position = Position::Lsn {
+                            commit_lsn,
+                            tx_ordinal: r.ordinal,
+                        };
+                        r.ordinal += 1;
+                        ev.source_ts = Some(commit_ts);
+                        out.push(ev);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.msg_buf = buf;
+        Ok(())
+    }
+
+    /// Tells the source that everything up to `pos` is durable in every sink. For streamed
+    /// changes the slot's flush position moves to the end of the last transaction wholly
+    /// acknowledged; for snapshot rows, finished tables are recorded as done.
+    pub async fn ack(&mut self, pos: &Position) -> Result<(), PgSourceError> {
+        let Position::Lsn {
+            commit_lsn,
+            tx_ordinal,
+        } = *pos
+        else {
+            return Ok(());
+        };
+        match self.snapshot_base() {
+            Some(b) if b == commit_lsn => return self.settle_snapshot(Some(tx_ordinal)).await,
+            // A durable change after the snapshot: every snapshot row before it is durable.
+            Some(b) if b < commit_lsn => self.settle_snapshot(Some(u64::MAX)).await?,
+            _ => {}
+        }
+        let mut upto = None;
+        while let Some(f) = self.in_flight.front() {
+            let whole = match f.events {
+                Some(n) => {
+                    f.commit_lsn < commit_lsn || (f.commit_lsn == commit_lsn && tx_ordinal + 1 >= n)
+                }
+                None => false,
+            };
+            if !whole && !(f.events == Some(0)) {
+                break;
+            }
+            upto = Some(f.end_lsn);
+            self.in_flight.pop_front();
+        }
+        if let Some(lsn) = upto {
+            self.flush(lsn).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn snapshot_base(&self) -> Option<Lsn> {
+        self.snapshot
+            .as_ref()
+            .map(|s| s.base)
+            .or(self.snapshot_base_done)
+    }
+
+    /// Reports `lsn` as flushed to the server.
+    pub(super) async fn flush(&mut self, lsn: Lsn) -> Result<(), PgSourceError> {
+        if lsn <= self.flushed {
+            return Ok(());
+        }
+        self.flushed = lsn;
+        if let Some(s) = self.stream.as_mut().filter(|_| self.started) {
+            s.shared_lsn_feedback.update_flushed_lsn(lsn.0);
+            s.shared_lsn_feedback.update_applied_lsn(lsn.0);
+            if let Err(e) = s.send_feedback().await {
+                tracing::warn!(error = %e, "sending the flush position failed; it is sent again on reconnect");
+            }
+        }
+        metrics::gauge!("tributary_postgres_flushed_lsn").set(lsn.0 as f64);
+        Ok(())
+    }
+
+    /// While nothing is in flight, the server's last reported position is safe to confirm:
+    /// everything committed up to it has been received and was empty or acknowledged.
+    pub(super) async fn advance_idle(&mut self) -> Result<(), PgSourceError> {
+        // Transactions with no events (heartbeats, filtered tables) at the front are done.
+        let mut upto = None;
+        while let Some(f) = self.in_flight.front() {
+            if f.events != Some(0) {
+                break;
+            }
+            upto = Some(f.end_lsn);
+            self.in_flight.pop_front();
+        }
+        if let Some(lsn) = upto {
+            self.flush(lsn).await?;
+        }
+        let idle = self.in_flight.is_empty()
+            && self.open_tx.is_none()
+            && self.streams.is_empty()
+            && self.stream_xid.is_none()
+            && self.replaying.is_none()
+            // Snapshot rows still on their way would be overtaken by the slot.
+            && self.snapshot.is_none()
+            && self.snapshot_done.iter().all(|t| t.done);
+        if idle {
+            if let Some(received) = self
+                .stream
+                .as_ref()
+                .filter(|_| self.started)
+                .map(|s| s.current_lsn())
+            {
+                self.flush(Lsn(received)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-opens the SQL connection after the server went away (restart, failover), retrying
+    /// with backoff until it is back.
+    pub(super) async fn ensure_client(&mut self) -> Result<(), PgSourceError> {
+        if !self.client.is_closed() {
+            return Ok(());
+        }
+        use backon::{ExponentialBuilder, Retryable};
+        let url = self.cfg.url.expose().to_string();
+        self.client = (|| sql_connect(&url))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(10))
+                    .without_max_times()
+                    .with_jitter(),
+            )
+            .when(|e: &PgSourceError| e.kind() == ErrorKind::Connection || is_refused(e))
+            .notify(|e, after| {
+                tracing::warn!(error = %e, retry_in = ?after, "PostgreSQL connection failed; retrying");
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub(super) fn to_events(&self, msg: Message) -> Result<Vec<ChangeEvent>, PgSourceError> {
+        let (rel_ids, op, old, new) = match msg {
+            Message::Insert { rel, new } => (vec![rel], Op::Insert, None, Some(new)),
+            Message::Update { rel, old, new } => (vec![rel], Op::Update, old, Some(new)),
+            Message::Delete { rel, old } => (vec![rel], Op::Delete, Some(old), None),
+            Message::Truncate { rels } => (rels, Op::Truncate, None, None),
+            _ => return Ok(Vec::new()),
+        };
+        rel_ids
+            .into_iter()
+            .map(|id| {
+                let rel = self.relations.get(&id).ok_or_else(|| {
+                    PgSourceError::Setup(format!("change for unknown relation {id}"))
+                })?;
+                let before = old.as_ref().map(|t| self.row(rel, t));
+                let after = new.as_ref().map(|t| self.row(rel, t));
+                let key = match (&after, &before) {
+                    _ if op == Op::Truncate => Row::new(),
+                    (_, Some(b)) if op == Op::Delete => self.key_of(rel, b),
+                    (Some(a), _) => self.key_of(rel, a),
+                    _ => Row::new(),
+                };
+                // The server sends an old tuple only when it matters: the old key when the key
+                // changed (or on delete), the whole old row under REPLICA IDENTITY FULL.
+                Ok(ChangeEvent {
+                    source: format!("{}.{}", rel.schema, rel.name),
+                    op,
+                    key,
+                    before,
+                    after,
+                    schema_version: self.schema_versions.get(&id).copied().unwrap_or(1),
+                    position: Position::Lsn {
+                        commit_lsn: Lsn(0),
+                        tx_ordinal: 0,
+                    },
+                    source_ts: None::<DateTime<Utc>>,
+                    embedding: None,
+                    text_hash: None,
+                })
+            })
+            .collect()
+    }
+
+    /// A tuple as a row; `Null` columns of a key-only old tuple are left out.
+    pub(super) fn row(&self, rel: &Relation, tuple: &[TupleValue]) -> Row {
+        let mut row = Row::new();
+        let key_only = tuple.len() == rel.columns.len()
+            && rel
+                .columns
+                .iter()
+                .zip(tuple)
+                .all(|(c, v)| c.is_key || *v == TupleValue::Null);
+        for (col, v) in rel.columns.iter().zip(tuple) {
+            let value = match v {
+                TupleValue::Null if key_only && !col.is_key => continue,
+                TupleValue::Null => crate::event::Value::Null,
+                TupleValue::UnchangedToast => crate::event::Value::UnchangedToast,
+                TupleValue::Text(s) => decode::convert(col.type_oid, s, &self.type_names),
+            };
+            row.push(col.name.clone(), value);
+        }
+        row
+    }
+
+    pub(super) fn key_of(&self, rel: &Relation, row: &Row) -> Row {
+        let mut key = Row::new();
+        for c in rel.columns.iter().filter(|c| c.is_key) {
+            if let Some(v) = row.get(&c.name) {
+                key.push(c.name.clone(), v.clone());
+            }
+        }
+        key
+    }
+}
