@@ -213,18 +213,18 @@ fn embed(model: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
         let text = String::from_utf8_lossy(&bytes);
         let text = text.strip_suffix('\r').unwrap_or(&text).to_owned();
         lines.push(text);
-        if lines.len() >= embedding.max_batch {
-            if let Err(e) = flush(&mut lines, &mut out) {
-                eprintln!("error: line {}: {e}", n + 1);
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    if !lines.is_empty() {
-        if let Err(e) = flush(&mut lines, &mut out) {
-            eprintln!("error: {e}");
+        if lines.len() >= embedding.max_batch
+            && let Err(e) = flush(&mut lines, &mut out)
+        {
+            eprintln!("error: line {}: {e}", n + 1);
             return ExitCode::FAILURE;
         }
+    }
+    if !lines.is_empty()
+        && let Err(e) = flush(&mut lines, &mut out)
+    {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }

@@ -141,7 +141,7 @@ listen = ""
             .wrapping_add(1442695040888963407);
         let after = Duration::from_millis(150 + (x >> 33) % 750);
         let point = (cfg!(feature = "failpoints") && (kills + aborts) % 3 == 2).then(|| {
-            if (x >> 20) % 2 == 0 {
+            if (x >> 20).is_multiple_of(2) {
                 "pipeline::after-delta-commit"
             } else {
                 "pipeline::before-ack"
