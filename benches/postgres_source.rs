@@ -26,8 +26,59 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+fn vm_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn rss_run(url: &str) {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let slot = format!("bench_rss_{}", std::process::id());
+    client.batch_execute("TRUNCATE narrow").await.unwrap();
+    client
+        .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+        .await
+        .unwrap();
+    let rows = 1_000_000;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO narrow SELECT g, g % 1000, 'row ' || g FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .unwrap();
+    let mut cfg = PostgresSource::new(ConnString::new(url.to_string()), "bench_pub", &slot, &["narrow"]);
+    cfg.snapshot = SnapshotMode::Never;
+    let before = vm_kib("VmRSS:");
+    let t = Instant::now();
+    let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    let mut got = 0;
+    while got < rows {
+        got += src.poll(10_000, Duration::from_millis(200)).await.unwrap().len();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    src.close().await;
+    println!(
+        "{:>20}: {rows} rows in {secs:.1} s; peak RSS {} MiB (before reading {} MiB; bound 512 MiB)",
+        "1M-row transaction",
+        vm_kib("VmHWM:") / 1024,
+        before / 1024
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--rss") {
+        rss_run(&args[i + 1]).await;
+        return;
+    }
     let rows: usize = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
@@ -172,6 +223,14 @@ async fn main() {
             median(connect)
         );
     }
+    // Memory: one 1,000,000-row transaction through the source (streamed by the server in
+    // chunks, spilled by the source past `max_tx_memory_mb`), events dropped as they come.
+    // This runs in its own process (`--rss`) so its peak RSS is the source's alone.
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--rss", &url])
+        .status()
+        .unwrap();
+    assert!(status.success());
     drop(client);
     admin
         .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
