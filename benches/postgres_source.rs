@@ -41,7 +41,10 @@ async fn rss_run(url: &str) {
     let slot = format!("bench_rss_{}", std::process::id());
     client.batch_execute("TRUNCATE narrow").await.unwrap();
     client
-        .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&slot])
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
         .await
         .unwrap();
     let rows = 1_000_000;
@@ -51,14 +54,23 @@ async fn rss_run(url: &str) {
         ))
         .await
         .unwrap();
-    let mut cfg = PostgresSource::new(ConnString::new(url.to_string()), "bench_pub", &slot, &["narrow"]);
+    let mut cfg = PostgresSource::new(
+        ConnString::new(url.to_string()),
+        "bench_pub",
+        &slot,
+        &["narrow"],
+    );
     cfg.snapshot = SnapshotMode::Never;
     let before = vm_kib("VmRSS:");
     let t = Instant::now();
     let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
     let mut got = 0;
     while got < rows {
-        got += src.poll(10_000, Duration::from_millis(200)).await.unwrap().len();
+        got += src
+            .poll(10_000, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .len();
     }
     let secs = t.elapsed().as_secs_f64();
     src.close().await;
@@ -69,7 +81,9 @@ async fn rss_run(url: &str) {
         before / 1024
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await;
+    let _ = client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await;
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -742,3 +742,49 @@ async fn snapshot_done(db: &Db) -> bool {
         .unwrap()
         .get(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_table_is_written_while_idle_and_never_emitted() {
+    let db = Db::new("CREATE TABLE t (id int PRIMARY KEY, name text NOT NULL);").await;
+    let mut cfg = db.config(&["t"]);
+    cfg.heartbeat_table = Some("public.trib_heartbeat".into());
+    cfg.heartbeat_interval_s = 1;
+    let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    // Tributary created the table and added it to the publication.
+    let published: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'trib pub' AND tablename = 'trib_heartbeat'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 1);
+    let before = src.confirmed_flush().await.unwrap();
+    let mut evs = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    while std::time::Instant::now() < deadline {
+        evs.extend(src.poll(100, WAIT).await.unwrap());
+    }
+    assert!(evs.is_empty(), "heartbeats are not events: {evs:?}");
+    let beats: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM public.trib_heartbeat WHERE ts > now() - interval '3 seconds'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        beats, 1,
+        "the heartbeat row is refreshed every heartbeat_interval_s"
+    );
+    assert!(
+        src.confirmed_flush().await.unwrap() > before,
+        "heartbeats move the slot"
+    );
+    src.close().await;
+    db.drop_slot().await;
+}
