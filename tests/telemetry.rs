@@ -225,6 +225,7 @@ brokers = "{brokers}"
 group_id = "{group}"
 commit_interval_ms = 300
 dead_letter = {{ path = "{dlq}" }}
+properties = {{ "statistics.interval.ms" = "1000", "session.timeout.ms" = "6000" }}
 [[sources.kafka.topics]]
 name = "{topic}"
 key_columns = ["id"]
@@ -265,6 +266,14 @@ ready_window_s = 2
         .is_some(),
         "{text}"
     );
+    // Per-partition offsets from librdkafka's statistics, once the group assigned the partition.
+    wait_for("the Kafka partition gauges", async || {
+        get(addr, "/metrics").await.1.lines().any(|l| {
+            l.starts_with("tributary_kafka_high_watermark{")
+                && l.contains(&format!("topic=\"{topic}\""))
+        })
+    })
+    .await;
 
     // The replication connection drops and cannot come back: the loop stalls, /readyz says so.
     admin

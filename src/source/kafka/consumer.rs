@@ -12,6 +12,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -133,6 +134,8 @@ pub async fn start_with_health(
     // is full; a consumer that decodes slower than the fetcher then idles for most of each
     // second (measured: 120k msg/s instead of the decoder's rate). The user may still override.
     cc.set("fetch.queue.backoff.ms", "10");
+    // Statistics feed the per-partition lag gauges (see `SourceContext::stats`).
+    cc.set("statistics.interval.ms", "5000");
     for (k, v) in props.iter() {
         cc.set(k, v);
     }
@@ -476,7 +479,29 @@ struct SourceContext {
     shared: Arc<Shared>,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`, 5 s unless configured): per
+    /// partition, the group's committed offset, the broker's high watermark and their difference.
+    /// The lag is only as right as the broker's watermark (the local test broker, tansu, reports
+    /// it wrongly, so there it can even be negative).
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (id, p) in &t.partitions {
+                if *id < 0 || p.committed_offset < 0 && p.hi_offset < 0 {
+                    continue;
+                }
+                let labels = [("topic", topic.clone()), ("partition", id.to_string())];
+                metrics::gauge!("tributary_kafka_high_watermark", &labels).set(p.hi_offset as f64);
+                metrics::gauge!("tributary_kafka_committed_offset", &labels)
+                    .set(p.committed_offset as f64);
+                if p.committed_offset >= 0 && p.hi_offset >= 0 {
+                    metrics::gauge!("tributary_kafka_consumer_lag_messages", &labels)
+                        .set((p.hi_offset - p.committed_offset) as f64);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
