@@ -1,7 +1,8 @@
 //! `tributary status`: where the connector stands, read from the systems themselves (not from a
 //! running process, which may be down): the replication slot's acknowledged position, lag and WAL
-//! status; the consumer group's committed offsets and lag per partition; each pgvector table's
-//! rows, index and last applied positions.
+//! status; the consumer group's committed offsets and lag per partition; each Bronze table's
+//! version, files, rows and last commit (the `_dlq` table counts dead letters); each pgvector
+//! table's rows, index and last applied positions.
 
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ pub struct Status {
     pub postgres: Option<Section<SlotStatus>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kafka: Option<Section<Vec<PartitionStatus>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bronze: Option<Section<Vec<crate::sink::delta::BronzeTableSummary>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pgvector: Option<Section<Vec<VectorTableStatus>>>,
 }
@@ -85,6 +88,10 @@ pub async fn collect(config: &Config, timeout: Duration) -> Status {
         Some(k) => Some(bounded(timeout, kafka(k.clone(), timeout)).await.into()),
         None => None,
     };
+    let bronze = match &config.sinks.delta {
+        Some(d) => Some(bounded(timeout, bronze_tables(config, d)).await.into()),
+        None => None,
+    };
     let pgvector = match &config.sinks.pgvector {
         Some(p) => Some(bounded(timeout, vector_tables(config, p)).await.into()),
         None => None,
@@ -92,8 +99,21 @@ pub async fn collect(config: &Config, timeout: Duration) -> Status {
     Status {
         postgres,
         kafka,
+        bronze,
         pgvector,
     }
+}
+
+async fn bronze_tables(
+    config: &Config,
+    d: &crate::config::DeltaSink,
+) -> Result<Vec<crate::sink::delta::BronzeTableSummary>, String> {
+    let sink = crate::sink::delta::DeltaSink::new(&config.name, d).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for dir in sink.existing_tables().await.map_err(|e| e.to_string())? {
+        out.push(sink.summary(&dir).await.map_err(|e| e.to_string())?);
+    }
+    Ok(out)
 }
 
 async fn bounded<T>(
@@ -288,6 +308,27 @@ pub fn render(s: &Status) -> String {
             }
         }
         Some(Section::Error(e)) => line(format!("kafka     error: {e}")),
+        None => {}
+    }
+    match &s.bronze {
+        Some(Section::Ok(tables)) => {
+            for t in tables {
+                line(format!(
+                    "bronze    {}  version {}  {} files  {} rows{}  last commit {}",
+                    t.table,
+                    t.version,
+                    t.files,
+                    t.rows,
+                    if t.table == "_dlq" {
+                        " (dead letters)"
+                    } else {
+                        ""
+                    },
+                    t.last_commit.as_deref().unwrap_or("-")
+                ));
+            }
+        }
+        Some(Section::Error(e)) => line(format!("bronze    error: {e}")),
         None => {}
     }
     match &s.pgvector {

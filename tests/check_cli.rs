@@ -137,7 +137,7 @@ async fn status_json_reports_what_the_pgvector_sink_holds() {
         commit_lsn: Lsn(0x1_0000_0010),
         tx_ordinal: 3,
     };
-    sink.write(&[ChangeEvent {
+    let event = ChangeEvent {
         source: "public.orders".into(),
         op: Op::Insert,
         key: [("id", Value::Int32(1))].into_iter().collect(),
@@ -148,9 +148,12 @@ async fn status_json_reports_what_the_pgvector_sink_holds() {
         source_ts: None,
         embedding: Some(vec![1.0, 0.0]),
         text_hash: None,
-    }])
-    .await
-    .unwrap();
+    };
+    sink.write(std::slice::from_ref(&event)).await.unwrap();
+    let mut bronze =
+        tributary::sink::delta::DeltaSink::new(&config.name, config.sinks.delta.as_ref().unwrap())
+            .unwrap();
+    bronze.write("public.orders", &[event]).await.unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tributary"))
         .args(["status", "--json", "--config"])
         .arg(&cfg_path)
@@ -172,6 +175,14 @@ async fn status_json_reports_what_the_pgvector_sink_holds() {
         orders["positions"][0],
         serde_json::to_value(&position).unwrap()
     );
+    let bronze = v["bronze"]["ok"].as_array().unwrap();
+    let orders_bronze = bronze
+        .iter()
+        .find(|t| t["table"] == "public.orders")
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(orders_bronze["rows"], 1, "{v}");
+    assert!(orders_bronze["version"].as_u64().unwrap() >= 1, "{v}");
+    assert!(orders_bronze["last_commit"].is_string(), "{v}");
     let kafka_orders = tables.iter().find(|t| t["source"] == "orders").unwrap();
     assert_eq!(kafka_orders["exists"], false);
     assert!(v["postgres"]["ok"]["exists"] == false, "{v}");

@@ -27,8 +27,9 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. Call once, at start-up.
 pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,pg_walstream=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,pg_walstream=warn,buoyant_kernel=warn,delta_kernel=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

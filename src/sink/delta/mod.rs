@@ -94,6 +94,17 @@ pub struct WriteOutcome {
 }
 
 /// Writes Bronze tables (and `_dlq`) under one root URI.
+/// One Bronze table as `tributary status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BronzeTableSummary {
+    pub table: String,
+    pub version: u64,
+    pub files: usize,
+    /// From the data files' statistics.
+    pub rows: u64,
+    pub last_commit: Option<String>,
+}
+
 pub struct DeltaSink {
     name: String,
     root: String,
@@ -248,6 +259,44 @@ impl DeltaSink {
             let abs = std::path::absolute(&uri).map_err(|e| cfg_err(e.to_string()))?;
             url::Url::from_directory_path(abs).map_err(|()| cfg_err("not a local path".into()))
         }
+    }
+
+    /// Version, data files, row count (from the files' statistics) and last commit time of the
+    /// existing table in folder `dir` (a name from [`existing_tables`](Self::existing_tables)).
+    pub async fn summary(&self, dir: &str) -> Result<BronzeTableSummary, DeltaSinkError> {
+        let delta_err = |source_err| DeltaSinkError::Delta {
+            table: dir.to_owned(),
+            source: source_err,
+        };
+        let table = DeltaTableBuilder::from_url(self.url(dir)?)
+            .map_err(delta_err)?
+            .with_storage_options(self.options.clone())
+            .load()
+            .await
+            .map_err(delta_err)?;
+        let state = table.snapshot().map_err(delta_err)?;
+        let version = state.version();
+        let files = state.log_data();
+        let rows = files
+            .iter()
+            .filter_map(|f| f.stats())
+            .filter_map(|s| {
+                serde_json::from_str::<serde_json::Value>(&s)
+                    .ok()?
+                    .get("numRecords")?
+                    .as_u64()
+            })
+            .sum();
+        Ok(BronzeTableSummary {
+            table: dir.to_owned(),
+            version,
+            files: files.num_files(),
+            rows,
+            last_commit: state
+                .version_timestamp(version)
+                .and_then(chrono::DateTime::from_timestamp_millis)
+                .map(|t| t.to_rfc3339()),
+        })
     }
 
     /// Opens the table for `source`, creating it with `schema` when it does not exist.
