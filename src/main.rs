@@ -147,14 +147,30 @@ async fn vacuum(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A bar over the tables on a terminal; the per-table lines either way.
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        .then(|| indicatif::ProgressBar::new(tables.len() as u64));
     for table in tables {
-        match sink.vacuum(&table, retention).await {
-            Ok(n) => println!("ok    {table}: {n} files removed"),
+        if let Some(b) = &bar {
+            b.set_message(table.clone());
+        }
+        let line = match sink.vacuum(&table, retention).await {
+            Ok(n) => format!("ok    {table}: {n} files removed"),
             Err(e) => {
                 failed = true;
-                println!("FAIL  {table}: {e}");
+                format!("FAIL  {table}: {e}")
             }
+        };
+        match &bar {
+            Some(b) => {
+                b.println(&line);
+                b.inc(1);
+            }
+            None => println!("{line}"),
         }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     if failed {
         ExitCode::FAILURE

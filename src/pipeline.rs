@@ -460,8 +460,17 @@ fn sources_ack(
     }
 }
 
-/// A batch's events grouped by source, each group in source order.
-fn by_source(events: &[ChangeEvent]) -> Vec<(&str, Vec<ChangeEvent>)> {
+/// A batch's events grouped by source, each group in source order. The common case, a batch of
+/// one source, borrows the batch instead of copying it.
+fn by_source(events: &[ChangeEvent]) -> Vec<(&str, std::borrow::Cow<'_, [ChangeEvent]>)> {
+    use std::borrow::Cow;
+    match events.first() {
+        None => return Vec::new(),
+        Some(first) if events.iter().all(|e| e.source == first.source) => {
+            return vec![(first.source.as_str(), Cow::Borrowed(events))];
+        }
+        Some(_) => {}
+    }
     let mut groups: Vec<(&str, Vec<ChangeEvent>)> = Vec::new();
     for e in events {
         match groups.iter_mut().find(|(s, _)| *s == e.source) {
@@ -470,6 +479,9 @@ fn by_source(events: &[ChangeEvent]) -> Vec<(&str, Vec<ChangeEvent>)> {
         }
     }
     groups
+        .into_iter()
+        .map(|(s, g)| (s, Cow::Owned(g)))
+        .collect()
 }
 
 /// The last position of each (source, stream) in a batch (events are in stream order).

@@ -596,6 +596,8 @@ async fn commit_batch(
     let version = finalized.version();
     table.update_state().await.map_err(delta_err)?;
     tracing::debug!(table = source, version, rows, "delta commit");
+    metrics::gauge!("tributary_delta_table_version", "table" => source.to_owned())
+        .set(version as f64);
     Ok(WriteOutcome {
         rows,
         version: Some(version),
