@@ -23,6 +23,10 @@ use tributary::source::kafka::decode::{Decoder, RawMessage};
 
 const RUNS: usize = 3;
 
+// As in the binary (src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod common;
 use common::{PARTITIONS, brokers, median, order, produce, source_config};
 

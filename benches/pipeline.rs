@@ -27,6 +27,9 @@ use common::{PARTITIONS, brokers, order, produce, source_config};
 
 const RATES: [u64; 2] = [250, 1000];
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env(name: &str) -> String {
     std::env::var(name)
         .unwrap_or_else(|_| panic!("{name} is not set: eval \"$(scripts/services env)\""))

