@@ -365,7 +365,11 @@ listen = ""
         "the sink is throttled: most changes must still wait in the WAL ({applied} applied)"
     );
     assert!(
-        peak - baseline < 100 * 1024,
+        // Buffering the backlog would take well over 300 MiB (400,000 events of ~0.9 KiB);
+        // bounded, the growth is the batches in flight, the transaction buffer (16 MiB) and the
+        // allocator's caches — measured ≈ 60 MiB with glibc malloc and ≈ 170 MiB with mimalloc,
+        // the same with 150,000 waiting changes as with 400,000.
+        peak - baseline < 256 * 1024,
         "memory must stay bounded while 400,000 changes wait: RSS grew {} MiB (baseline {} MiB)",
         (peak - baseline) / 1024,
         baseline / 1024
