@@ -71,18 +71,12 @@ fn sigkill(mut run: Running) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
-    let dbname = unique("crashsrc");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {dbname}"))
-        .await
-        .unwrap();
-    let src_url = common::pg_url_for_db(&dbname);
-    let src = pg_connect(&src_url).await;
-    src.batch_execute(
+    let (dbname, src_url, src) = common::create_source_db(
+        &admin,
+        "crashsrc",
         "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text NOT NULL)",
     )
-    .await
-    .unwrap();
+    .await;
     let slot = unique("slot");
     let schema = unique("crash");
     let dir = tempfile::tempdir().unwrap();
@@ -245,20 +239,7 @@ listen = ""
     );
 
     drop(src);
-    for _ in 0..50 {
-        if admin
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    admin
-        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
-        .await
-        .unwrap();
+    common::drop_source_db(&admin, &dbname, &slot).await;
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -276,18 +257,12 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_sink_slows_the_source_and_memory_stays_bounded() {
     let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
-    let dbname = unique("slowsrc");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {dbname}"))
-        .await
-        .unwrap();
-    let src_url = common::pg_url_for_db(&dbname);
-    let src = pg_connect(&src_url).await;
-    src.batch_execute(
+    let (dbname, src_url, src) = common::create_source_db(
+        &admin,
+        "slowsrc",
         "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL, note text NOT NULL)",
     )
-    .await
-    .unwrap();
+    .await;
     let slot = unique("slot");
     let schema = unique("slow");
     let dir = tempfile::tempdir().unwrap();
@@ -376,18 +351,5 @@ listen = ""
     );
 
     drop(src);
-    for _ in 0..50 {
-        if admin
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    admin
-        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
-        .await
-        .unwrap();
+    common::drop_source_db(&admin, &dbname, &slot).await;
 }

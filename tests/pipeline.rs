@@ -170,20 +170,14 @@ listen = ""
 async fn postgres_snapshot_and_stream_land_once_in_bronze_and_pgvector_equals_the_source() {
     // The source database with rows before the connector's first start.
     let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
-    let dbname = unique("pipesrc");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {dbname}"))
-        .await
-        .unwrap();
-    let src_url = common::pg_url_for_db(&dbname);
-    let src = pg_connect(&src_url).await;
-    src.batch_execute(
+    let (dbname, src_url, src) = common::create_source_db(
+        &admin,
+        "pipesrc",
         "CREATE TABLE orders (id int PRIMARY KEY, customer text NOT NULL, note text NOT NULL);
          INSERT INTO orders SELECT g, 'Customer ' || (g % 5), 'note number ' || g
          FROM generate_series(1, 200) g;",
     )
-    .await
-    .unwrap();
+    .await;
     let slot = unique("slot");
     let schema = unique("pipe");
     let dir = tempfile::tempdir().unwrap();

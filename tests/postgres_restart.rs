@@ -114,18 +114,5 @@ async fn server_restart_mid_stream_resumes_with_no_gap_and_no_duplicate() {
     src.close().await;
 
     let admin = common::pg_connect(&common::env("TRIBUTARY_PG_URL")).await;
-    for _ in 0..50 {
-        if admin
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    admin
-        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
-        .await
-        .unwrap();
+    common::drop_source_db(&admin, &db, &slot).await;
 }

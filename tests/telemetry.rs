@@ -307,18 +307,5 @@ ready_window_s = 2
     let (code, log) = stop(run, &config);
     assert_eq!(code, 0, "{log}");
 
-    for _ in 0..50 {
-        if admin
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    admin
-        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
-        .await
-        .unwrap();
+    common::drop_source_db(&admin, &dbname, &slot).await;
 }

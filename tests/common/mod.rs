@@ -59,3 +59,39 @@ os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
     let v: (u64, u64) = serde_json::from_slice(&out.stdout).unwrap();
     v
 }
+
+/// A database of its own for a PostgreSQL source under test: `(name, url, client)`, after
+/// running `setup` in it.
+pub async fn create_source_db(
+    admin: &tokio_postgres::Client,
+    prefix: &str,
+    setup: &str,
+) -> (String, String, tokio_postgres::Client) {
+    let name = unique(prefix);
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let url = pg_url_for_db(&name);
+    let client = pg_connect(&url).await;
+    client.batch_execute(setup).await.unwrap();
+    (name, url, client)
+}
+
+/// Drops a test's slot (waiting for a just-stopped walsender to let go of it) and its database.
+pub async fn drop_source_db(admin: &tokio_postgres::Client, name: &str, slot: &str) {
+    for _ in 0..50 {
+        if admin
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    admin
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
