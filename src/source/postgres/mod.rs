@@ -89,6 +89,11 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// A table's name as events carry it in `source` (`schema.table`, unquoted).
+fn source_name((schema, table): &(String, String)) -> String {
+    format!("{schema}.{table}")
+}
+
 /// `url` with `replication=database` added (URL or key/value form).
 fn replication_url(url: &str) -> String {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -211,9 +216,9 @@ pub struct PostgresSourceReader {
     /// Highest snapshot ordinal acknowledged.
     snapshot_acked: Option<u64>,
     /// Changes to a table committed before its snapshot's LSN are already in the snapshot.
-    snapshot_lsn: HashMap<(String, String), Lsn>,
+    snapshot_lsn: HashMap<String, Lsn>,
     /// The state and heartbeat tables: never emitted.
-    internal: HashSet<(String, String)>,
+    internal: HashSet<String>,
     state_table: (String, String),
     last_heartbeat: std::time::Instant,
     last_slot_check: Option<std::time::Instant>,
@@ -242,9 +247,11 @@ impl PostgresSourceReader {
             .map_err(db)?
             .get(0);
         let state_table = parse_table_name(&cfg.state_table).map_err(PgSourceError::Setup)?;
-        let mut internal = HashSet::from([state_table.clone()]);
+        let mut internal = HashSet::from([source_name(&state_table)]);
         if let Some(h) = &cfg.heartbeat_table {
-            internal.insert(parse_table_name(h).map_err(PgSourceError::Setup)?);
+            internal.insert(source_name(
+                &parse_table_name(h).map_err(PgSourceError::Setup)?,
+            ));
         }
         let mut reader = Self {
             cfg: cfg.clone(),
@@ -322,9 +329,7 @@ impl PostgresSourceReader {
             }
         }
         self.periodic().await?;
-        if let Err(e) = self.ensure_stream().await {
-            return Err(e);
-        }
+        self.ensure_stream().await?;
         let mut out = Vec::new();
         let token = CancellationToken::new();
         let sleep = tokio::time::sleep(wait);

@@ -13,6 +13,7 @@ use pg_walstream::{
 use super::snapshot::{self, Snapshot};
 use super::{
     PgSourceError, PostgresSourceReader, SlotHealth, db, quote_ident, repl, replication_url,
+    source_name,
 };
 use crate::config::{PostgresSource, SlotLostPolicy, SnapshotMode, parse_table_name};
 use crate::event::Lsn;
@@ -89,7 +90,7 @@ impl PostgresSourceReader {
         Ok(rows
             .iter()
             .map(|r| (r.get(0), r.get(1)))
-            .filter(|t| !self.internal.contains(t))
+            .filter(|t| !self.internal.contains(&source_name(t)))
             .collect())
     }
 
@@ -237,7 +238,8 @@ impl PostgresSourceReader {
                     })?;
                 let tables = self.published_tables().await?;
                 self.record_snapshot_plan(&tables, consistent, 1).await?;
-                self.open_snapshot(&name, tables, consistent, 1).await?;
+                self.open_snapshot_at(&name, tables, consistent, consistent, 1)
+                    .await?;
             }
             // Keep the connection: it becomes the stream once the snapshot is read.
             self.stream = Some(stream);
@@ -251,7 +253,7 @@ impl PostgresSourceReader {
             let lsn = Lsn(r.get::<_, i64>(2) as u64);
             epoch = epoch.max(r.get::<_, i64>(3) as u64);
             if r.get::<_, bool>(4) {
-                self.snapshot_lsn.insert(t, lsn);
+                self.snapshot_lsn.insert(source_name(&t), lsn);
             } else {
                 pending.push(t);
             }
@@ -322,17 +324,6 @@ impl PostgresSourceReader {
         Ok(())
     }
 
-    pub(super) async fn open_snapshot(
-        &mut self,
-        name: &str,
-        tables: Vec<(String, String)>,
-        slot_start: Lsn,
-        epoch: u64,
-    ) -> Result<(), PgSourceError> {
-        self.open_snapshot_at(name, tables, slot_start, slot_start, epoch)
-            .await
-    }
-
     /// `slot_start`: where the slot's stream begins (snapshot positions sort just below it);
     /// `at`: the LSN the snapshot is consistent at (changes of these tables committed before it
     /// are skipped).
@@ -345,7 +336,7 @@ impl PostgresSourceReader {
         epoch: u64,
     ) -> Result<(), PgSourceError> {
         for t in &tables {
-            self.snapshot_lsn.insert(t.clone(), at);
+            self.snapshot_lsn.insert(source_name(t), at);
         }
         let snap = Snapshot::open(
             self.cfg.url.expose(),

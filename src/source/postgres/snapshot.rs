@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use chrono::Utc;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::{PgSourceError, db, decode, quote_ident};
 use crate::event::{ChangeEvent, Lsn, Op, Position, Row, Value};
@@ -61,17 +61,10 @@ impl Snapshot {
         epoch: u64,
         chunk_rows: u32,
     ) -> Result<Self, PgSourceError> {
-        let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(db)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::warn!(error = %e, "PostgreSQL snapshot connection closed");
-            }
-        });
+        let client = super::sql_connect(url).await?;
         client
             .batch_execute(&format!(
-                "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3; \
-                 BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-                 SET TRANSACTION SNAPSHOT {}",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
                 super::quote_literal(snapshot_name)
             ))
             .await

@@ -40,12 +40,12 @@ impl PostgresSourceReader {
         use backon::{ExponentialBuilder, Retryable};
         let url = replication_url(self.cfg.url.expose());
         let config = self.stream_config(&self.cfg.slot, "nothing", false);
-        let existing = self.stream.take();
-        let mut existing = Some(existing);
+        // The first attempt starts the connection that created the slot, if there is one.
+        let mut existing = self.stream.take();
         let start = || {
             let url = url.clone();
             let config = config.clone();
-            let reuse = existing.take().flatten();
+            let reuse = existing.take();
             async move {
                 let mut s = match reuse {
                     Some(s) => s,
@@ -247,16 +247,11 @@ impl PostgresSourceReader {
                 | Message::Delete { .. }
                 | Message::Truncate { .. } => {
                     for mut ev in self.to_events(msg)? {
-                        let Some((schema, name)) = ev
-                            .source
-                            .split_once('.')
-                            .map(|(a, b)| (a.to_string(), b.to_string()))
-                        else {
-                            continue;
-                        };
-                        let t = (schema, name);
-                        if self.internal.contains(&t)
-                            || self.snapshot_lsn.get(&t).is_some_and(|at| commit_lsn < *at)
+                        if self.internal.contains(&ev.source)
+                            || self
+                                .snapshot_lsn
+                                .get(&ev.source)
+                                .is_some_and(|at| commit_lsn < *at)
                         {
                             continue;
                         }
@@ -302,7 +297,7 @@ impl PostgresSourceReader {
                 }
                 None => false,
             };
-            if !whole && !(f.events == Some(0)) {
+            if !whole && f.events != Some(0) {
                 break;
             }
             upto = Some(f.end_lsn);
