@@ -163,6 +163,7 @@ name = "{topic}"
 key_columns = ["order_id"]
 [sinks.delta]
 uri = "{}"
+flush_interval_ms = 1000
 [pipeline]
 batch_max_events = 5000
 batch_max_wait_ms = 200
@@ -280,6 +281,7 @@ model_dir = "{model}"
 "public.items" = "{{customer}} wrote: {{note}}"
 [sinks.delta]
 uri = "{}"
+flush_interval_ms = 1000
 [sinks.pgvector]
 url = "{base}"
 schema = "{schema}"

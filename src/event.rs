@@ -242,6 +242,61 @@ impl Value {
     }
 }
 
+/// The type of a column as the source declares it: what every non-null [`Value`] of that column
+/// is (a value the source could not convert arrives as [`Value::Text`] and is kept untyped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueType {
+    Bool,
+    Int16,
+    Int32,
+    Int64,
+    Float32,
+    Float64,
+    Numeric,
+    Text,
+    Bytes,
+    Uuid,
+    Date,
+    Timestamp,
+    TimestampTz,
+    Json,
+    Array,
+    Vector,
+}
+
+impl ValueType {
+    /// Whether `value` is a non-null value of this type.
+    pub fn matches(self, value: &Value) -> bool {
+        matches!(
+            (self, value),
+            (ValueType::Bool, Value::Bool(_))
+                | (ValueType::Int16, Value::Int16(_))
+                | (ValueType::Int32, Value::Int32(_))
+                | (ValueType::Int64, Value::Int64(_))
+                | (ValueType::Float32, Value::Float32(_))
+                | (ValueType::Float64, Value::Float64(_))
+                | (ValueType::Numeric, Value::Numeric(_))
+                | (ValueType::Text, Value::Text(_))
+                | (ValueType::Bytes, Value::Bytes(_))
+                | (ValueType::Uuid, Value::Uuid(_))
+                | (ValueType::Date, Value::Date(_))
+                | (ValueType::Timestamp, Value::Timestamp(_))
+                | (ValueType::TimestampTz, Value::TimestampTz(_))
+                | (ValueType::Json, Value::Json(_))
+                | (ValueType::Array, Value::Array(_))
+                | (ValueType::Vector, Value::Vector(_))
+        )
+    }
+}
+
+/// The columns a source knows a table (or topic) to have, with their types: the PostgreSQL
+/// relation, or a topic's declared columns. Shared by every event of that shape.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RowSchema {
+    pub columns: Vec<(String, ValueType)>,
+}
+
 /// One named column of a row or key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Column {
@@ -332,6 +387,10 @@ pub struct ChangeEvent {
     /// the pgvector sink so a later unchanged text can reuse the stored vector.
     #[serde(default)]
     pub text_hash: Option<u64>,
+    /// The row's declared columns when the source knows them (PostgreSQL always, Kafka when the
+    /// topic declares `columns`); Bronze types those columns instead of keeping them as JSON.
+    #[serde(skip)]
+    pub schema: Option<std::sync::Arc<RowSchema>>,
 }
 
 #[cfg(test)]
@@ -449,6 +508,7 @@ mod tests {
             source_ts: Some(ts),
             embedding: Some(vec![0.1, 0.2]),
             text_hash: Some(u64::MAX),
+            schema: None,
         };
         let json = serde_json::to_string(&event).unwrap();
         let back: ChangeEvent = serde_json::from_str(&json).unwrap();
@@ -478,6 +538,7 @@ mod tests {
             source_ts: None,
             embedding: None,
             text_hash: None,
+            schema: None,
         };
         let back: ChangeEvent =
             serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();

@@ -288,8 +288,11 @@ pub async fn run(
     let mut source = Some(sources);
     let mut stopping = None;
     let mut drain_deadline = None;
+    // Last positions of the batches buffered in the Delta sink and not yet committed there.
+    let mut delta_pending: Vec<((String, StreamId), Position)> = Vec::new();
     tokio::pin!(shutdown);
     loop {
+        let flush_at = delta.as_ref().and_then(DeltaSink::flush_deadline);
         let next = tokio::select! {
             () = &mut shutdown, if source.is_some() => {
                 tracing::info!("shutdown requested: draining in-flight batches");
@@ -317,26 +320,66 @@ pub async fn run(
                 tracing::warn!("shutdown timeout reached; unacknowledged events will be delivered again");
                 break;
             }
+            () = sleep_until(flush_at) => {
+                // Time-based Delta flush while no batch arrives.
+                if let (Some(d), Some(h)) = (delta.as_mut(), delta_health.as_ref()) {
+                    flush_delta(d, h, &mut delta_pending, &mut checkpoints, &kafka_acker, &pg_acker).await?;
+                }
+                continue;
+            }
             next = enriched_rx.recv() => next,
         };
-        let Some(batch) = next else { break };
+        let Some(batch) = next else {
+            // Drained: commit what the Delta sink still holds, then acknowledge it.
+            if let (Some(d), Some(h)) = (delta.as_mut(), delta_health.as_ref()) {
+                flush_delta(
+                    d,
+                    h,
+                    &mut delta_pending,
+                    &mut checkpoints,
+                    &kafka_acker,
+                    &pg_acker,
+                )
+                .await?;
+            }
+            break;
+        };
         let started = Instant::now();
         let mut letters = batch.dead_letters;
         let mut rows = 0;
+        let last = last_positions(&batch.events);
         if let (Some(d), Some(h)) = (delta.as_mut(), delta_health.as_ref()) {
             for (source, events) in by_source(&batch.events) {
-                match d.write(source, &events).await {
-                    Ok(o) => rows += o.rows,
+                match d.append(source, &events).await {
+                    Ok(rejected) => letters.extend(rejected),
                     Err(e) => {
                         h.commit_failed(&e);
                         return Err(PipelineError::Sink(e.to_string()));
                     }
                 }
             }
-            h.commit_succeeded();
+            delta_pending.extend(last.iter().map(|(k, p)| (k.clone(), p.clone())));
+            // Bronze commits are sized by rows/bytes/time, not by pipeline batch.
+            if d.should_flush() {
+                // Dead letters first: a position is durable in Delta only with its dead letters.
+                write_dead_letters(&mut delta, &mut dead_letters, &mut letters).await?;
+                summary.dead_letters += letters.len() as u64;
+                letters.clear();
+                if let (Some(d), Some(h)) = (delta.as_mut(), delta_health.as_ref()) {
+                    rows = flush_delta(
+                        d,
+                        h,
+                        &mut delta_pending,
+                        &mut checkpoints,
+                        &kafka_acker,
+                        &pg_acker,
+                    )
+                    .await?;
+                }
+                // Crash point for the crash-safety tests (no-op unless built with `failpoints`).
+                fail::fail_point!("pipeline::after-delta-commit", |_| std::process::abort());
+            }
         }
-        // Crash points for the crash-safety tests (no-ops unless built with `failpoints`).
-        fail::fail_point!("pipeline::after-delta-commit", |_| std::process::abort());
         if let (Some(p), Some(h)) = (pgvector.as_mut(), pg_health.as_ref()) {
             match p.write(&batch.events).await {
                 Ok(o) => {
@@ -350,47 +393,25 @@ pub async fn run(
             }
         }
         // Dead letters are durable before any position behind them is acknowledged.
-        if !letters.is_empty() {
-            match delta.as_mut() {
-                Some(d) => {
-                    d.write_dead_letters(&letters)
-                        .await
-                        .map_err(|e| PipelineError::Sink(e.to_string()))?;
-                }
-                None => {
-                    let Some(writer) = dead_letters.as_mut() else {
-                        return Err(PipelineError::Config(format!(
-                            "{} events were rejected and there is nowhere to put them: configure \
-                             [sinks.delta] (its _dlq table) or sources.kafka.dead_letter",
-                            letters.len()
-                        )));
-                    };
-                    for letter in &letters {
-                        writer
-                            .write(letter)
-                            .await
-                            .map_err(|e| PipelineError::Sink(e.to_string()))?;
-                    }
-                }
-            }
-        }
+        write_dead_letters(&mut delta, &mut dead_letters, &mut letters).await?;
         fail::fail_point!("pipeline::before-ack", |_| std::process::abort());
         summary.events += batch.events.len() as u64;
         summary.batches += 1;
         summary.dead_letters += letters.len() as u64;
-        for ((source_name, _), position) in last_positions(&batch.events) {
-            for sink in &sink_names {
-                if let Some(ack) = checkpoints.durable(sink, &source_name, &position) {
+        for ((source_name, _), position) in &last {
+            for sink in sink_names.iter().filter(|s| **s != "delta") {
+                if let Some(ack) = checkpoints.durable(sink, source_name, position) {
                     sources_ack(&kafka_acker, &pg_acker, &ack);
                 }
             }
         }
-        tracing::info!(
+        tracing::debug!(
             events = batch.events.len(),
-            bronze_rows = rows,
+            bronze_rows_committed = rows,
+            delta_buffered = delta.as_ref().map_or(0, DeltaSink::buffered_rows),
             dead_letters = letters.len(),
             ms = started.elapsed().as_millis() as u64,
-            "batch committed"
+            "batch done"
         );
     }
     batcher.abort();
@@ -410,6 +431,78 @@ pub async fn run(
     };
     source_result.map_err(|e| PipelineError::Source(e.to_string()))?;
     Ok(summary)
+}
+
+/// Commits what the Delta sink buffered and marks the batches it held durable in "delta",
+/// acknowledging whatever thereby became durable everywhere. Returns the rows committed.
+async fn flush_delta(
+    delta: &mut DeltaSink,
+    health: &telemetry::health::SinkHealth,
+    pending: &mut Vec<((String, StreamId), Position)>,
+    checkpoints: &mut Checkpoints,
+    kafka_acker: &Option<kafka::KafkaAcker>,
+    pg_acker: &Option<postgres::PostgresAcker>,
+) -> Result<usize, PipelineError> {
+    let started = Instant::now();
+    let outcome = match delta.flush().await {
+        Ok(o) => {
+            health.commit_succeeded();
+            o
+        }
+        Err(e) => {
+            health.commit_failed(&e);
+            return Err(PipelineError::Sink(e.to_string()));
+        }
+    };
+    for ((source, _), position) in pending.drain(..) {
+        if let Some(ack) = checkpoints.durable("delta", &source, &position) {
+            sources_ack(kafka_acker, pg_acker, &ack);
+        }
+    }
+    if outcome.rows > 0 {
+        tracing::info!(
+            bronze_rows = outcome.rows,
+            tables = outcome.versions.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "Bronze commit"
+        );
+    }
+    Ok(outcome.rows)
+}
+
+/// Makes `letters` durable (the Delta `_dlq` table, else the Kafka source's dead-letter
+/// destination).
+async fn write_dead_letters(
+    delta: &mut Option<DeltaSink>,
+    fallback: &mut Option<DeadLetterWriter>,
+    letters: &mut Vec<crate::dead_letter::DeadLetter>,
+) -> Result<(), PipelineError> {
+    if letters.is_empty() {
+        return Ok(());
+    }
+    match delta.as_mut() {
+        Some(d) => {
+            d.write_dead_letters(letters)
+                .await
+                .map_err(|e| PipelineError::Sink(e.to_string()))?;
+        }
+        None => {
+            let Some(writer) = fallback.as_mut() else {
+                return Err(PipelineError::Config(format!(
+                    "{} events were rejected and there is nowhere to put them: configure \
+                     [sinks.delta] (its _dlq table) or sources.kafka.dead_letter",
+                    letters.len()
+                )));
+            };
+            for letter in letters.iter() {
+                writer
+                    .write(letter)
+                    .await
+                    .map_err(|e| PipelineError::Sink(e.to_string()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The running sources.

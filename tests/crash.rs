@@ -93,6 +93,7 @@ slot = "{slot}"
 tables = ["items"]
 [sinks.delta]
 uri = "{lake}"
+flush_interval_ms = 300
 [sinks.pgvector]
 url = "{pg}"
 schema = "{schema}"
@@ -280,6 +281,7 @@ tables = ["items"]
 max_tx_memory_mb = 16
 [sinks.delta]
 uri = "{lake}"
+flush_interval_ms = 300
 [sinks.pgvector]
 url = "{pg}"
 schema = "{schema}"

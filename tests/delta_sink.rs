@@ -8,9 +8,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{env, unique};
+use std::sync::Arc;
 use tributary::config::Config;
 use tributary::dead_letter::DeadLetter;
-use tributary::event::{ChangeEvent, Lsn, Op, Position, Row, StreamId, Value};
+
+use tributary::event::{
+    ChangeEvent, Lsn, Op, Position, Row, RowSchema, StreamId, Value, ValueType,
+};
 use tributary::sink::delta::{DLQ_TABLE, DeltaSink};
 
 const SOURCE: &str = "public.orders";
@@ -98,6 +102,7 @@ fn event(id: i64, position: Position) -> ChangeEvent {
         source_ts: Some(chrono::Utc::now()),
         embedding: Some(vec![id as f32, 0.5, -0.25]),
         text_hash: None,
+        schema: None,
     }
 }
 
@@ -152,6 +157,88 @@ async fn read_back(sink: &DeltaSink, table: &str) -> (BTreeMap<(i64, i64), usize
         }
     }
     (seen, payloads)
+}
+
+/// Every row of the table's current version as JSON objects (columns a data file lacks are
+/// absent), keyed by position, plus the table's Arrow schema.
+async fn rows_as_json(
+    sink: &DeltaSink,
+    table: &str,
+) -> (
+    BTreeMap<(i64, i64), serde_json::Map<String, serde_json::Value>>,
+    arrow::datatypes::SchemaRef,
+) {
+    use object_store::ObjectStoreExt as _;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let url = url::Url::parse(&sink.table_uri(table)).unwrap();
+    let table = deltalake::open_table(url).await.unwrap();
+    let schema = table.snapshot().unwrap().snapshot().arrow_schema();
+    let store = table.object_store();
+    let mut rows = BTreeMap::new();
+    let paths: Vec<_> = table
+        .snapshot()
+        .unwrap()
+        .log_data()
+        .into_iter()
+        .map(|add| add.object_store_path())
+        .collect();
+    for path in paths {
+        let bytes = store.get(&path).await.unwrap().bytes().await.unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let mut w = arrow::json::ArrayWriter::new(Vec::new());
+            w.write(&batch.unwrap()).unwrap();
+            w.finish().unwrap();
+            let parsed: Vec<serde_json::Map<String, serde_json::Value>> =
+                serde_json::from_slice(&w.into_inner()).unwrap();
+            for row in parsed {
+                let key = (
+                    row["_position_major"].as_i64().unwrap(),
+                    row["_position_minor"].as_i64().unwrap(),
+                );
+                assert!(rows.insert(key, row).is_none(), "duplicate row at {key:?}");
+            }
+        }
+    }
+    (rows, schema)
+}
+
+fn schema_of(columns: &[(&str, ValueType)]) -> Arc<RowSchema> {
+    Arc::new(RowSchema {
+        columns: columns.iter().map(|(n, t)| (n.to_string(), *t)).collect(),
+    })
+}
+
+/// An order row as the PostgreSQL source sends it: typed values and the relation's schema.
+fn typed_event(
+    id: i64,
+    position: Position,
+    schema: &Arc<RowSchema>,
+    extra: &[(&str, Value)],
+) -> ChangeEvent {
+    let placed = chrono::NaiveDate::from_ymd_opt(2026, 11, 23)
+        .unwrap()
+        .and_hms_opt(10, 0, id as u32 % 60)
+        .unwrap();
+    let mut after: Row = [
+        ("id", Value::Int64(id)),
+        ("note", Value::Text(format!("order {id}"))),
+        ("amount", Value::Numeric(format!("{id}.50"))),
+        ("placed", Value::Timestamp(placed)),
+    ]
+    .into_iter()
+    .collect();
+    for (name, value) in extra {
+        after.push(*name, value.clone());
+    }
+    ChangeEvent {
+        schema: Some(schema.clone()),
+        after: Some(after),
+        ..event(id, position)
+    }
 }
 
 fn all_once(seen: &BTreeMap<(i64, i64), usize>, expected: usize) {
@@ -218,8 +305,12 @@ async fn crash_before_commit(backend: Backend) {
         let url = url::Url::parse(&sink.table_uri(SOURCE)).unwrap();
         let table = deltalake::open_table(url).await.unwrap();
         let refs: Vec<&ChangeEvent> = batch.iter().collect();
-        let rb =
-            tributary::sink::delta::bronze::events_to_batch(&refs, chrono::Utc::now()).unwrap();
+        let rb = tributary::sink::delta::bronze::events_to_batch(
+            &refs,
+            &tributary::sink::delta::bronze::bronze_schema(),
+            chrono::Utc::now(),
+        )
+        .unwrap();
         let mut writer = RecordBatchWriter::for_table(&table).unwrap();
         writer.write(rb).await.unwrap();
         let orphans = writer.flush().await.unwrap();
@@ -273,6 +364,192 @@ async fn concurrent_writers(backend: Backend) {
         assert_eq!(
             a.committed(SOURCE, &stream).await.unwrap(),
             Some(kafka(p, 19))
+        );
+    }
+}
+
+/// Columns the source declares become typed Bronze columns; a column added at the source is added
+/// to the table (older rows read NULL); a column whose type changed incompatibly sends its events
+/// to the dead-letter table with the reason instead of dropping or coercing them; a value the
+/// source could not convert stays in `_payload`.
+async fn typed_columns_and_schema_evolution(backend: Backend) {
+    let cfg = backend.config("");
+    let mut sink = DeltaSink::new("t", &cfg).unwrap();
+    let v1 = schema_of(&[
+        ("id", ValueType::Int64),
+        ("note", ValueType::Text),
+        ("amount", ValueType::Numeric),
+        ("placed", ValueType::Timestamp),
+    ]);
+    let first: Vec<ChangeEvent> = (0..3)
+        .map(|i| typed_event(i, lsn(100, i as u64), &v1, &[]))
+        .collect();
+    let out = sink.write(SOURCE, &first).await.unwrap();
+    assert_eq!((out.rows, out.rejected.len()), (3, 0));
+
+    // ALTER TABLE … ADD COLUMN priority int
+    let mut v2 = (*v1).clone();
+    v2.columns.push(("priority".into(), ValueType::Int32));
+    let v2 = Arc::new(v2);
+    let mut second: Vec<ChangeEvent> = (3..5)
+        .map(|i| {
+            typed_event(
+                i,
+                lsn(200, i as u64),
+                &v2,
+                &[("priority", Value::Int32(i as i32))],
+            )
+        })
+        .collect();
+    // 'infinity' is a valid timestamp the source passes on as text: kept, untyped.
+    second[1]
+        .after
+        .as_mut()
+        .unwrap()
+        .0
+        .iter_mut()
+        .find(|c| c.name == "placed")
+        .unwrap()
+        .value = Value::Text("infinity".into());
+    let out = sink.write(SOURCE, &second).await.unwrap();
+    assert_eq!((out.rows, out.rejected.len()), (2, 0));
+
+    // ALTER TABLE … ALTER COLUMN priority TYPE text: Bronze cannot hold it.
+    let mut v3 = (*v2).clone();
+    v3.columns.last_mut().unwrap().1 = ValueType::Text;
+    let v3 = Arc::new(v3);
+    let third = vec![
+        typed_event(
+            5,
+            lsn(300, 0),
+            &v3,
+            &[("priority", Value::Text("high".into()))],
+        ),
+        typed_event(
+            6,
+            lsn(300, 1),
+            &v3,
+            &[("priority", Value::Text("low".into()))],
+        ),
+    ];
+    let out = sink.write(SOURCE, &third).await.unwrap();
+    assert_eq!(out.rows, 0);
+    assert_eq!(out.rejected.len(), 2);
+    for (letter, e) in out.rejected.iter().zip(&third) {
+        assert_eq!(letter.position, e.position);
+        assert!(
+            letter.error.contains("\"priority\"") && letter.error.contains("incompatible"),
+            "{}",
+            letter.error
+        );
+    }
+    // The dead letters land in `_dlq` once; the stream goes on with compatible rows.
+    assert_eq!(
+        sink.write_dead_letters(&out.rejected).await.unwrap().rows,
+        2
+    );
+    let fourth = vec![typed_event(
+        7,
+        lsn(400, 0),
+        &v2,
+        &[("priority", Value::Int32(7))],
+    )];
+    assert_eq!(sink.write(SOURCE, &fourth).await.unwrap().rows, 1);
+
+    let (rows, schema) = rows_as_json(&sink, SOURCE).await;
+    let ty = |name: &str| schema.field_with_name(name).unwrap().data_type().clone();
+    use arrow::datatypes::{DataType, TimeUnit};
+    assert_eq!(ty("id"), DataType::Int64);
+    assert_eq!(ty("amount"), DataType::Utf8);
+    assert_eq!(
+        ty("placed"),
+        DataType::Timestamp(TimeUnit::Microsecond, None)
+    );
+    assert_eq!(ty("priority"), DataType::Int32);
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    let r0 = &rows[&(100, 0)];
+    assert_eq!(r0["id"], 0);
+    assert_eq!(r0["amount"], "0.50");
+    assert_eq!(r0["placed"], "2026-11-23T10:00:00");
+    assert!(r0.get("priority").is_none_or(|v| v.is_null()), "{r0:?}");
+    assert!(r0.get("_payload").is_none_or(|v| v.is_null()), "{r0:?}");
+    assert_eq!(rows[&(200, 3)]["priority"], 3);
+    let odd = &rows[&(200, 4)];
+    assert!(odd.get("placed").is_none_or(|v| v.is_null()), "{odd:?}");
+    let payload: serde_json::Value =
+        serde_json::from_str(odd["_payload"].as_str().unwrap()).unwrap();
+    assert_eq!(payload, serde_json::json!({"placed": "infinity"}));
+    assert_eq!(rows[&(400, 0)]["priority"], 7);
+    assert!(!rows.contains_key(&(300, 0)));
+    let (dlq, _) = rows_as_json(&sink, DLQ_TABLE).await;
+    assert_eq!(dlq.len(), 2);
+}
+
+#[tokio::test]
+async fn typed_columns_and_schema_evolution_on_every_backend() {
+    for b in ALL {
+        typed_columns_and_schema_evolution(b).await;
+    }
+}
+
+/// Commits are sized by rows, bytes or time, not by the caller's batches: nothing is committed
+/// (or durable) before a limit is reached; a replay of still-buffered events is not buffered
+/// twice; the oldest buffered row's age triggers a flush of a small buffer.
+#[tokio::test]
+async fn commits_are_cut_by_rows_and_by_time() {
+    let cfg = Backend::Local.config("flush_rows = 100\nflush_interval_ms = 400");
+    let mut sink = DeltaSink::new("t", &cfg).unwrap();
+    let batch = |from: i64, n: i64| -> Vec<ChangeEvent> {
+        (from..from + n)
+            .map(|i| event(i, lsn(1_000 + i as u64, 0)))
+            .collect()
+    };
+    assert!(sink.append(SOURCE, &batch(0, 60)).await.unwrap().is_empty());
+    assert!(!sink.should_flush());
+    assert_eq!(read_back(&sink, SOURCE).await.0.len(), 0, "committed early");
+    // Re-delivered before its commit (a Kafka rebalance, say): not buffered again.
+    sink.append(SOURCE, &batch(30, 30)).await.unwrap();
+    assert_eq!(sink.buffered_rows(), 60);
+    sink.append(SOURCE, &batch(60, 60)).await.unwrap();
+    assert!(sink.should_flush(), "120 rows buffered, flush_rows = 100");
+    let out = sink.flush().await.unwrap();
+    assert_eq!((out.rows, out.versions.len()), (120, 1));
+    assert_eq!(sink.buffered_rows(), 0);
+    assert!(sink.flush_deadline().is_none());
+
+    sink.append(SOURCE, &batch(120, 5)).await.unwrap();
+    assert!(!sink.should_flush());
+    let deadline = sink.flush_deadline().expect("a deadline while rows wait");
+    tokio::time::sleep_until(deadline).await;
+    assert!(
+        sink.should_flush(),
+        "the oldest row waited flush_interval_ms"
+    );
+    assert_eq!(sink.flush().await.unwrap().rows, 5);
+    all_once(&read_back(&sink, SOURCE).await.0, 125);
+    // One commit per flush (plus the table's creation).
+    let version = sink.summary(SOURCE).await.unwrap().version;
+    assert_eq!(version, 2);
+}
+
+#[test]
+fn flush_limits_of_zero_are_refused_with_their_key() {
+    for key in [
+        "flush_rows",
+        "flush_mb",
+        "flush_interval_ms",
+        "compact_target_mb",
+    ] {
+        let text = format!(
+            "name = \"t\"\n[sources.kafka]\nbrokers = \"x:1\"\ngroup_id = \"g\"\n\
+             [[sources.kafka.topics]]\nname = \"orders\"\n[sinks.delta]\n\
+             uri = \"file:///tmp/x\"\n{key} = 0\n"
+        );
+        let err = Config::parse(&text, Path::new("."), |_| None).unwrap_err();
+        assert_eq!(
+            err.key(),
+            Some(format!("sinks.delta.{key}").as_str()),
+            "{err}"
         );
     }
 }
@@ -352,13 +629,28 @@ fn disabling_conditional_put_is_refused_with_the_setting_named() {
 }
 
 /// An independent reader: the Python `deltalake` package (as Spark/Databricks/DuckDB users would
-/// read the table) sees the same rows and schema.
+/// read the table) sees the same rows, the typed columns with their types, and the evolved schema.
 #[tokio::test]
 async fn python_deltalake_reads_the_bronze_table() {
     let cfg = Backend::Local.config("");
     let mut sink = DeltaSink::new("t", &cfg).unwrap();
-    sink.write(SOURCE, &tx(100, 0..3)).await.unwrap();
-    sink.write(SOURCE, &tx(200, 3..5)).await.unwrap();
+    let v1 = schema_of(&[
+        ("id", ValueType::Int64),
+        ("note", ValueType::Text),
+        ("amount", ValueType::Numeric),
+        ("placed", ValueType::Timestamp),
+    ]);
+    let mut v2 = (*v1).clone();
+    v2.columns.push(("priority".into(), ValueType::Int32));
+    let v2 = Arc::new(v2);
+    let first: Vec<ChangeEvent> = (0..3)
+        .map(|i| typed_event(i, lsn(100, i as u64), &v1, &[]))
+        .collect();
+    let second: Vec<ChangeEvent> = (3..5)
+        .map(|i| typed_event(i, lsn(200, i as u64), &v2, &[("priority", Value::Int32(9))]))
+        .collect();
+    sink.write(SOURCE, &first).await.unwrap();
+    sink.write(SOURCE, &second).await.unwrap();
     let (ours, _) = read_back(&sink, SOURCE).await;
 
     let script = r#"
@@ -368,9 +660,12 @@ t = DeltaTable(sys.argv[1])
 tbl = t.to_pyarrow_table()
 rows = sorted(zip(tbl.column("_position_major").to_pylist(),
                   tbl.column("_position_minor").to_pylist(),
-                  tbl.column("_payload").to_pylist(),
+                  tbl.column("id").to_pylist(),
+                  tbl.column("note").to_pylist(),
+                  tbl.column("priority").to_pylist(),
+                  [str(v) for v in tbl.column("placed").to_pylist()],
                   tbl.column("embedding").to_pylist()))
-print(json.dumps({"fields": [f.name for f in tbl.schema],
+print(json.dumps({"fields": {f.name: str(f.type) for f in tbl.schema},
                   "partitions": t.metadata().partition_columns,
                   "rows": rows}))
 sys.stdout.flush()
@@ -391,22 +686,28 @@ os._exit(0)
         String::from_utf8_lossy(&out.stderr)
     );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let fields: Vec<&str> = got["fields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f.as_str().unwrap())
-        .collect();
-    let expected: Vec<String> = tributary::sink::delta::bronze::bronze_schema()
+    let fields = got["fields"].as_object().unwrap();
+    let mut names: Vec<&str> = fields.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    let expected_schema = tributary::sink::delta::bronze::bronze_schema_for(&v2);
+    let mut expected: Vec<&str> = expected_schema
         .fields()
         .iter()
-        .map(|f| f.name().clone())
+        .map(|f| f.name().as_str())
         .collect();
-    let mut sorted_fields = fields.clone();
-    sorted_fields.sort_unstable();
-    let mut sorted_expected: Vec<&str> = expected.iter().map(String::as_str).collect();
-    sorted_expected.sort_unstable();
-    assert_eq!(sorted_fields, sorted_expected);
+    expected.sort_unstable();
+    assert_eq!(names, expected);
+    assert_eq!(fields["id"], "int64");
+    assert_eq!(fields["priority"], "int32");
+    assert_eq!(fields["placed"], "timestamp[us]");
+    assert!(
+        fields["note"].as_str().unwrap().contains("string"),
+        "{fields:?}"
+    );
+    assert!(
+        fields["_source_ts"].as_str().unwrap().contains("UTC"),
+        "{fields:?}"
+    );
     assert_eq!(got["partitions"], serde_json::json!(["_ingest_date"]));
     let rows = got["rows"].as_array().unwrap();
     let theirs: Vec<(i64, i64)> = rows
@@ -414,9 +715,17 @@ os._exit(0)
         .map(|r| (r[0].as_i64().unwrap(), r[1].as_i64().unwrap()))
         .collect();
     assert_eq!(theirs, ours.keys().copied().collect::<Vec<_>>());
-    let payload: serde_json::Value = serde_json::from_str(rows[4][2].as_str().unwrap()).unwrap();
-    assert_eq!(payload, serde_json::json!({"id": 4, "note": "order 4"}));
-    assert_eq!(rows[4][3], serde_json::json!([4.0, 0.5, -0.25]));
+    assert_eq!(rows[0][2], 0);
+    assert_eq!(
+        rows[0][4],
+        serde_json::Value::Null,
+        "added column reads NULL in old rows"
+    );
+    assert_eq!(rows[4][2], 4);
+    assert_eq!(rows[4][3], "order 4");
+    assert_eq!(rows[4][4], 9);
+    assert_eq!(rows[4][5], "2026-11-23 10:00:04");
+    assert_eq!(rows[4][6], serde_json::json!([4.0, 0.5, -0.25]));
 }
 
 #[test]

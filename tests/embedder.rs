@@ -138,6 +138,7 @@ fn order(id: i64, note: &str, lsn: u64) -> ChangeEvent {
         source_ts: None,
         embedding: None,
         text_hash: None,
+        schema: None,
     }
 }
 

@@ -48,6 +48,7 @@ model_dir = "{model}"
 "{topic}" = "{{customer}} wrote: {{note}}"
 [sinks.delta]
 uri = "{lake}"
+flush_interval_ms = 300
 [sinks.pgvector]
 url = "{pg}"
 schema = "{schema}"
@@ -199,6 +200,7 @@ model_dir = "{model}"
 "public.orders" = "{{customer}} wrote: {{note}}"
 [sinks.delta]
 uri = "{lake}"
+flush_interval_ms = 300
 [sinks.pgvector]
 url = "{pg}"
 schema = "{schema}"
@@ -329,6 +331,7 @@ slot = "{slot}"
 tables = ["t"]
 [sinks.delta]
 uri = "{lake}"
+flush_interval_ms = 300
 [telemetry]
 listen = ""
 "#,

@@ -231,6 +231,7 @@ name = "{topic}"
 key_columns = ["id"]
 [sinks.delta]
 uri = "{lake}"
+flush_interval_ms = 300
 [telemetry]
 listen = "127.0.0.1:{port}"
 ready_window_s = 2

@@ -442,6 +442,40 @@ pub struct DeltaSink {
     /// keep it well above a commit's duration so files of an in-flight commit are never removed).
     #[serde(default = "default_vacuum_retention_hours")]
     pub vacuum_retention_hours: u64,
+    /// A table's buffered rows are committed once any of these is reached: this many rows…
+    #[serde(default = "default_flush_rows")]
+    pub flush_rows: usize,
+    /// …this many MiB of buffered (in-memory Arrow) data, roughly 2–4× the Parquet file size…
+    #[serde(default = "default_flush_mb")]
+    pub flush_mb: usize,
+    /// …or this long since the oldest buffered row arrived. Positions are acknowledged to the
+    /// sources only after the commit, so this is also the longest an acknowledgement waits.
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// `tributary compact`: small files of a partition are rewritten into files of about this
+    /// many MiB.
+    #[serde(default = "default_compact_target_mb")]
+    pub compact_target_mb: u64,
+    /// `tributary compact`: files rewritten are Z-ordered by these columns (empty: bin-packing
+    /// only, rows keep their order).
+    #[serde(default)]
+    pub zorder_columns: Vec<String>,
+}
+
+fn default_flush_rows() -> usize {
+    1_000_000
+}
+
+fn default_flush_mb() -> usize {
+    64
+}
+
+fn default_flush_interval_ms() -> u64 {
+    60_000
+}
+
+fn default_compact_target_mb() -> u64 {
+    128
 }
 
 fn default_vacuum_retention_hours() -> u64 {
@@ -740,6 +774,16 @@ impl Config {
                     "sinks.delta.checkpoint_interval",
                     "must be at least 1 (commits between Delta checkpoints)",
                 ));
+            }
+            for (key, zero) in [
+                ("sinks.delta.flush_rows", d.flush_rows == 0),
+                ("sinks.delta.flush_mb", d.flush_mb == 0),
+                ("sinks.delta.flush_interval_ms", d.flush_interval_ms == 0),
+                ("sinks.delta.compact_target_mb", d.compact_target_mb == 0),
+            ] {
+                if zero {
+                    return Err(ConfigError::invalid(key, "must be at least 1"));
+                }
             }
         }
         if let Some(p) = &self.sinks.pgvector {

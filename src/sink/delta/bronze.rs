@@ -1,21 +1,24 @@
 //! The Bronze row layout: change events (and dead letters) as Arrow record batches.
 //!
-//! Every Bronze table has the same columns, so a batch from any source appends without a schema
-//! change: the event's metadata, its position as two sortable integers, the row as a JSON string
-//! (`_payload`), the old row (`_before`) when the source sent one, and the embedding as
-//! `list<float32>`. Tables are partitioned by `_ingest_date`.
+//! Every Bronze table has the metadata columns ([`METADATA_COLUMNS`]): the event's operation and
+//! source, its position as two sortable integers, source and ingest times, the key as JSON, the
+//! old row (`_before`, JSON) when the source sent one, and the embedding as `list<float32>`.
+//! When the source knows the row's columns (a PostgreSQL relation, a Kafka topic's declared
+//! `columns`) each becomes a typed column of its own ([`arrow_type`]); whatever is not typed is
+//! kept in `_payload` as a JSON object. Tables are partitioned by `_ingest_date`.
 
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, Date32Builder, Float32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
-    TimestampMicrosecondBuilder,
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Float32Builder, Float64Builder,
+    Int16Builder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
+    TimestampMicrosecondBuilder, new_null_array,
 };
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::dead_letter::DeadLetter;
-use crate::event::{ChangeEvent, Position, Value};
+use crate::event::{ChangeEvent, Position, RowSchema, Value, ValueType};
 
 /// The partition column of every Bronze and `_dlq` table.
 pub const PARTITION_COLUMN: &str = "_ingest_date";
@@ -62,6 +65,19 @@ pub fn bronze_schema() -> Arc<Schema> {
     ]))
 }
 
+/// The Arrow schema of a Bronze table holding rows of `row` typed: the metadata columns, then one
+/// nullable column per declared column (metadata names excepted), as the sink evolves it.
+pub fn bronze_schema_for(row: &RowSchema) -> Arc<Schema> {
+    let base = bronze_schema();
+    let mut fields: Vec<Field> = base.fields().iter().map(|f| f.as_ref().clone()).collect();
+    for (name, ty) in &row.columns {
+        if !METADATA_COLUMNS.contains(&name.as_str()) && !fields.iter().any(|f| f.name() == name) {
+            fields.push(Field::new(name, arrow_type(*ty), true));
+        }
+    }
+    Arc::new(Schema::new(fields))
+}
+
 /// The Arrow schema of the `_dlq` table.
 pub fn dlq_schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
@@ -99,9 +115,241 @@ fn row_json(row: &crate::event::Row, before: Option<&crate::event::Row>) -> Stri
     serde_json::Value::Object(obj).to_string()
 }
 
-/// Builds one Bronze record batch from events, all stamped with the same ingest time.
+/// Names of the columns Tributary itself writes to every Bronze table.
+pub const METADATA_COLUMNS: [&str; 11] = [
+    "_op",
+    "_source",
+    "_position_major",
+    "_position_minor",
+    "_source_ts",
+    "_ingested_at",
+    "_key",
+    "_payload",
+    "_before",
+    "embedding",
+    PARTITION_COLUMN,
+];
+
+/// The Arrow type a typed Bronze column gets for a source column type. Text-like types without
+/// an exact Arrow/Delta counterpart (`numeric` of unknown precision, `uuid`, `json`, arrays) are
+/// kept as their exact text.
+pub fn arrow_type(t: ValueType) -> DataType {
+    match t {
+        ValueType::Bool => DataType::Boolean,
+        ValueType::Int16 => DataType::Int16,
+        ValueType::Int32 => DataType::Int32,
+        ValueType::Int64 => DataType::Int64,
+        ValueType::Float32 => DataType::Float32,
+        ValueType::Float64 => DataType::Float64,
+        ValueType::Numeric
+        | ValueType::Text
+        | ValueType::Uuid
+        | ValueType::Json
+        | ValueType::Array => DataType::Utf8,
+        ValueType::Bytes => DataType::Binary,
+        ValueType::Date => DataType::Date32,
+        ValueType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
+        ValueType::TimestampTz => ts_type(),
+        ValueType::Vector => {
+            DataType::List(Arc::new(Field::new("element", DataType::Float32, true)))
+        }
+    }
+}
+
+/// Whether two Arrow types are the same column type (ignoring the nullability of list items and
+/// the spelling of the UTC zone, which Delta round trips differently).
+pub fn same_type(a: &DataType, b: &DataType) -> bool {
+    match (a, b) {
+        (DataType::List(x), DataType::List(y)) => same_type(x.data_type(), y.data_type()),
+        (DataType::Timestamp(u1, z1), DataType::Timestamp(u2, z2)) => {
+            u1 == u2 && z1.is_some() == z2.is_some()
+        }
+        (DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8, y) => {
+            matches!(y, DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8)
+        }
+        _ => a == b,
+    }
+}
+
+/// A builder for one typed column.
+enum Typed {
+    Bool(BooleanBuilder),
+    I16(Int16Builder),
+    I32(Int32Builder),
+    I64(Int64Builder),
+    F32(Float32Builder),
+    F64(Float64Builder),
+    Text(StringBuilder),
+    Binary(BinaryBuilder),
+    Date(Date32Builder),
+    /// Timestamp without time zone.
+    Ts(TimestampMicrosecondBuilder),
+    /// Timestamp in UTC.
+    TsTz(TimestampMicrosecondBuilder),
+    Vector(ListBuilder<Float32Builder>),
+}
+
+impl Typed {
+    fn new(t: &DataType, n: usize) -> Option<Typed> {
+        Some(match t {
+            DataType::Boolean => Typed::Bool(BooleanBuilder::with_capacity(n)),
+            DataType::Int16 => Typed::I16(Int16Builder::with_capacity(n)),
+            DataType::Int32 => Typed::I32(Int32Builder::with_capacity(n)),
+            DataType::Int64 => Typed::I64(Int64Builder::with_capacity(n)),
+            DataType::Float32 => Typed::F32(Float32Builder::with_capacity(n)),
+            DataType::Float64 => Typed::F64(Float64Builder::with_capacity(n)),
+            DataType::Utf8 => Typed::Text(StringBuilder::with_capacity(n, n * 16)),
+            DataType::Binary => Typed::Binary(BinaryBuilder::with_capacity(n, n * 16)),
+            DataType::Date32 => Typed::Date(Date32Builder::with_capacity(n)),
+            DataType::Timestamp(TimeUnit::Microsecond, None) => {
+                Typed::Ts(TimestampMicrosecondBuilder::with_capacity(n))
+            }
+            DataType::Timestamp(TimeUnit::Microsecond, Some(zone)) => Typed::TsTz(
+                TimestampMicrosecondBuilder::with_capacity(n).with_timezone(zone.clone()),
+            ),
+            DataType::List(item) if item.data_type() == &DataType::Float32 => {
+                Typed::Vector(ListBuilder::new(Float32Builder::new()).with_field(item.clone()))
+            }
+            _ => return None,
+        })
+    }
+
+    /// Appends `v` when it fits this column; `false` (and a null) when it does not, so the
+    /// caller keeps the value in `_payload` instead.
+    fn append(&mut self, v: Option<&Value>) -> bool {
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            self.append_null();
+            return true;
+        };
+        let fits = match (&mut *self, v) {
+            (Typed::Bool(b), Value::Bool(x)) => {
+                b.append_value(*x);
+                true
+            }
+            (Typed::I16(b), Value::Int16(x)) => {
+                b.append_value(*x);
+                true
+            }
+            (Typed::I32(b), Value::Int32(x)) => {
+                b.append_value(*x);
+                true
+            }
+            (Typed::I64(b), Value::Int64(x)) => {
+                b.append_value(*x);
+                true
+            }
+            (Typed::F32(b), Value::Float32(x)) => {
+                b.append_value(*x);
+                true
+            }
+            (Typed::F64(b), Value::Float64(x)) => {
+                b.append_value(*x);
+                true
+            }
+            (Typed::Text(b), Value::Text(x) | Value::Numeric(x)) => {
+                b.append_value(x);
+                true
+            }
+            (Typed::Text(b), Value::Uuid(u)) => {
+                b.append_value(u.to_string());
+                true
+            }
+            (Typed::Text(b), v @ (Value::Json(_) | Value::Array(_))) => {
+                b.append_value(v.to_json().to_string());
+                true
+            }
+            (Typed::Binary(b), Value::Bytes(x)) => {
+                b.append_value(x);
+                true
+            }
+            (Typed::Date(b), Value::Date(d)) => {
+                b.append_value(days_since_epoch_naive(*d));
+                true
+            }
+            (Typed::Ts(b), Value::Timestamp(t)) => {
+                b.append_value(t.and_utc().timestamp_micros());
+                true
+            }
+            (Typed::TsTz(b), Value::TimestampTz(t)) => {
+                b.append_value(t.timestamp_micros());
+                true
+            }
+            (Typed::Vector(b), Value::Vector(x)) => {
+                b.values().append_slice(x);
+                b.append(true);
+                true
+            }
+            _ => false,
+        };
+        if !fits {
+            self.append_null();
+        }
+        fits
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            Typed::Bool(b) => b.append_null(),
+            Typed::I16(b) => b.append_null(),
+            Typed::I32(b) => b.append_null(),
+            Typed::I64(b) => b.append_null(),
+            Typed::F32(b) => b.append_null(),
+            Typed::F64(b) => b.append_null(),
+            Typed::Text(b) => b.append_null(),
+            Typed::Binary(b) => b.append_null(),
+            Typed::Date(b) => b.append_null(),
+            Typed::Ts(b) | Typed::TsTz(b) => b.append_null(),
+            Typed::Vector(b) => b.append(false),
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Typed::Bool(b) => Arc::new(b.finish()),
+            Typed::I16(b) => Arc::new(b.finish()),
+            Typed::I32(b) => Arc::new(b.finish()),
+            Typed::I64(b) => Arc::new(b.finish()),
+            Typed::F32(b) => Arc::new(b.finish()),
+            Typed::F64(b) => Arc::new(b.finish()),
+            Typed::Text(b) => Arc::new(b.finish()),
+            Typed::Binary(b) => Arc::new(b.finish()),
+            Typed::Date(b) => Arc::new(b.finish()),
+            Typed::Ts(b) | Typed::TsTz(b) => Arc::new(b.finish()),
+            Typed::Vector(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+fn days_since_epoch_naive(d: NaiveDate) -> i32 {
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
+    (d - epoch).num_days() as i32
+}
+
+/// The value Bronze stores for column `c` of `row`: an unchanged TOASTed value is resolved from
+/// `before` when it holds the column; `None` when it cannot be resolved.
+fn resolved<'a>(
+    c: &'a crate::event::Column,
+    before: Option<&'a crate::event::Row>,
+) -> Option<&'a Value> {
+    match &c.value {
+        Value::UnchangedToast => before
+            .and_then(|b| b.get(&c.name))
+            .filter(|v| !matches!(v, Value::UnchangedToast)),
+        other => Some(other),
+    }
+}
+
+/// Builds one Bronze record batch from events, all stamped with the same ingest time, in the
+/// column layout of `schema` (the table's schema: the metadata columns plus any typed columns).
+///
+/// A row column goes to the typed column of its name when the table has one and the value fits
+/// it; every other column (all of them for a table without typed columns, a value the source
+/// could not convert, an unchanged TOASTed value that cannot be resolved — kept as
+/// `{"unchanged_toast": true}`, never a NULL) goes to the `_payload` JSON object, which is NULL
+/// when nothing is left over.
 pub fn events_to_batch(
     events: &[&ChangeEvent],
+    schema: &SchemaRef,
     ingested_at: DateTime<Utc>,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
     let n = events.len();
@@ -120,7 +368,23 @@ pub fn events_to_batch(
         true,
     )));
     let mut date = Date32Builder::with_capacity(n);
+    // The table's typed columns, in schema order.
+    let mut typed: Vec<(usize, &str, Typed)> = Vec::new();
+    for (i, f) in schema.fields().iter().enumerate() {
+        if METADATA_COLUMNS.contains(&f.name().as_str()) {
+            continue;
+        }
+        let builder = Typed::new(f.data_type(), n).ok_or_else(|| {
+            arrow::error::ArrowError::SchemaError(format!(
+                "column {:?} has type {}, which Bronze cannot fill",
+                f.name(),
+                f.data_type()
+            ))
+        })?;
+        typed.push((i, f.name().as_str(), builder));
+    }
     let day = days_since_epoch(ingested_at);
+    let mut filled = vec![false; typed.len()];
     for e in events {
         op.append_value(e.op.as_str());
         source.append_value(&e.source);
@@ -134,9 +398,42 @@ pub fn events_to_batch(
         } else {
             key.append_value(e.key.to_json().to_string());
         }
+        filled.iter_mut().for_each(|f| *f = false);
         match &e.after {
-            Some(row) => payload.append_value(row_json(row, e.before.as_ref())),
+            Some(row) => {
+                let mut rest = serde_json::Map::new();
+                for c in row.columns() {
+                    let value = resolved(c, e.before.as_ref());
+                    let slot = typed.iter().position(|(_, name, _)| *name == c.name);
+                    let stored = match (slot, value) {
+                        (Some(i), Some(v)) if !filled[i] => {
+                            filled[i] = true;
+                            typed[i].2.append(Some(v))
+                        }
+                        _ => false,
+                    };
+                    if !stored {
+                        rest.insert(
+                            c.name.clone(),
+                            match value {
+                                Some(v) => v.to_json(),
+                                None => serde_json::json!({"unchanged_toast": true}),
+                            },
+                        );
+                    }
+                }
+                if rest.is_empty() && !typed.is_empty() {
+                    payload.append_null();
+                } else {
+                    payload.append_value(serde_json::Value::Object(rest).to_string());
+                }
+            }
             None => payload.append_null(),
+        }
+        for (i, (_, _, b)) in typed.iter_mut().enumerate() {
+            if !filled[i] {
+                b.append_null();
+            }
         }
         match &e.before {
             Some(row) => before.append_value(row_json(row, None)),
@@ -151,20 +448,29 @@ pub fn events_to_batch(
         }
         date.append_value(day);
     }
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(op.finish()),
-        Arc::new(source.finish()),
-        Arc::new(major.finish()),
-        Arc::new(minor.finish()),
-        Arc::new(source_ts.finish()),
-        Arc::new(ingested.finish()),
-        Arc::new(key.finish()),
-        Arc::new(payload.finish()),
-        Arc::new(before.finish()),
-        Arc::new(embedding.finish()),
-        Arc::new(date.finish()),
-    ];
-    RecordBatch::try_new(bronze_schema(), columns)
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    let mut typed = typed.into_iter().peekable();
+    for (i, f) in schema.fields().iter().enumerate() {
+        let column: ArrayRef = match f.name().as_str() {
+            "_op" => Arc::new(op.finish()),
+            "_source" => Arc::new(source.finish()),
+            "_position_major" => Arc::new(major.finish()),
+            "_position_minor" => Arc::new(minor.finish()),
+            "_source_ts" => Arc::new(source_ts.finish()),
+            "_ingested_at" => Arc::new(ingested.finish()),
+            "_key" => Arc::new(key.finish()),
+            "_payload" => Arc::new(payload.finish()),
+            "_before" => Arc::new(before.finish()),
+            "embedding" => Arc::new(embedding.finish()),
+            PARTITION_COLUMN => Arc::new(date.finish()),
+            _ => match typed.next_if(|(j, _, _)| *j == i) {
+                Some((_, _, mut b)) => b.finish(),
+                None => new_null_array(f.data_type(), n),
+            },
+        };
+        columns.push(column);
+    }
+    RecordBatch::try_new(schema.clone(), columns)
 }
 
 /// Builds one `_dlq` record batch.

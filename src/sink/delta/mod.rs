@@ -20,15 +20,19 @@
 
 pub mod bronze;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
+
+use arrow::array::{RecordBatch, new_null_array};
+use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
 
 use chrono::Utc;
 use deltalake::kernel::Action;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{StructType, Version};
+use deltalake::kernel::{StructField, StructType, Version};
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
@@ -37,7 +41,7 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use crate::config;
 use crate::dead_letter::DeadLetter;
 use crate::error::{Classify, ErrorKind};
-use crate::event::{ChangeEvent, Lsn, Position, StreamId};
+use crate::event::{ChangeEvent, Lsn, Position, RowSchema, StreamId};
 
 /// Name of the dead-letter table under the sink's root.
 pub const DLQ_TABLE: &str = "_dlq";
@@ -85,12 +89,30 @@ impl Classify for DeltaSinkError {
 }
 
 /// What a [`DeltaSink::write`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct WriteOutcome {
     /// Rows appended (0 when the whole batch was already committed).
     pub rows: usize,
     /// The table version committed, `None` when nothing was written.
     pub version: Option<Version>,
+    /// Events Bronze cannot hold (an incompatible schema change), as dead letters for `_dlq`.
+    pub rejected: Vec<DeadLetter>,
+}
+
+/// What a [`DeltaSink::flush`] committed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlushOutcome {
+    pub rows: usize,
+    /// The version committed per table.
+    pub versions: Vec<(String, Version)>,
+}
+
+/// When buffered rows are committed: whichever limit is reached first.
+#[derive(Debug, Clone, Copy)]
+struct FlushPolicy {
+    rows: usize,
+    bytes: usize,
+    interval: Duration,
 }
 
 /// Writes Bronze tables (and `_dlq`) under one root URI.
@@ -111,7 +133,13 @@ pub struct DeltaSink {
     options: HashMap<String, String>,
     storage: crate::secret::SecretMap,
     checkpoint_interval: u64,
+    flush: FlushPolicy,
     tables: HashMap<String, DeltaTable>,
+    /// Per (table, stream): the highest position committed or buffered (`None`: nothing).
+    seen: HashMap<(String, StreamId), Option<Position>>,
+    buffers: BTreeMap<String, Buffer>,
+    /// Schema errors already logged (each is logged once, counted every time).
+    reported: HashSet<String>,
 }
 
 impl std::fmt::Debug for DeltaSink {
@@ -206,7 +234,15 @@ impl DeltaSink {
             options,
             storage: cfg.storage.clone(),
             checkpoint_interval: cfg.checkpoint_interval,
+            flush: FlushPolicy {
+                rows: cfg.flush_rows,
+                bytes: cfg.flush_mb.saturating_mul(1 << 20),
+                interval: Duration::from_millis(cfg.flush_interval_ms),
+            },
             tables: HashMap::new(),
+            seen: HashMap::new(),
+            buffers: BTreeMap::new(),
+            reported: HashSet::new(),
         })
     }
 
@@ -352,22 +388,283 @@ impl DeltaSink {
         committed_in(table, &name, source, stream).await
     }
 
-    /// Appends `events` (all of one source) in one atomic commit and returns once it is durable.
-    /// Events at or below a stream's committed position are skipped. A store that is unavailable
-    /// is retried with bounded exponential backoff; each attempt re-reads the committed positions
-    /// first, so a commit that succeeded although its response was lost is not written twice.
+    /// The highest position of `stream` the table of `source` holds or the buffer will commit.
+    async fn seen(
+        &mut self,
+        source: &str,
+        stream: &StreamId,
+    ) -> Result<Option<Position>, DeltaSinkError> {
+        let key = (source.to_owned(), stream.clone());
+        if let Some(p) = self.seen.get(&key) {
+            return Ok(p.clone());
+        }
+        let p = self.committed(source, stream).await?;
+        self.seen.insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// Buffers `events` (all of one source) for the next commit of its table and returns the
+    /// events that cannot go to Bronze as dead letters (a column whose type changed
+    /// incompatibly). Events at or below a stream's committed (or already buffered) position
+    /// are skipped. Nothing is durable until [`flush`](Self::flush) returns.
+    pub async fn append(
+        &mut self,
+        source: &str,
+        events: &[ChangeEvent],
+    ) -> Result<Vec<DeadLetter>, DeltaSinkError> {
+        let mut fresh = Vec::with_capacity(events.len());
+        let mut last: Option<(StreamId, Option<Position>)> = None;
+        for e in events {
+            let stream = e.position.stream();
+            if last.as_ref().is_none_or(|(s, _)| *s != stream) {
+                let seen = self.seen(source, &stream).await?;
+                last = Some((stream, seen));
+            }
+            if let Some((_, Some(seen))) = &last
+                && e.position <= *seen
+            {
+                continue;
+            }
+            fresh.push(e);
+        }
+        if fresh.is_empty() {
+            return Ok(Vec::new());
+        }
+        let base = match self.buffers.get(source) {
+            Some(b) => b.schema.clone(),
+            None => {
+                let table = self.table(source, &bronze::bronze_schema()).await?;
+                table_arrow_schema(table).map_err(|e| DeltaSinkError::Delta {
+                    table: source.to_owned(),
+                    source: e,
+                })?
+            }
+        };
+        let (schema, verdicts) = evolve(source, &base, &fresh);
+        let mut letters = Vec::new();
+        let mut accepted = Vec::with_capacity(fresh.len());
+        for (e, verdict) in fresh.into_iter().zip(verdicts) {
+            match verdict {
+                None => accepted.push(e),
+                Some(error) => {
+                    if self.reported.insert(error.clone()) {
+                        tracing::error!(table = source, %error, "incompatible schema change: events go to the dead-letter table");
+                    }
+                    metrics::counter!("tributary_delta_schema_rejections_total", "table" => source.to_owned()).increment(1);
+                    let raw = serde_json::to_vec(e).unwrap_or_default();
+                    let key = (!e.key.is_empty()).then(|| e.key.to_json().to_string());
+                    letters.push(DeadLetter::new(
+                        source,
+                        e.position.clone(),
+                        key,
+                        &raw,
+                        error,
+                    ));
+                }
+            }
+        }
+        if accepted.is_empty() {
+            self.note_seen(source, events);
+            return Ok(letters);
+        }
+        let arrow_err = |e| DeltaSinkError::Arrow {
+            table: source.to_owned(),
+            source: e,
+        };
+        let batch = bronze::events_to_batch(&accepted, &schema, Utc::now()).map_err(arrow_err)?;
+        let buffer = self
+            .buffers
+            .entry(source.to_owned())
+            .or_insert_with(|| Buffer::new(schema.clone()));
+        if buffer.schema != schema {
+            buffer.widen(&schema).map_err(arrow_err)?;
+        }
+        buffer.push(batch, accepted.iter().map(|e| &e.position));
+        self.note_seen(source, events);
+        Ok(letters)
+    }
+
+    /// Remembers the last position of each stream in `events` as seen (buffered or rejected).
+    fn note_seen(&mut self, source: &str, events: &[ChangeEvent]) {
+        for e in events {
+            let key = (source.to_owned(), e.position.stream());
+            let newer = match self.seen.get(&key) {
+                Some(Some(p)) => e.position > *p,
+                _ => true,
+            };
+            if newer {
+                self.seen.insert(key, Some(e.position.clone()));
+            }
+        }
+    }
+
+    /// Whether a buffered table reached `flush_rows` or the buffers `flush_mb`, or the oldest
+    /// buffered row waited `flush_interval_ms`.
+    pub fn should_flush(&self) -> bool {
+        let bytes: usize = self.buffers.values().map(|b| b.bytes).sum();
+        self.buffers.values().any(|b| b.rows >= self.flush.rows)
+            || bytes >= self.flush.bytes
+            || self
+                .flush_deadline()
+                .is_some_and(|d| d <= tokio::time::Instant::now())
+    }
+
+    /// When the oldest buffered row has waited `flush_interval_ms` (`None`: nothing buffered).
+    pub fn flush_deadline(&self) -> Option<tokio::time::Instant> {
+        self.buffers
+            .values()
+            .map(|b| b.since + self.flush.interval)
+            .min()
+    }
+
+    /// Rows buffered and not yet committed.
+    pub fn buffered_rows(&self) -> usize {
+        self.buffers.values().map(|b| b.rows).sum()
+    }
+
+    /// Commits every buffered table (one atomic commit each, with its `txn` versions) and
+    /// returns once all are durable. A store that is unavailable is retried with bounded
+    /// exponential backoff; each retry first re-reads the committed positions and drops the
+    /// rows already there, so a commit that succeeded although its response was lost is not
+    /// written twice.
+    pub async fn flush(&mut self) -> Result<FlushOutcome, DeltaSinkError> {
+        let mut outcome = FlushOutcome::default();
+        let sources: Vec<String> = self.buffers.keys().cloned().collect();
+        for source in sources {
+            let Some(mut buffer) = self.buffers.remove(&source) else {
+                continue;
+            };
+            let mut backoff = retry_policy();
+            let mut recheck = false;
+            let result = loop {
+                match self.commit_buffer(&source, &mut buffer, recheck).await {
+                    Err(e) if e.is_retryable() => match backoff.next() {
+                        Some(delay) => {
+                            tracing::warn!(table = %source, error = %e, ?delay, "delta commit failed, retrying");
+                            self.tables.remove(&source);
+                            tokio::time::sleep(delay).await;
+                            recheck = true;
+                        }
+                        None => break Err(e),
+                    },
+                    other => break other,
+                }
+            };
+            match result {
+                Ok(Some(version)) => {
+                    outcome.rows += buffer.rows;
+                    outcome.versions.push((source, version));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Whatever was buffered is dropped: forget what was seen, so the events
+                    // are taken again when the source replays them.
+                    self.buffers.clear();
+                    self.seen.clear();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Buffers `events` and commits them at once: [`append`](Self::append) + [`flush`](Self::flush).
     pub async fn write(
         &mut self,
         source: &str,
         events: &[ChangeEvent],
     ) -> Result<WriteOutcome, DeltaSinkError> {
+        let rejected = self.append(source, events).await?;
+        let flushed = self.flush().await?;
+        Ok(WriteOutcome {
+            rows: flushed.rows,
+            version: flushed.versions.iter().map(|(_, v)| *v).max(),
+            rejected,
+        })
+    }
+
+    /// One commit attempt for a table's buffer; `recheck` re-reads the committed positions
+    /// first and drops rows already in the table.
+    async fn commit_buffer(
+        &mut self,
+        source: &str,
+        buffer: &mut Buffer,
+        recheck: bool,
+    ) -> Result<Option<Version>, DeltaSinkError> {
+        let name = self.name.clone();
+        let delta_err = |e| DeltaSinkError::Delta {
+            table: source.to_owned(),
+            source: e,
+        };
+        let table = self.table(source, &bronze::bronze_schema()).await?;
+        if recheck {
+            let mut committed = Vec::with_capacity(buffer.streams.len());
+            for stream in &buffer.streams {
+                committed.push(committed_in(table, &name, source, stream).await?);
+            }
+            buffer
+                .drop_committed(&committed)
+                .map_err(|e| DeltaSinkError::Arrow {
+                    table: source.to_owned(),
+                    source: e,
+                })?;
+            if buffer.rows == 0 {
+                return Ok(None);
+            }
+        }
+        // New typed columns are added before the data that fills them.
+        let current = table_arrow_schema(table).map_err(delta_err)?;
+        let added: Vec<&arrow::datatypes::FieldRef> = buffer
+            .schema
+            .fields()
+            .iter()
+            .filter(|f| current.field_with_name(f.name()).is_err())
+            .collect();
+        if !added.is_empty() {
+            let mut fields = Vec::with_capacity(added.len());
+            for f in &added {
+                let field: StructField = f
+                    .as_ref()
+                    .try_into_kernel()
+                    .map_err(|e| delta_err(e.into()))?;
+                fields.push(field);
+            }
+            let names: Vec<&str> = added.iter().map(|f| f.name().as_str()).collect();
+            let evolved = table
+                .clone()
+                .add_columns()
+                .with_fields(fields)
+                .await
+                .map_err(delta_err)?;
+            *table = evolved;
+            tracing::info!(table = source, columns = ?names, "Bronze table schema evolved");
+        }
+        let txns: Vec<Transaction> = buffer
+            .highest
+            .values()
+            .flat_map(|p| txn_actions(&name, p))
+            .collect();
+        let version = commit_files(table, source, &buffer.batches, txns).await?;
+        for p in buffer.highest.values() {
+            self.seen
+                .insert((source.to_owned(), p.stream()), Some(p.clone()));
+        }
+        Ok(Some(version))
+    }
+
+    /// Appends dead letters to the `_dlq` table, exactly once per (stream, position), and
+    /// returns once they are durable.
+    pub async fn write_dead_letters(
+        &mut self,
+        letters: &[DeadLetter],
+    ) -> Result<WriteOutcome, DeltaSinkError> {
         let mut backoff = retry_policy();
         loop {
-            match self.write_once(source, events).await {
+            match self.write_dead_letters_once(letters).await {
                 Err(e) if e.is_retryable() => match backoff.next() {
                     Some(delay) => {
-                        tracing::warn!(table = source, error = %e, ?delay, "delta commit failed, retrying");
-                        self.tables.remove(source);
+                        tracing::warn!(table = DLQ_TABLE, error = %e, ?delay, "delta commit failed, retrying");
+                        self.tables.remove(DLQ_TABLE);
                         tokio::time::sleep(delay).await;
                     }
                     None => return Err(e),
@@ -377,50 +674,52 @@ impl DeltaSink {
         }
     }
 
-    async fn write_once(
-        &mut self,
-        source: &str,
-        events: &[ChangeEvent],
-    ) -> Result<WriteOutcome, DeltaSinkError> {
-        let name = self.name.clone();
-        let schema = bronze::bronze_schema();
-        let table = self.table(source, &schema).await?;
-        let fresh = fresh_events(table, &name, source, events, |e| &e.position).await?;
-        if fresh.is_empty() {
-            return Ok(WriteOutcome {
-                rows: 0,
-                version: None,
-            });
-        }
-        let batch =
-            bronze::events_to_batch(&fresh, Utc::now()).map_err(|e| DeltaSinkError::Arrow {
-                table: source.to_owned(),
-                source: e,
-            })?;
-        let positions: Vec<&Position> = fresh.iter().map(|e| &e.position).collect();
-        commit_batch(table, &name, source, batch, &positions).await
-    }
-
-    /// Appends dead letters to the `_dlq` table, exactly once per (stream, position).
-    pub async fn write_dead_letters(
+    async fn write_dead_letters_once(
         &mut self,
         letters: &[DeadLetter],
     ) -> Result<WriteOutcome, DeltaSinkError> {
         let name = format!("{}:dlq", self.name);
         let table = self.table(DLQ_TABLE, &bronze::dlq_schema()).await?;
-        let fresh = fresh_events(table, &name, DLQ_TABLE, letters, |d| &d.position).await?;
+        let mut committed: BTreeMap<StreamId, Option<Position>> = BTreeMap::new();
+        for d in letters {
+            let stream = d.position.stream();
+            if !committed.contains_key(&stream) {
+                let c = committed_in(table, &name, DLQ_TABLE, &stream).await?;
+                committed.insert(stream, c);
+            }
+        }
+        let fresh: Vec<&DeadLetter> = letters
+            .iter()
+            .filter(|d| match committed.get(&d.position.stream()) {
+                Some(Some(c)) => d.position > *c,
+                _ => true,
+            })
+            .collect();
         if fresh.is_empty() {
-            return Ok(WriteOutcome {
-                rows: 0,
-                version: None,
-            });
+            return Ok(WriteOutcome::default());
         }
         let batch = bronze::dead_letters_to_batch(&fresh).map_err(|e| DeltaSinkError::Arrow {
             table: DLQ_TABLE.to_owned(),
             source: e,
         })?;
-        let positions: Vec<&Position> = fresh.iter().map(|d| &d.position).collect();
-        commit_batch(table, &name, DLQ_TABLE, batch, &positions).await
+        let mut highest: BTreeMap<StreamId, &Position> = BTreeMap::new();
+        for d in &fresh {
+            let e = highest.entry(d.position.stream()).or_insert(&d.position);
+            if d.position > **e {
+                *e = &d.position;
+            }
+        }
+        let txns = highest
+            .values()
+            .flat_map(|p| txn_actions(&name, p))
+            .collect();
+        let rows = batch.num_rows();
+        let version = commit_files(table, DLQ_TABLE, &[batch], txns).await?;
+        Ok(WriteOutcome {
+            rows,
+            version: Some(version),
+            rejected: Vec::new(),
+        })
     }
 
     /// Removes files no table version within `retention` references, including data files of
@@ -516,61 +815,204 @@ async fn committed_in(
     }))
 }
 
-/// The items whose position is above what the table already holds for their stream.
-async fn fresh_events<'a, T>(
-    table: &mut DeltaTable,
-    name: &str,
-    source: &str,
-    items: &'a [T],
-    pos: impl Fn(&T) -> &Position,
-) -> Result<Vec<&'a T>, DeltaSinkError> {
-    let mut committed: BTreeMap<StreamId, Option<Position>> = BTreeMap::new();
-    for item in items {
-        let stream = pos(item).stream();
-        if !committed.contains_key(&stream) {
-            let c = committed_in(table, name, source, &stream).await?;
-            committed.insert(stream, c);
-        }
-    }
-    Ok(items
-        .iter()
-        .filter(|item| {
-            let p = pos(item);
-            match committed.get(&p.stream()) {
-                Some(Some(c)) => p > c,
-                _ => true,
-            }
-        })
-        .collect())
+/// The table's current schema in Arrow form.
+fn table_arrow_schema(table: &DeltaTable) -> Result<SchemaRef, DeltaTableError> {
+    Ok(table.snapshot()?.snapshot().arrow_schema())
 }
 
-/// Writes the data files and commits them with the `txn` actions of the highest position of each
-/// stream, atomically.
-async fn commit_batch(
-    table: &mut DeltaTable,
-    name: &str,
+/// The table schema that holds `events`: `base` plus a nullable typed column for every column
+/// an event's source schema declares and the table lacks. Per event, `Some(reason)` when one of
+/// its declared columns has a type the table cannot hold (an incompatible change): such an event
+/// is a dead letter, never silently dropped or coerced.
+fn evolve(
     source: &str,
-    batch: arrow::array::RecordBatch,
-    positions: &[&Position],
-) -> Result<WriteOutcome, DeltaSinkError> {
+    base: &SchemaRef,
+    events: &[&ChangeEvent],
+) -> (SchemaRef, Vec<Option<String>>) {
+    let mut fields: Vec<FieldRef> = base.fields().iter().cloned().collect();
+    let mut verdicts: HashMap<*const RowSchema, Option<String>> = HashMap::new();
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        let Some(schema) = &e.schema else {
+            out.push(None);
+            continue;
+        };
+        let verdict = verdicts
+            .entry(Arc::as_ptr(schema))
+            .or_insert_with(|| {
+                let mut new = Vec::new();
+                for (name, ty) in &schema.columns {
+                    // A source column named like a metadata column stays in `_payload`.
+                    if bronze::METADATA_COLUMNS.contains(&name.as_str()) {
+                        continue;
+                    }
+                    let wanted = bronze::arrow_type(*ty);
+                    match fields.iter().find(|f| f.name() == name) {
+                        Some(f) if bronze::same_type(f.data_type(), &wanted) => {}
+                        Some(f) => {
+                            return Some(format!(
+                                "Bronze table {source}: column {name:?} is {} in the table but the \
+                                 source now sends {ty:?} values ({wanted}); an incompatible \
+                                 schema change (rewrite the table, or route the source to a new \
+                                 table, to accept it)",
+                                f.data_type()
+                            ));
+                        }
+                        None => new.push(Arc::new(Field::new(name, wanted, true))),
+                    }
+                }
+                fields.extend(new);
+                None
+            })
+            .clone();
+        out.push(verdict);
+    }
+    (Arc::new(Schema::new(fields)), out)
+}
+
+/// Rows of one table waiting for their commit.
+struct Buffer {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    /// The streams of the buffered rows; `row_streams` holds each row's index into it, so rows
+    /// another writer committed meanwhile can be dropped on a retry.
+    streams: Vec<StreamId>,
+    row_streams: Vec<u32>,
+    /// The highest buffered position of each stream (the commit's `txn` versions).
+    highest: BTreeMap<StreamId, Position>,
+    rows: usize,
+    bytes: usize,
+    since: tokio::time::Instant,
+}
+
+impl Buffer {
+    fn new(schema: SchemaRef) -> Self {
+        Buffer {
+            schema,
+            batches: Vec::new(),
+            streams: Vec::new(),
+            row_streams: Vec::new(),
+            highest: BTreeMap::new(),
+            rows: 0,
+            bytes: 0,
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    fn push<'a>(&mut self, batch: RecordBatch, positions: impl Iterator<Item = &'a Position>) {
+        for p in positions {
+            let stream = p.stream();
+            let i = match self.streams.iter().position(|s| *s == stream) {
+                Some(i) => i,
+                None => {
+                    self.streams.push(stream.clone());
+                    self.streams.len() - 1
+                }
+            };
+            self.row_streams.push(i as u32);
+            match self.highest.get(&stream) {
+                Some(h) if p <= h => {}
+                _ => {
+                    self.highest.insert(stream, p.clone());
+                }
+            }
+        }
+        self.rows += batch.num_rows();
+        self.bytes += batch.get_array_memory_size();
+        self.batches.push(batch);
+    }
+
+    /// Re-lays the buffered batches out in `schema` (which only adds columns, filled with nulls).
+    fn widen(&mut self, schema: &SchemaRef) -> Result<(), arrow::error::ArrowError> {
+        for batch in &mut self.batches {
+            let columns = schema
+                .fields()
+                .iter()
+                .map(|f| match batch.column_by_name(f.name()) {
+                    Some(c) => c.clone(),
+                    None => new_null_array(f.data_type(), batch.num_rows()),
+                })
+                .collect();
+            *batch = RecordBatch::try_new(schema.clone(), columns)?;
+        }
+        self.schema = schema.clone();
+        Ok(())
+    }
+
+    /// Drops the rows at or below `committed[i]` for stream `i`.
+    fn drop_committed(
+        &mut self,
+        committed: &[Option<Position>],
+    ) -> Result<(), arrow::error::ArrowError> {
+        use arrow::array::{AsArray as _, BooleanArray};
+        use arrow::datatypes::Int64Type;
+        let limits: Vec<Option<(i64, i64)>> = committed
+            .iter()
+            .map(|c| c.as_ref().map(bronze::position_parts))
+            .collect();
+        let mut offset = 0;
+        let mut kept_streams = Vec::with_capacity(self.row_streams.len());
+        let mut rows = 0;
+        for batch in &mut self.batches {
+            let major = batch
+                .column_by_name("_position_major")
+                .map(|c| c.as_primitive::<Int64Type>().clone());
+            let minor = batch
+                .column_by_name("_position_minor")
+                .map(|c| c.as_primitive::<Int64Type>().clone());
+            let (Some(major), Some(minor)) = (major, minor) else {
+                return Err(arrow::error::ArrowError::SchemaError(
+                    "buffered batch without position columns".into(),
+                ));
+            };
+            let keep: BooleanArray = (0..batch.num_rows())
+                .map(|r| {
+                    let stream = self.row_streams[offset + r] as usize;
+                    let keep =
+                        limits[stream].is_none_or(|limit| (major.value(r), minor.value(r)) > limit);
+                    if keep {
+                        kept_streams.push(stream as u32);
+                    }
+                    Some(keep)
+                })
+                .collect();
+            offset += batch.num_rows();
+            *batch = arrow::compute::filter_record_batch(batch, &keep)?;
+            rows += batch.num_rows();
+        }
+        self.batches.retain(|b| b.num_rows() > 0);
+        self.row_streams = kept_streams;
+        self.rows = rows;
+        // A stream left without rows must not write its (now stale) `txn` version.
+        let live: std::collections::BTreeSet<u32> = self.row_streams.iter().copied().collect();
+        let streams = self.streams.clone();
+        self.highest.retain(|s, _| {
+            streams
+                .iter()
+                .position(|x| x == s)
+                .is_some_and(|i| live.contains(&(i as u32)))
+        });
+        Ok(())
+    }
+}
+
+/// Writes the data files of `batches` and commits them with `txns`, atomically; returns the
+/// committed version.
+async fn commit_files(
+    table: &mut DeltaTable,
+    source: &str,
+    batches: &[RecordBatch],
+    txns: Vec<Transaction>,
+) -> Result<Version, DeltaSinkError> {
     let delta_err = |e| DeltaSinkError::Delta {
         table: source.to_owned(),
         source: e,
     };
-    let mut highest: BTreeMap<StreamId, &Position> = BTreeMap::new();
-    for p in positions {
-        let e = highest.entry(p.stream()).or_insert(p);
-        if *p > *e {
-            *e = p;
-        }
-    }
-    let txns: Vec<Transaction> = highest
-        .values()
-        .flat_map(|p| txn_actions(name, p))
-        .collect();
-    let rows = batch.num_rows();
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let mut writer = RecordBatchWriter::for_table(table).map_err(delta_err)?;
-    writer.write(batch).await.map_err(delta_err)?;
+    for batch in batches {
+        writer.write(batch.clone()).await.map_err(delta_err)?;
+    }
     let adds: Vec<Action> = writer
         .flush()
         .await
@@ -598,8 +1040,5 @@ async fn commit_batch(
     tracing::debug!(table = source, version, rows, "delta commit");
     metrics::gauge!("tributary_delta_table_version", "table" => source.to_owned())
         .set(version as f64);
-    Ok(WriteOutcome {
-        rows,
-        version: Some(version),
-    })
+    Ok(version)
 }

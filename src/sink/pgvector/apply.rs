@@ -130,6 +130,7 @@ fn moved_from(target: &Target, e: &ChangeEvent) -> Option<ChangeEvent> {
         after: None,
         embedding: None,
         text_hash: None,
+        schema: None,
         ..e.clone()
     })
 }

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value as J};
 
 use crate::config::{ColumnType, MessageFormat, TopicConfig};
-use crate::event::{ChangeEvent, Op, Position, Row, Value};
+use crate::event::{ChangeEvent, Op, Position, Row, RowSchema, Value, ValueType};
 
 /// A consumed message, borrowed from the client.
 #[derive(Debug, Clone)]
@@ -104,6 +104,8 @@ pub struct Decoder {
     format: MessageFormat,
     key_columns: Vec<String>,
     columns: BTreeMap<String, ColumnType>,
+    /// The declared columns as the event schema (`None` when the topic declares none).
+    schema: Option<std::sync::Arc<RowSchema>>,
     max_bytes: usize,
 }
 
@@ -113,6 +115,7 @@ impl Decoder {
             format: topic.format,
             key_columns: topic.key_columns.clone(),
             columns: topic.columns.clone(),
+            schema: declared_schema(&topic.columns),
             max_bytes: max_message_bytes,
         }
     }
@@ -158,6 +161,7 @@ impl Decoder {
                 source_ts,
                 embedding: None,
                 text_hash: None,
+                schema: self.schema.clone(),
             },
             meta,
         })))
@@ -303,6 +307,31 @@ impl Decoder {
         }
         Ok(row)
     }
+}
+
+/// A topic's declared columns as a row schema, typed as [`typed`] decodes them.
+fn declared_schema(columns: &BTreeMap<String, ColumnType>) -> Option<std::sync::Arc<RowSchema>> {
+    if columns.is_empty() {
+        return None;
+    }
+    let columns = columns
+        .iter()
+        .map(|(name, ty)| {
+            let vt = match ty {
+                ColumnType::Bool => ValueType::Bool,
+                ColumnType::Int32 => ValueType::Int32,
+                ColumnType::Int64 => ValueType::Int64,
+                ColumnType::Float64 => ValueType::Float64,
+                ColumnType::Numeric => ValueType::Numeric,
+                ColumnType::Text => ValueType::Text,
+                ColumnType::Uuid => ValueType::Uuid,
+                ColumnType::Timestamptz => ValueType::TimestampTz,
+                ColumnType::Json => ValueType::Json,
+            };
+            (name.clone(), vt)
+        })
+        .collect();
+    Some(std::sync::Arc::new(RowSchema { columns }))
 }
 
 type Parts = (Op, Row, Option<Row>, Option<Row>);

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 
-use crate::event::{Lsn, Value};
+use crate::event::{Lsn, RowSchema, Value, ValueType};
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -337,6 +337,44 @@ fn array_element(oid: u32) -> Option<u32> {
 /// Converts a text-format value of type `oid` (`type_names` holds names announced by Type
 /// messages, for extension types such as pgvector's `vector`). Unknown types and values that do
 /// not parse stay text.
+/// The type [`convert`] gives the non-null values of a column of type `oid` (text for types it
+/// does not convert).
+pub fn value_type(oid: u32, type_names: &HashMap<u32, String>) -> ValueType {
+    if array_element(oid).is_some() {
+        return ValueType::Array;
+    }
+    match oid {
+        16 => ValueType::Bool,
+        21 => ValueType::Int16,
+        23 => ValueType::Int32,
+        20 => ValueType::Int64,
+        700 => ValueType::Float32,
+        701 => ValueType::Float64,
+        1700 => ValueType::Numeric,
+        2950 => ValueType::Uuid,
+        1082 => ValueType::Date,
+        1114 => ValueType::Timestamp,
+        1184 => ValueType::TimestampTz,
+        114 | 3802 => ValueType::Json,
+        17 => ValueType::Bytes,
+        _ if type_names.get(&oid).map(String::as_str) == Some("vector") => ValueType::Vector,
+        _ => ValueType::Text,
+    }
+}
+
+/// The typed columns of a relation.
+pub fn row_schema<'a>(
+    columns: impl IntoIterator<Item = (&'a str, u32)>,
+    type_names: &HashMap<u32, String>,
+) -> RowSchema {
+    RowSchema {
+        columns: columns
+            .into_iter()
+            .map(|(name, oid)| (name.to_owned(), value_type(oid, type_names)))
+            .collect(),
+    }
+}
+
 pub fn convert(oid: u32, text: &str, type_names: &HashMap<u32, String>) -> Value {
     if let Some(elem) = array_element(oid) {
         return match parse_array(text) {

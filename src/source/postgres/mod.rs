@@ -199,6 +199,8 @@ pub struct PostgresSourceReader {
     streaming_protocol: bool,
     relations: HashMap<u32, Relation>,
     schema_versions: HashMap<u32, u32>,
+    /// Each relation's typed columns, shared by its events.
+    row_schemas: HashMap<u32, std::sync::Arc<crate::event::RowSchema>>,
     type_names: HashMap<u32, String>,
     /// Commit LSN of the last transaction handed out (replays at or below it are skipped).
     last_emitted: Lsn,
@@ -261,6 +263,7 @@ impl PostgresSourceReader {
             streaming_protocol: version >= 140_000,
             relations: HashMap::new(),
             schema_versions: HashMap::new(),
+            row_schemas: HashMap::new(),
             type_names: HashMap::new(),
             last_emitted: Lsn(0),
             in_flight: VecDeque::new(),

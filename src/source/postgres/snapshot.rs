@@ -173,6 +173,10 @@ impl Snapshot {
             let t = &mut self.tables[self.current];
             let source = format!("{}.{}", t.schema, t.name);
             let now = Utc::now();
+            let schema = std::sync::Arc::new(decode::row_schema(
+                t.columns.iter().map(|(c, oid)| (c.as_str(), *oid)),
+                &self.type_names,
+            ));
             let mut out = Vec::with_capacity(rows.len());
             for r in &rows {
                 let mut row = Row::new();
@@ -204,6 +208,7 @@ impl Snapshot {
                     source_ts: Some(now),
                     embedding: None,
                     text_hash: None,
+                    schema: Some(schema.clone()),
                 });
                 self.next_ordinal += 1;
             }

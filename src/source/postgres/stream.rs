@@ -178,6 +178,11 @@ impl PostgresSourceReader {
                 let changed = self.relations.get(&rel.id) != Some(&rel);
                 if changed {
                     *self.schema_versions.entry(rel.id).or_insert(0) += 1;
+                    let schema = decode::row_schema(
+                        rel.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
+                        &self.type_names,
+                    );
+                    self.row_schemas.insert(rel.id, std::sync::Arc::new(schema));
                 }
                 self.relations.insert(rel.id, rel);
             }
@@ -431,6 +436,7 @@ impl PostgresSourceReader {
                     source_ts: None::<DateTime<Utc>>,
                     embedding: None,
                     text_hash: None,
+                    schema: self.row_schemas.get(&id).cloned(),
                 })
             })
             .collect()
