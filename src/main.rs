@@ -54,6 +54,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Rewrite each Bronze table's small files into files of `sinks.delta.compact_target_mb`
+    /// (Z-ordered by `sinks.delta.zorder_columns` when set); safe beside a running connector.
+    Compact {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this table (a folder name under the Bronze root, e.g. `public.orders`).
+        #[arg(long)]
+        table: Option<String>,
+    },
     /// Embed lines of text from stdin: one JSON array of floats per line on stdout.
     Embed {
         /// Model folder (model.onnx + tokenizer.json).
@@ -83,7 +92,8 @@ async fn main() -> ExitCode {
         Command::Run { config } => run(&config).await,
         Command::Check { config, timeout } => check(&config, Duration::from_secs(timeout)).await,
         Command::Embed { model, config } => embed(model, config),
-        Command::Vacuum { config } => vacuum(&config).await,
+        Command::Vacuum { config } => maintain(&config, Maintenance::Vacuum, None).await,
+        Command::Compact { config, table } => maintain(&config, Maintenance::Compact, table).await,
         Command::Status {
             config,
             json,
@@ -124,7 +134,14 @@ async fn check(path: &std::path::Path, timeout: Duration) -> ExitCode {
     }
 }
 
-async fn vacuum(path: &std::path::Path) -> ExitCode {
+#[derive(Clone, Copy)]
+enum Maintenance {
+    Vacuum,
+    Compact,
+}
+
+/// Runs `vacuum` or `compact` over every Bronze table (or just `only`), one line per table.
+async fn maintain(path: &std::path::Path, what: Maintenance, only: Option<String>) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -152,6 +169,18 @@ async fn vacuum(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tables: Vec<String> = match only {
+        Some(t) if tables.contains(&t) => vec![t],
+        Some(t) => {
+            eprintln!(
+                "error: no Bronze table {t:?} under {} (tables: {})",
+                delta.uri,
+                tables.join(", ")
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        None => tables,
+    };
     // A bar over the tables on a terminal; the per-table lines either way.
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr())
         .then(|| indicatif::ProgressBar::new(tables.len() as u64));
@@ -159,8 +188,20 @@ async fn vacuum(path: &std::path::Path) -> ExitCode {
         if let Some(b) = &bar {
             b.set_message(table.clone());
         }
-        let line = match sink.vacuum(&table, retention).await {
-            Ok(n) => format!("ok    {table}: {n} files removed"),
+        let result = match what {
+            Maintenance::Vacuum => sink
+                .vacuum(&table, retention)
+                .await
+                .map(|n| format!("{n} files removed")),
+            Maintenance::Compact => sink.compact(&table).await.map(|o| {
+                format!(
+                    "{} files rewritten into {} ({} rows, {} partitions)",
+                    o.files_removed, o.files_added, o.rows, o.partitions
+                )
+            }),
+        };
+        let line = match result {
+            Ok(done) => format!("ok    {table}: {done}"),
             Err(e) => {
                 failed = true;
                 format!("FAIL  {table}: {e}")

@@ -109,7 +109,7 @@ pub async fn run(
         Some(AbortOnDrop(task))
     };
 
-    let mut delta = match &config.sinks.delta {
+    let delta = match &config.sinks.delta {
         Some(d) => Some(
             DeltaSink::new(&config.name, d).map_err(|e| PipelineError::Config(e.to_string()))?,
         ),
@@ -124,6 +124,10 @@ pub async fn run(
         None => None,
     };
     let delta_health = delta.as_ref().map(|_| health.sink("delta"));
+    let mut delta = match (delta, &delta_health) {
+        (Some(d), Some(h)) => Some(d.with_health(h.clone())),
+        (d, _) => d,
+    };
     let pg_health = pgvector.as_ref().map(|_| health.sink("pgvector"));
     let mut sink_names = Vec::new();
     if delta.is_some() {
@@ -405,7 +409,7 @@ pub async fn run(
                 }
             }
         }
-        tracing::debug!(
+        tracing::info!(
             events = batch.events.len(),
             bronze_rows_committed = rows,
             delta_buffered = delta.as_ref().map_or(0, DeltaSink::buffered_rows),

@@ -178,7 +178,7 @@ listen = "127.0.0.1:{port}"
     assert!(body.contains("ok   pgvector"), "{body}");
     let (code, log) = stop(run, &config);
     assert_eq!(code, 0, "{log}");
-    assert!(log.contains("batch committed"), "{log}");
+    assert!(log.contains("batch done"), "{log}");
     assert!(!log.contains(SECRET), "the secret leaked into the log");
     assert!(!text.contains(SECRET), "the secret leaked into a metric");
 }

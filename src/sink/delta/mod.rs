@@ -19,6 +19,9 @@
 //!   `delta.checkpointInterval`).
 
 pub mod bronze;
+mod compact;
+
+pub use compact::CompactOutcome;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -77,6 +80,10 @@ impl Classify for DeltaSinkError {
                 DeltaTableError::InvalidTableLocation(_) | DeltaTableError::NotATable(_) => {
                     ErrorKind::Config
                 }
+                // Writing a data file failed in the store underneath the Parquet writer.
+                DeltaTableError::Parquet {
+                    source: parquet::errors::ParquetError::External(_),
+                } => ErrorKind::Connection,
                 // The batch does not fit the table: retrying cannot help.
                 DeltaTableError::SchemaMismatch { .. }
                 | DeltaTableError::Arrow { .. }
@@ -107,6 +114,13 @@ pub struct FlushOutcome {
     pub versions: Vec<(String, Version)>,
 }
 
+/// How `compact` rewrites files.
+#[derive(Debug, Clone)]
+struct CompactPolicy {
+    target_bytes: u64,
+    zorder: Vec<String>,
+}
+
 /// When buffered rows are committed: whichever limit is reached first.
 #[derive(Debug, Clone, Copy)]
 struct FlushPolicy {
@@ -134,12 +148,15 @@ pub struct DeltaSink {
     storage: crate::secret::SecretMap,
     checkpoint_interval: u64,
     flush: FlushPolicy,
+    compact: CompactPolicy,
     tables: HashMap<String, DeltaTable>,
     /// Per (table, stream): the highest position committed or buffered (`None`: nothing).
     seen: HashMap<(String, StreamId), Option<Position>>,
     buffers: BTreeMap<String, Buffer>,
     /// Schema errors already logged (each is logged once, counted every time).
     reported: HashSet<String>,
+    /// Told about every failed commit attempt, so readiness turns red during a store outage.
+    health: Option<crate::telemetry::health::SinkHealth>,
 }
 
 impl std::fmt::Debug for DeltaSink {
@@ -239,11 +256,22 @@ impl DeltaSink {
                 bytes: cfg.flush_mb.saturating_mul(1 << 20),
                 interval: Duration::from_millis(cfg.flush_interval_ms),
             },
+            compact: CompactPolicy {
+                target_bytes: cfg.compact_target_mb.saturating_mul(1 << 20),
+                zorder: cfg.zorder_columns.clone(),
+            },
             tables: HashMap::new(),
             seen: HashMap::new(),
             buffers: BTreeMap::new(),
             reported: HashSet::new(),
+            health: None,
         })
+    }
+
+    /// Reports every failed commit attempt (retried or not) to `health`.
+    pub fn with_health(mut self, health: crate::telemetry::health::SinkHealth) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// The tables under the root (each sub-directory holding a `_delta_log`), `_dlq` included.
@@ -541,6 +569,9 @@ impl DeltaSink {
                     Err(e) if e.is_retryable() => match backoff.next() {
                         Some(delay) => {
                             tracing::warn!(table = %source, error = %e, ?delay, "delta commit failed, retrying");
+                            if let Some(h) = &self.health {
+                                h.commit_failed(&e);
+                            }
                             self.tables.remove(&source);
                             tokio::time::sleep(delay).await;
                             recheck = true;
@@ -664,6 +695,9 @@ impl DeltaSink {
                 Err(e) if e.is_retryable() => match backoff.next() {
                     Some(delay) => {
                         tracing::warn!(table = DLQ_TABLE, error = %e, ?delay, "delta commit failed, retrying");
+                        if let Some(h) = &self.health {
+                            h.commit_failed(&e);
+                        }
                         self.tables.remove(DLQ_TABLE);
                         tokio::time::sleep(delay).await;
                     }
@@ -760,13 +794,15 @@ impl DeltaSink {
     }
 }
 
-/// Bounded exponential backoff for an unavailable store: 6 retries, 200 ms doubling to 10 s.
+/// Backoff for an unavailable store: 200 ms doubling to 30 s, for about 15 minutes in all
+/// (object_store retries each request for a few seconds underneath); then the error stops the
+/// run, and a restart resumes from what is committed.
 fn retry_policy() -> impl Iterator<Item = Duration> {
     use backon::BackoffBuilder as _;
     backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_max_times(6)
+        .with_max_delay(Duration::from_secs(30))
+        .with_max_times(36)
         .with_jitter()
         .build()
 }
