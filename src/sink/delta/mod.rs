@@ -35,7 +35,7 @@ use deltalake::kernel::Action;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{StructField, StructType, Version};
+use deltalake::kernel::{Add, StructField, StructType, Version};
 use deltalake::operations::vacuum::VacuumMode;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter as _, RecordBatchWriter};
@@ -500,12 +500,31 @@ impl DeltaSink {
             source: e,
         };
         let batch = bronze::events_to_batch(&accepted, &schema, Utc::now()).map_err(arrow_err)?;
-        let buffer = self
-            .buffers
-            .entry(source.to_owned())
-            .or_insert_with(|| Buffer::new(schema.clone()));
+        if !self.buffers.contains_key(source) {
+            let mut buffer = Buffer::new(schema.clone());
+            // Encode in the background when the table already has every column of the batch.
+            let table = self.table(source, &bronze::bronze_schema()).await?;
+            let current = table_arrow_schema(table).map_err(|e| DeltaSinkError::Delta {
+                table: source.to_owned(),
+                source: e,
+            })?;
+            if current.fields().len() == schema.fields().len()
+                && let Ok(writer) = RecordBatchWriter::for_table(table)
+            {
+                buffer.encoder = Some(Encoder::start(writer));
+            }
+            self.buffers.insert(source.to_owned(), buffer);
+        }
+        let Some(buffer) = self.buffers.get_mut(source) else {
+            return Ok(letters);
+        };
         if buffer.schema != schema {
             buffer.widen(&schema).map_err(arrow_err)?;
+        }
+        if let Some(encoder) = &buffer.encoder
+            && !encoder.send(batch.clone()).await
+        {
+            buffer.encoder = None;
         }
         buffer.push(batch, accepted.iter().map(|e| &e.position));
         self.note_seen(source, events);
@@ -675,7 +694,22 @@ impl DeltaSink {
             .values()
             .flat_map(|p| txn_actions(&name, p))
             .collect();
-        let version = commit_files(table, source, &buffer.batches, txns).await?;
+        // The background encoder has been writing the files while rows arrived; on a retry,
+        // after a schema change or if it failed, the files are written here from the batches.
+        let encoded = match buffer.encoder.take() {
+            Some(encoder) if !recheck && added.is_empty() => match encoder.finish().await {
+                Ok(adds) => Some(adds),
+                Err(e) => {
+                    tracing::warn!(table = source, error = %e, "background Parquet encoding failed; writing the files again");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let version = match encoded {
+            Some(adds) => commit_adds(table, source, adds, txns, buffer.rows).await?,
+            None => commit_files(table, source, &buffer.batches, txns).await?,
+        };
         for p in buffer.highest.values() {
             self.seen
                 .insert((source.to_owned(), p.stream()), Some(p.clone()));
@@ -919,12 +953,69 @@ struct Buffer {
     rows: usize,
     bytes: usize,
     since: tokio::time::Instant,
+    /// Encodes the batches to Parquet on another task while more rows arrive (`None` once the
+    /// schema changed under it: the flush then writes the files itself).
+    encoder: Option<Encoder>,
+}
+
+/// Parquet encoding of a buffer's batches on a task of its own, so that building the next Arrow
+/// batch and encoding the previous one use both cores; the files are uploaded as they fill and
+/// committed by the flush (files of a flush that never commits are referenced by no version, and
+/// `vacuum` removes them).
+struct Encoder {
+    tx: Option<tokio::sync::mpsc::Sender<RecordBatch>>,
+    task: Option<tokio::task::JoinHandle<Result<Vec<Add>, DeltaTableError>>>,
+}
+
+impl Encoder {
+    fn start(mut writer: RecordBatchWriter) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<RecordBatch>(2);
+        let task = tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                writer.write(batch).await?;
+            }
+            writer.flush().await
+        });
+        Encoder {
+            tx: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Hands a batch over; `false` when the encoder has stopped (it failed).
+    async fn send(&self, batch: RecordBatch) -> bool {
+        match &self.tx {
+            Some(tx) => tx.send(batch).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Finishes the files and returns their `add` actions.
+    async fn finish(mut self) -> Result<Vec<Add>, String> {
+        drop(self.tx.take());
+        match self.task.take() {
+            Some(task) => match task.await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            None => Err("encoder already finished".into()),
+        }
+    }
+}
+
+impl Drop for Encoder {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 impl Buffer {
     fn new(schema: SchemaRef) -> Self {
         Buffer {
             schema,
+            encoder: None,
             batches: Vec::new(),
             streams: Vec::new(),
             row_streams: Vec::new(),
@@ -960,6 +1051,7 @@ impl Buffer {
 
     /// Re-lays the buffered batches out in `schema` (which only adds columns, filled with nulls).
     fn widen(&mut self, schema: &SchemaRef) -> Result<(), arrow::error::ArrowError> {
+        self.encoder = None;
         for batch in &mut self.batches {
             let columns = schema
                 .fields()
@@ -1032,6 +1124,18 @@ impl Buffer {
     }
 }
 
+/// Writes the data files of `batches` (no commit) and returns their `add` actions.
+async fn write_files(
+    table: &DeltaTable,
+    batches: &[RecordBatch],
+) -> Result<Vec<Add>, DeltaTableError> {
+    let mut writer = RecordBatchWriter::for_table(table)?;
+    for batch in batches {
+        writer.write(batch.clone()).await?;
+    }
+    writer.flush().await
+}
+
 /// Writes the data files of `batches` and commits them with `txns`, atomically; returns the
 /// committed version.
 async fn commit_files(
@@ -1040,22 +1144,29 @@ async fn commit_files(
     batches: &[RecordBatch],
     txns: Vec<Transaction>,
 ) -> Result<Version, DeltaSinkError> {
+    let adds = write_files(table, batches)
+        .await
+        .map_err(|e| DeltaSinkError::Delta {
+            table: source.to_owned(),
+            source: e,
+        })?;
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    commit_adds(table, source, adds, txns, rows).await
+}
+
+/// Commits already written data files with `txns`, atomically; returns the committed version.
+async fn commit_adds(
+    table: &mut DeltaTable,
+    source: &str,
+    adds: Vec<Add>,
+    txns: Vec<Transaction>,
+    rows: usize,
+) -> Result<Version, DeltaSinkError> {
     let delta_err = |e| DeltaSinkError::Delta {
         table: source.to_owned(),
         source: e,
     };
-    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-    let mut writer = RecordBatchWriter::for_table(table).map_err(delta_err)?;
-    for batch in batches {
-        writer.write(batch.clone()).await.map_err(delta_err)?;
-    }
-    let adds: Vec<Action> = writer
-        .flush()
-        .await
-        .map_err(delta_err)?
-        .into_iter()
-        .map(Action::Add)
-        .collect();
+    let adds: Vec<Action> = adds.into_iter().map(Action::Add).collect();
     let snapshot = table.snapshot().map_err(delta_err)?;
     let operation = DeltaOperation::Write {
         mode: SaveMode::Append,
