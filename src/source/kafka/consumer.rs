@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use super::KafkaSourceError;
 use super::dead_letters::DeadLetterWriter;
-use super::decode::{Decoded, Decoder, KafkaEvent, RawMessage};
+use super::decode::{DecodeError, Decoded, Decoder, KafkaEvent, RawMessage};
 use super::offsets::{OffsetTracker, Tp};
 use crate::config::KafkaSource as KafkaConfig;
 use crate::dead_letter::DeadLetter;
@@ -150,7 +150,7 @@ pub async fn start_with_health(
         .map_err(|e| KafkaSourceError::client(e, &props))?;
     tracing::info!(group = %config.group_id, topics = ?topics, "Kafka source subscribed");
 
-    let decoders = config
+    let decoders: HashMap<String, TopicState> = config
         .topics
         .iter()
         .map(|t| {
@@ -162,15 +162,29 @@ pub async fn start_with_health(
             (t.name.clone(), topic)
         })
         .collect();
+    let names = decoders
+        .keys()
+        .map(|t| (t.clone(), Arc::<str>::from(t.as_str())))
+        .collect();
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let (stop, stopped) = watch::channel(false);
-    let worker = Worker {
-        consumer: Arc::new(consumer),
+    // Decoding runs on a task of its own, so that receiving (and librdkafka) and decoding use
+    // both cores; chunks of raw messages go to it in partition order, one chunk at a time.
+    let (chunks_tx, chunks_rx) = mpsc::channel::<Vec<OwnedMessage>>(2);
+    let decoding = Decoding {
         shared: Arc::clone(&shared),
         topics: decoders,
         dead_letters,
         tx,
-        batch: Vec::with_capacity(MAX_BATCH),
+    };
+    let decode_task = tokio::spawn(decoding.run(chunks_rx, stopped.clone()));
+    let worker = Worker {
+        consumer: Arc::new(consumer),
+        shared: Arc::clone(&shared),
+        topics: names,
+        chunks: Some(chunks_tx),
+        decode_task: Some(decode_task),
+        chunk: Vec::with_capacity(MAX_BATCH),
         props,
         commit_interval: Duration::from_millis(config.commit_interval_ms),
         health,
@@ -191,20 +205,33 @@ struct TopicState {
     events: Counter,
 }
 
+/// A message copied out of librdkafka's buffer, on its way to the decode task.
+struct OwnedMessage {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    timestamp_ms: Option<i64>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Receives messages, hands them to the decode task in chunks, commits offsets.
 struct Worker {
     consumer: Arc<StreamConsumer<SourceContext>>,
     shared: Arc<Shared>,
-    topics: HashMap<String, TopicState>,
-    dead_letters: DeadLetterWriter,
-    tx: mpsc::Sender<Vec<KafkaEvent>>,
-    batch: Vec<KafkaEvent>,
+    /// The subscribed topics (a message of another topic is ignored).
+    topics: HashMap<String, Arc<str>>,
+    chunks: Option<mpsc::Sender<Vec<OwnedMessage>>>,
+    decode_task: Option<JoinHandle<Result<(), KafkaSourceError>>>,
+    chunk: Vec<OwnedMessage>,
     props: SecretMap,
     commit_interval: Duration,
     health: Option<SourceHealth>,
 }
 
-/// Events handed over per channel message: one wake-up of the pipeline per batch, not per
-/// event (waking a parked task costs more than decoding a message).
+/// Messages handed over per chunk and events per channel message: one wake-up of the next task
+/// per batch, not per event (waking a parked task costs more than decoding a message).
 pub const MAX_BATCH: usize = 512;
 
 impl Worker {
@@ -219,13 +246,21 @@ impl Worker {
             // message (they cost more than the message itself); `recv` is cancellation safe.
             let ready = if *stopped.borrow() {
                 break Ok(());
-            } else if self.batch.len() >= MAX_BATCH {
+            } else if self.chunk.len() >= MAX_BATCH {
                 None
             } else {
                 consumer.recv().now_or_never()
             };
-            if ready.is_none() && !self.batch.is_empty() {
-                // Nothing more is queued right now (or the batch is full): hand the batch over.
+            if ready.is_none() && !self.chunk.is_empty() {
+                // Nothing more is queued right now (or the chunk is full): hand it over.
+                // Liveness and the commit clock are looked at per chunk, not per message.
+                if let Some(h) = &self.health {
+                    h.progress();
+                }
+                if last_commit.elapsed() >= self.commit_interval {
+                    commit(&*consumer, &self.shared, None, CommitMode::Async);
+                    last_commit = Instant::now();
+                }
                 match self.flush(&mut stopped).await {
                     Ok(true) => continue,
                     Ok(false) => break Ok(()),
@@ -233,13 +268,7 @@ impl Worker {
                 }
             }
             let received = match ready {
-                Some(m) => {
-                    if last_commit.elapsed() >= self.commit_interval {
-                        commit(&*consumer, &self.shared, None, CommitMode::Async);
-                        last_commit = Instant::now();
-                    }
-                    m
-                }
+                Some(m) => m,
                 None => tokio::select! {
                     biased;
                     _ = stopped.changed() => break Ok(()),
@@ -258,16 +287,11 @@ impl Worker {
             };
             match received {
                 Ok(message) => {
-                    if let Some(h) = &self.health {
-                        h.progress();
-                    }
                     if failures > 0 {
                         tracing::info!("Kafka consumer receiving again");
                         failures = 0;
                     }
-                    if let Err(e) = self.handle(message).await {
-                        break Err(e);
-                    }
+                    self.take(&message);
                 }
                 Err(e) => {
                     if let Some((_, reason)) = consumer.client().fatal_error() {
@@ -283,48 +307,27 @@ impl Worker {
                 }
             }
         };
-        // Events decoded but never handed over are not in flight: they are re-delivered later.
-        let firsts = first_offsets(&self.batch);
-        let mut tracker = self.shared.tracker();
-        for (topic, partition, offset) in &firsts {
-            tracker.unconsume_from(topic, *partition, *offset);
-        }
-        drop(tracker);
+        // Messages never handed to the decode task were never consumed: they are re-delivered
+        // later. The decode task finishes what it holds (or stops on the signal) and ends.
+        self.chunk.clear();
+        drop(self.chunks.take());
+        let decoded = match self.decode_task.take() {
+            Some(task) => task
+                .await
+                .map_err(|e| KafkaSourceError::Client(format!("decode task failed: {e}")))
+                .and_then(|r| r),
+            None => Ok(()),
+        };
         // Shutdown (or failure): give in-flight events their chance, commit, leave the group.
         drain_and_commit(&*consumer, &self.shared, None);
         consumer.unsubscribe();
-        result
+        result.and(decoded)
     }
 
-    /// Sends the current batch; `false` when asked to stop meanwhile (the unsent events stay
-    /// pending, so their offsets are not committed and they are re-delivered after a restart).
-    async fn flush(
-        &mut self,
-        stopped: &mut watch::Receiver<bool>,
-    ) -> Result<bool, KafkaSourceError> {
-        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(MAX_BATCH));
-        let firsts = first_offsets(&batch);
-        tokio::select! {
-            sent = self.tx.send(batch) => {
-                sent.map_err(|_| KafkaSourceError::Closed)?;
-                Ok(true)
-            }
-            _ = stopped.changed() => {
-                // The batch was moved into the cancelled send: take its offsets back.
-                let mut tracker = self.shared.tracker();
-                for (topic, partition, offset) in &firsts {
-                    tracker.unconsume_from(topic, *partition, *offset);
-                }
-                Ok(false)
-            }
-        }
-    }
-
-    /// Decodes one message into the current batch, or dead-letters it.
-    async fn handle(&mut self, m: BorrowedMessage<'_>) -> Result<(), KafkaSourceError> {
-        let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
-        let Some(state) = self.topics.get(topic) else {
-            return Ok(());
+    /// Copies a message into the current chunk.
+    fn take(&mut self, m: &BorrowedMessage<'_>) {
+        let Some(topic) = self.topics.get(m.topic()) else {
+            return;
         };
         let headers = m
             .headers()
@@ -334,16 +337,142 @@ impl Worker {
                     .collect()
             })
             .unwrap_or_default();
-        let raw = RawMessage {
-            topic,
-            partition,
-            offset,
-            key: m.key(),
-            payload: m.payload(),
+        self.chunk.push(OwnedMessage {
+            topic: Arc::clone(topic),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
             timestamp_ms: m.timestamp().to_millis(),
             headers,
+        });
+    }
+
+    /// Hands the current chunk to the decode task; `false` when asked to stop meanwhile (the
+    /// chunk's messages were never consumed, so they are re-delivered after a restart).
+    async fn flush(
+        &mut self,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<bool, KafkaSourceError> {
+        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(MAX_BATCH));
+        let Some(chunks) = &self.chunks else {
+            return Ok(false);
         };
-        match state.decoder.decode(&raw) {
+        tokio::select! {
+            sent = chunks.send(chunk) => match sent {
+                Ok(()) => Ok(true),
+                // The decode task ended: its result says why.
+                Err(_) => {
+                    drop(self.chunks.take());
+                    match self.decode_task.take() {
+                        Some(task) => match task.await {
+                            Ok(Ok(())) => Err(KafkaSourceError::Closed),
+                            Ok(Err(e)) => Err(e),
+                            Err(e) => Err(KafkaSourceError::Client(format!("decode task failed: {e}"))),
+                        },
+                        None => Err(KafkaSourceError::Closed),
+                    }
+                }
+            },
+            _ = stopped.changed() => Ok(false),
+        }
+    }
+}
+
+/// Decodes chunks of messages into events (or dead letters) and hands the events over.
+struct Decoding {
+    shared: Arc<Shared>,
+    topics: HashMap<String, TopicState>,
+    dead_letters: DeadLetterWriter,
+    tx: mpsc::Sender<Vec<KafkaEvent>>,
+}
+
+impl Decoding {
+    async fn run(
+        mut self,
+        mut chunks: mpsc::Receiver<Vec<OwnedMessage>>,
+        mut stopped: watch::Receiver<bool>,
+    ) -> Result<(), KafkaSourceError> {
+        while let Some(chunk) = chunks.recv().await {
+            let mut batch = Vec::with_capacity(chunk.len());
+            let decoded: Vec<Result<Decoded, DecodeError>> =
+                chunk.iter().map(|m| self.decode(m)).collect();
+            if decoded.iter().all(Result::is_ok) {
+                // The common case: one lock of the offset tracker for the whole chunk.
+                let mut tracker = self.shared.tracker();
+                for (m, d) in chunk.iter().zip(decoded) {
+                    let (topic, partition, offset) = (&*m.topic, m.partition, m.offset);
+                    match d {
+                        Ok(Decoded::Event(event)) => {
+                            if tracker.consumed(topic, partition, offset, true) {
+                                if let Some(state) = self.topics.get(topic) {
+                                    state.events.increment(1);
+                                }
+                                batch.push(*event);
+                            }
+                        }
+                        Ok(Decoded::Tombstone) => {
+                            tracker.consumed(topic, partition, offset, false);
+                        }
+                        Err(_) => {}
+                    }
+                }
+            } else {
+                // A dead letter must be durable before its offset may be committed: one by one.
+                for (m, d) in chunk.iter().zip(decoded) {
+                    self.handle(m, d, &mut batch).await?;
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let firsts = first_offsets(&batch);
+            tokio::select! {
+                sent = self.tx.send(batch) => {
+                    sent.map_err(|_| KafkaSourceError::Closed)?;
+                }
+                _ = stopped.changed() => {
+                    // The batch was moved into the cancelled send: take its offsets back, so
+                    // they are neither waited for nor committed (re-delivered later).
+                    let mut tracker = self.shared.tracker();
+                    for (topic, partition, offset) in &firsts {
+                        tracker.unconsume_from(topic, *partition, *offset);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn decode(&self, m: &OwnedMessage) -> Result<Decoded, DecodeError> {
+        let Some(state) = self.topics.get(&*m.topic) else {
+            // Not subscribed (cannot happen: the worker filters): nothing to hand over.
+            return Ok(Decoded::Tombstone);
+        };
+        state.decoder.decode(&RawMessage {
+            topic: &m.topic,
+            partition: m.partition,
+            offset: m.offset,
+            key: m.key.as_deref(),
+            payload: m.payload.as_deref(),
+            timestamp_ms: m.timestamp_ms,
+            headers: m.headers.clone(),
+        })
+    }
+
+    /// Puts one decoded message into `batch`, or dead-letters it.
+    async fn handle(
+        &mut self,
+        m: &OwnedMessage,
+        decoded: Result<Decoded, DecodeError>,
+        batch: &mut Vec<KafkaEvent>,
+    ) -> Result<(), KafkaSourceError> {
+        let (topic, partition, offset) = (&*m.topic, m.partition, m.offset);
+        let Some(state) = self.topics.get(topic) else {
+            return Ok(());
+        };
+        match decoded {
             Ok(Decoded::Event(event)) => {
                 if !self
                     .shared
@@ -353,7 +482,7 @@ impl Worker {
                     return Ok(());
                 }
                 state.events.increment(1);
-                self.batch.push(*event);
+                batch.push(*event);
                 Ok(())
             }
             Ok(Decoded::Tombstone) => {
@@ -373,8 +502,10 @@ impl Worker {
                         partition,
                         offset,
                     },
-                    raw.key.map(|k| String::from_utf8_lossy(k).into_owned()),
-                    raw.payload.unwrap_or_default(),
+                    m.key
+                        .as_deref()
+                        .map(|k| String::from_utf8_lossy(k).into_owned()),
+                    m.payload.as_deref().unwrap_or_default(),
                     error.to_string(),
                 );
                 tracing::warn!(%topic, partition, offset, %error, "message dead-lettered");
