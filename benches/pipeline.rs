@@ -290,11 +290,16 @@ async fn postgres_to_bronze_and_pgvector(rows: usize) {
         .collect();
 
     // Stage alone: the embedder on the same texts.
-    let model = env("TRIBUTARY_MODEL_DIR");
-    let mut embedder = tributary::enrich::Embedder::load(
-        &tributary::config::EmbeddingConfig::for_model(model.clone().into()),
-    )
-    .unwrap();
+    // PIPELINE_BENCH_MODEL_DIR / PIPELINE_BENCH_THREADS select another model (e.g. the int8
+    // copy, $TRIBUTARY_MODEL_INT8_DIR) and intra-op threads, for both measures.
+    let model =
+        std::env::var("PIPELINE_BENCH_MODEL_DIR").unwrap_or_else(|_| env("TRIBUTARY_MODEL_DIR"));
+    let threads: Option<usize> = std::env::var("PIPELINE_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok());
+    let mut embedding = tributary::config::EmbeddingConfig::for_model(model.clone().into());
+    embedding.intra_threads = threads;
+    let mut embedder = tributary::enrich::Embedder::load(&embedding).unwrap();
     let t = Instant::now();
     for chunk in texts.chunks(32) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
@@ -318,6 +323,7 @@ slot = "{slot}"
 tables = ["items"]
 [embedding]
 model_dir = "{model}"
+{threads}
 [embedding.templates]
 "public.items" = "{{customer}} wrote: {{note}}"
 [sinks.delta]
@@ -331,7 +337,8 @@ batch_max_wait_ms = 50
 [telemetry]
 listen = ""
 "#,
-            dir.path().join("lake").display()
+            dir.path().join("lake").display(),
+            threads = threads.map_or(String::new(), |t| format!("intra_threads = {t}")),
         ),
     );
     let pg = admin;
@@ -396,7 +403,10 @@ listen = ""
     }
     run.finish().await;
     let pipeline = rows as f64 / t1.duration_since(t0).as_secs_f64();
-    println!("\n(b) PostgreSQL → Bronze + pgvector with embeddings (all-MiniLM-L6-v2, 1 thread)");
+    println!(
+        "\n(b) PostgreSQL → Bronze + pgvector with embeddings ({model}, intra-op threads: {})",
+        threads.map_or("default".to_string(), |t| t.to_string())
+    );
     println!("| measure | events/s |\n|---|---|");
     println!("| embedder alone (batch 32) | {embed_alone:.0} |");
     println!("| pipeline `run`, snapshot of {rows} rows (incl. start-up) | {pipeline:.0} |");
@@ -441,8 +451,11 @@ async fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
+    // KAFKA_MESSAGES = 0 skips (a).
     let kafka_n = args.first().copied().unwrap_or(1_000_000);
     let pg_rows = args.get(1).copied().unwrap_or(6_000);
-    kafka_to_bronze(kafka_n).await;
+    if kafka_n > 0 {
+        kafka_to_bronze(kafka_n).await;
+    }
     postgres_to_bronze_and_pgvector(pg_rows).await;
 }

@@ -35,6 +35,9 @@ pub use task::{PostgresAcker, PostgresSourceHandle, start};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
+/// How long a poll that already holds a complete transaction waits for more frames.
+const LINGER: Duration = Duration::from_millis(5);
+
 use chrono::{DateTime, Utc};
 use pg_walstream::{CancellationToken, LogicalReplicationStream, ReplicationError};
 use tokio_postgres::{Client, NoTls};
@@ -337,11 +340,22 @@ impl PostgresSourceReader {
         let token = CancellationToken::new();
         let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
+        let mut lingering = false;
         loop {
             if self.replaying.is_some() {
                 self.drain_replay(&mut out, max_events)?;
                 if out.len() >= max_events {
                     break;
+                }
+            }
+            // Once a transaction is ready, wait only briefly for more: a busy stream still fills
+            // big batches, a quiet one hands each transaction over at once instead of holding it
+            // for the whole `wait`.
+            if !out.is_empty() && !lingering {
+                lingering = true;
+                let soon = tokio::time::Instant::now() + LINGER;
+                if soon < sleep.deadline() {
+                    sleep.as_mut().reset(soon);
                 }
             }
             let stream = self.stream.as_mut().expect("stream started above");
