@@ -11,7 +11,8 @@
 //!     not counted.
 //! (b) PostgreSQL → Bronze + pgvector with embeddings of short texts: PG_ROWS (default 6,000) rows
 //!     snapshotted, then a steady insert load (10-row transactions) for 20 s at each rate in
-//!     RATES. Stage alone: the embedder on the same texts (batch 32). Latency per row = pgvector
+//!     RATES (the load's session commits with `synchronous_commit = on`, PostgreSQL's default).
+//!     Stage alone: the embedder on the same texts (batch 32). Latency per row = pgvector
 //!     `_updated_at` (start of the applying transaction) − `_source_ts` (source commit time), both
 //!     from the same server clock; p50/p99 over the steady phase.
 
@@ -365,6 +366,11 @@ listen = ""
     let t1 = Instant::now();
     let mut steady = Vec::new();
     let mut next_id = rows as i32 + 1;
+    // The local test server runs `synchronous_commit = off` (scripts/services, for test speed):
+    // its WAL then reaches the walsender only at the WAL writer's next round (up to
+    // `wal_writer_delay`, 200 ms). The application writing the steady load commits the way a
+    // production database does by default.
+    src.batch_execute("SET synchronous_commit = on").await.unwrap();
     for rate in RATES {
         // Steady load at `rate` events/s for 20 s, in 10-row transactions.
         let from = next_id;

@@ -110,6 +110,9 @@ impl Embedder {
         let env = environment()?;
         let session = Session::builder(env)
             .and_then(|b| Ok(b.with_intra_threads(config.threads())?))
+            // Idle intra-op threads sleep instead of spinning: the embedder shares the cores
+            // with the sources and sinks, which the spinning would starve between batches.
+            .and_then(|b| Ok(b.with_intra_op_spinning(false)?))
             .and_then(|mut b| b.commit_from_file(&model_path))
             .map_err(|e| EnrichError::Model(format!("{}: {e}", model_path.display())))?;
         let (output, dimension, token_type_ids) = check_signature(&session, &model_path)?;
