@@ -370,7 +370,9 @@ listen = ""
     // its WAL then reaches the walsender only at the WAL writer's next round (up to
     // `wal_writer_delay`, 200 ms). The application writing the steady load commits the way a
     // production database does by default.
-    src.batch_execute("SET synchronous_commit = on").await.unwrap();
+    src.batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
     for rate in RATES {
         // Steady load at `rate` events/s for 20 s, in 10-row transactions.
         let from = next_id;

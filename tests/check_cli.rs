@@ -189,3 +189,70 @@ async fn status_json_reports_what_the_pgvector_sink_holds() {
     assert!(v["postgres"]["ok"]["exists"] == false, "{v}");
     assert!(v["kafka"]["ok"].as_array().unwrap().len() >= 3, "{v}");
 }
+
+/// `tributary compact` rewrites a table's small files into one (rows unchanged), names a table
+/// that does not exist, and `vacuum` runs over the same tables.
+#[tokio::test]
+async fn compact_rewrites_small_files_and_vacuum_follows() {
+    use tributary::event::{ChangeEvent, Lsn, Op, Position, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = write_config(dir.path(), &env("TRIBUTARY_PG_URL"), "b:1");
+    let config = tributary::config::Config::load(&cfg_path).unwrap();
+    let mut bronze =
+        tributary::sink::delta::DeltaSink::new(&config.name, config.sinks.delta.as_ref().unwrap())
+            .unwrap();
+    for i in 0..5i32 {
+        let row: tributary::event::Row = [("id", Value::Int32(i))].into_iter().collect();
+        let event = ChangeEvent {
+            source: "public.orders".into(),
+            op: Op::Insert,
+            key: row.clone(),
+            before: None,
+            after: Some(row),
+            schema_version: 1,
+            position: Position::Lsn {
+                commit_lsn: Lsn(100 + i as u64),
+                tx_ordinal: 0,
+            },
+            source_ts: None,
+            embedding: None,
+            text_hash: None,
+            schema: None,
+        };
+        bronze.write("public.orders", &[event]).await.unwrap();
+    }
+    assert_eq!(bronze.summary("public.orders").await.unwrap().files, 5);
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tributary"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg_path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run(&["compact"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("ok    public.orders: 5 files rewritten into 1 (5 rows"),
+        "{stdout}"
+    );
+    let after = bronze.summary("public.orders").await.unwrap();
+    assert_eq!((after.files, after.rows), (1, 5));
+    let (code, _, stderr) = run(&["compact", "--table", "public.nope"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no Bronze table \"public.nope\""),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = run(&["vacuum"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("ok    public.orders: 0 files removed"),
+        "{stdout}"
+    );
+}
