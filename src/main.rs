@@ -195,8 +195,11 @@ async fn maintain(path: &std::path::Path, what: Maintenance, only: Option<String
                 .map(|n| format!("{n} files removed")),
             Maintenance::Compact => sink.compact(&table).await.map(|o| {
                 format!(
-                    "{} files rewritten into {} ({} rows, {} partitions)",
-                    o.files_removed, o.files_added, o.rows, o.partitions
+                    "{} files rewritten into {} ({:.1} MiB, {} partitions)",
+                    o.files_removed,
+                    o.files_added,
+                    o.bytes_added as f64 / f64::from(1 << 20),
+                    o.partitions
                 )
             }),
         };

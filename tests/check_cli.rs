@@ -238,7 +238,7 @@ async fn compact_rewrites_small_files_and_vacuum_follows() {
     let (code, stdout, stderr) = run(&["compact"]);
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("ok    public.orders: 5 files rewritten into 1 (5 rows"),
+        stdout.contains("ok    public.orders: 5 files rewritten into 1 ("),
         "{stdout}"
     );
     let after = bronze.summary("public.orders").await.unwrap();

@@ -151,6 +151,8 @@ async fn read_back(sink: &DeltaSink, table: &str) -> (BTreeMap<(i64, i64), usize
                 *seen.entry((major.value(i), minor.value(i))).or_insert(0) += 1;
             }
             if let Some(p) = batch.column_by_name("_payload") {
+                // Files rewritten by `optimize` (DataFusion) may store strings as views.
+                let p = arrow::compute::cast(p, &arrow::datatypes::DataType::Utf8).unwrap();
                 let p = p.as_string::<i32>();
                 payloads.extend((0..p.len()).map(|i| p.value(i).to_owned()));
             }
@@ -579,10 +581,11 @@ async fn compact_during_appends(backend: Backend) {
     let sink = writer.await.unwrap();
     assert!(out.files_removed >= 12, "{out:?}");
     assert_eq!((out.partitions, out.files_added), (1, 1), "{out:?}");
+    assert!(out.bytes_added > 0, "{out:?}");
     let after = sink.summary(SOURCE).await.unwrap();
     assert_eq!(after.rows, 240, "{after:?}");
     // 24 files were appended in all; the compaction swapped the ones it saw for one.
-    assert_eq!(after.files, 24 - out.files_removed + 1, "{after:?}");
+    assert_eq!(after.files as u64, 24 - out.files_removed + 1, "{after:?}");
     all_once(&read_back(&sink, SOURCE).await.0, 240);
     // The stream's position survived the rewrite: a replay writes nothing.
     let mut restarted = DeltaSink::new("t", &cfg).unwrap();
@@ -615,7 +618,7 @@ async fn zorder_compaction_keeps_every_row() {
             .unwrap();
     }
     let out = sink.compact(SOURCE).await.unwrap();
-    assert_eq!((out.files_removed, out.files_added, out.rows), (4, 1, 40));
+    assert_eq!((out.files_removed, out.files_added), (4, 1));
     all_once(&read_back(&sink, SOURCE).await.0, 40);
 
     let bad = Backend::Local.config("zorder_columns = [\"nope\"]");

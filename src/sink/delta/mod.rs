@@ -652,6 +652,7 @@ impl DeltaSink {
             for stream in &buffer.streams {
                 committed.push(committed_in(table, &name, source, stream).await?);
             }
+            let before = buffer.rows;
             buffer
                 .drop_committed(&committed)
                 .map_err(|e| DeltaSinkError::Arrow {
@@ -660,6 +661,10 @@ impl DeltaSink {
                 })?;
             if buffer.rows == 0 {
                 return Ok(None);
+            }
+            if buffer.rows != before {
+                // Files written by an earlier attempt hold rows now committed elsewhere.
+                buffer.written = None;
             }
         }
         // New typed columns are added before the data that fills them.
@@ -706,10 +711,17 @@ impl DeltaSink {
             },
             _ => None,
         };
-        let version = match encoded {
-            Some(adds) => commit_adds(table, source, adds, txns, buffer.rows).await?,
-            None => commit_files(table, source, &buffer.batches, txns).await?,
+        // A retry re-uses the files an earlier attempt wrote (delta-rs's own conflict loop has
+        // no backoff; ours does, and need not upload the data again).
+        let adds = match (buffer.written.take(), encoded) {
+            (Some(adds), _) | (None, Some(adds)) => adds,
+            (None, None) => write_files(table, &buffer.batches)
+                .await
+                .map_err(delta_err)?,
         };
+        buffer.written = Some(adds.clone());
+        let version = commit_adds(table, source, adds, txns, buffer.rows).await?;
+        buffer.written = None;
         for p in buffer.highest.values() {
             self.seen
                 .insert((source.to_owned(), p.stream()), Some(p.clone()));
@@ -956,6 +968,8 @@ struct Buffer {
     /// Encodes the batches to Parquet on another task while more rows arrive (`None` once the
     /// schema changed under it: the flush then writes the files itself).
     encoder: Option<Encoder>,
+    /// Data files written by a commit attempt that failed, for the retry.
+    written: Option<Vec<Add>>,
 }
 
 /// Parquet encoding of a buffer's batches on a task of its own, so that building the next Arrow
@@ -1016,6 +1030,7 @@ impl Buffer {
         Buffer {
             schema,
             encoder: None,
+            written: None,
             batches: Vec::new(),
             streams: Vec::new(),
             row_streams: Vec::new(),
@@ -1052,6 +1067,7 @@ impl Buffer {
     /// Re-lays the buffered batches out in `schema` (which only adds columns, filled with nulls).
     fn widen(&mut self, schema: &SchemaRef) -> Result<(), arrow::error::ArrowError> {
         self.encoder = None;
+        self.written = None;
         for batch in &mut self.batches {
             let columns = schema
                 .fields()
