@@ -194,31 +194,14 @@ async fn status_json_reports_what_the_pgvector_sink_holds() {
 /// that does not exist, and `vacuum` runs over the same tables.
 #[tokio::test]
 async fn compact_rewrites_small_files_and_vacuum_follows() {
-    use tributary::event::{ChangeEvent, Lsn, Op, Position, Value};
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = write_config(dir.path(), &env("TRIBUTARY_PG_URL"), "b:1");
     let config = tributary::config::Config::load(&cfg_path).unwrap();
     let mut bronze =
         tributary::sink::delta::DeltaSink::new(&config.name, config.sinks.delta.as_ref().unwrap())
             .unwrap();
-    for i in 0..5i32 {
-        let row: tributary::event::Row = [("id", Value::Int32(i))].into_iter().collect();
-        let event = ChangeEvent {
-            source: "public.orders".into(),
-            op: Op::Insert,
-            key: row.clone(),
-            before: None,
-            after: Some(row),
-            schema_version: 1,
-            position: Position::Lsn {
-                commit_lsn: Lsn(100 + i as u64),
-                tx_ordinal: 0,
-            },
-            source_ts: None,
-            embedding: None,
-            text_hash: None,
-            schema: None,
-        };
+    for i in 0..5 {
+        let event = common::insert_event(i, 100 + i as u64, 0);
         bronze.write("public.orders", &[event]).await.unwrap();
     }
     assert_eq!(bronze.summary("public.orders").await.unwrap().files, 5);

@@ -9,9 +9,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{env, unique};
+use common::{env, insert_event, unique};
 use tributary::config::Config;
-use tributary::event::{ChangeEvent, Lsn, Op, Position, Row, StreamId, Value};
+use tributary::event::{ChangeEvent, Lsn, Position, StreamId};
 use tributary::sink::delta::DeltaSink;
 
 const SOURCE: &str = "public.orders";
@@ -59,26 +59,6 @@ impl Azurite {
     }
 }
 
-fn event(id: i64, commit: u64, ordinal: u64) -> ChangeEvent {
-    let row: Row = [("id", Value::Int64(id))].into_iter().collect();
-    ChangeEvent {
-        source: SOURCE.into(),
-        op: Op::Insert,
-        key: row.clone(),
-        before: None,
-        after: Some(row),
-        schema_version: 1,
-        position: Position::Lsn {
-            commit_lsn: Lsn(commit),
-            tx_ordinal: ordinal,
-        },
-        source_ts: None,
-        embedding: None,
-        text_hash: None,
-        schema: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_outage_during_a_commit_is_retried_and_nothing_is_lost_or_doubled() {
     let port = TcpListener::bind("127.0.0.1:0")
@@ -112,12 +92,12 @@ async fn a_store_outage_during_a_commit_is_retried_and_nothing_is_lost_or_double
         .delta
         .unwrap();
     let mut sink = DeltaSink::new("t", &cfg).unwrap();
-    let first: Vec<ChangeEvent> = (0..5).map(|i| event(i, 100, i as u64)).collect();
+    let first: Vec<ChangeEvent> = (0..5).map(|i| insert_event(i, 100, i as u64)).collect();
     assert_eq!(sink.write(SOURCE, &first).await.unwrap().rows, 5);
 
     // The store goes away; the next commit is already under way when it comes back.
     let (port, dir) = azurite.stop();
-    let second: Vec<ChangeEvent> = (5..10).map(|i| event(i, 200, i as u64)).collect();
+    let second: Vec<ChangeEvent> = (5..10).map(|i| insert_event(i, 200, i as u64)).collect();
     let pending = second.clone();
     let commit = tokio::spawn(async move {
         let out = sink.write(SOURCE, &pending).await;

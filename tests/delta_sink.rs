@@ -113,17 +113,18 @@ fn tx(commit: u64, ids: std::ops::Range<i64>) -> Vec<ChangeEvent> {
         .collect()
 }
 
-/// Every row of the table's current version, read with the `deltalake` crate: (major, minor) →
-/// number of times present, plus the `_payload` of each.
-async fn read_back(sink: &DeltaSink, table: &str) -> (BTreeMap<(i64, i64), usize>, Vec<String>) {
-    use arrow::array::{Array as _, AsArray, Int64Array};
+/// The table's schema and every record batch of its current version's data files, read with the
+/// `deltalake` crate and the `parquet` reader (as any independent reader would).
+async fn table_batches(
+    sink: &DeltaSink,
+    table: &str,
+) -> (arrow::datatypes::SchemaRef, Vec<arrow::array::RecordBatch>) {
     use object_store::ObjectStoreExt as _;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let url = url::Url::parse(&sink.table_uri(table)).unwrap();
     let table = deltalake::open_table(url).await.unwrap();
+    let schema = table.snapshot().unwrap().snapshot().arrow_schema();
     let store = table.object_store();
-    let mut seen = BTreeMap::new();
-    let mut payloads = Vec::new();
     let paths: Vec<_> = table
         .snapshot()
         .unwrap()
@@ -131,31 +132,41 @@ async fn read_back(sink: &DeltaSink, table: &str) -> (BTreeMap<(i64, i64), usize
         .into_iter()
         .map(|add| add.object_store_path())
         .collect();
+    let mut batches = Vec::new();
     for path in paths {
         let bytes = store.get(&path).await.unwrap().bytes().await.unwrap();
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
             .unwrap()
             .build()
             .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let major: &Int64Array = batch
-                .column_by_name("_position_major")
-                .unwrap()
-                .as_primitive();
-            let minor: &Int64Array = batch
-                .column_by_name("_position_minor")
-                .unwrap()
-                .as_primitive();
-            for i in 0..batch.num_rows() {
-                *seen.entry((major.value(i), minor.value(i))).or_insert(0) += 1;
-            }
-            if let Some(p) = batch.column_by_name("_payload") {
-                // Files rewritten by `optimize` (DataFusion) may store strings as views.
-                let p = arrow::compute::cast(p, &arrow::datatypes::DataType::Utf8).unwrap();
-                let p = p.as_string::<i32>();
-                payloads.extend((0..p.len()).map(|i| p.value(i).to_owned()));
-            }
+        batches.extend(reader.map(Result::unwrap));
+    }
+    (schema, batches)
+}
+
+/// Every row of the table's current version, read with the `deltalake` crate: (major, minor) →
+/// number of times present, plus the `_payload` of each.
+async fn read_back(sink: &DeltaSink, table: &str) -> (BTreeMap<(i64, i64), usize>, Vec<String>) {
+    use arrow::array::{Array as _, AsArray, Int64Array};
+    let mut seen = BTreeMap::new();
+    let mut payloads = Vec::new();
+    for batch in table_batches(sink, table).await.1 {
+        let major: &Int64Array = batch
+            .column_by_name("_position_major")
+            .unwrap()
+            .as_primitive();
+        let minor: &Int64Array = batch
+            .column_by_name("_position_minor")
+            .unwrap()
+            .as_primitive();
+        for i in 0..batch.num_rows() {
+            *seen.entry((major.value(i), minor.value(i))).or_insert(0) += 1;
+        }
+        if let Some(p) = batch.column_by_name("_payload") {
+            // Files rewritten by `optimize` (DataFusion) may store strings as views.
+            let p = arrow::compute::cast(p, &arrow::datatypes::DataType::Utf8).unwrap();
+            let p = p.as_string::<i32>();
+            payloads.extend((0..p.len()).map(|i| p.value(i).to_owned()));
         }
     }
     (seen, payloads)
@@ -170,39 +181,20 @@ async fn rows_as_json(
     BTreeMap<(i64, i64), serde_json::Map<String, serde_json::Value>>,
     arrow::datatypes::SchemaRef,
 ) {
-    use object_store::ObjectStoreExt as _;
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let url = url::Url::parse(&sink.table_uri(table)).unwrap();
-    let table = deltalake::open_table(url).await.unwrap();
-    let schema = table.snapshot().unwrap().snapshot().arrow_schema();
-    let store = table.object_store();
+    let (schema, batches) = table_batches(sink, table).await;
     let mut rows = BTreeMap::new();
-    let paths: Vec<_> = table
-        .snapshot()
-        .unwrap()
-        .log_data()
-        .into_iter()
-        .map(|add| add.object_store_path())
-        .collect();
-    for path in paths {
-        let bytes = store.get(&path).await.unwrap().bytes().await.unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let mut w = arrow::json::ArrayWriter::new(Vec::new());
-            w.write(&batch.unwrap()).unwrap();
-            w.finish().unwrap();
-            let parsed: Vec<serde_json::Map<String, serde_json::Value>> =
-                serde_json::from_slice(&w.into_inner()).unwrap();
-            for row in parsed {
-                let key = (
-                    row["_position_major"].as_i64().unwrap(),
-                    row["_position_minor"].as_i64().unwrap(),
-                );
-                assert!(rows.insert(key, row).is_none(), "duplicate row at {key:?}");
-            }
+    for batch in batches {
+        let mut w = arrow::json::ArrayWriter::new(Vec::new());
+        w.write(&batch).unwrap();
+        w.finish().unwrap();
+        let parsed: Vec<serde_json::Map<String, serde_json::Value>> =
+            serde_json::from_slice(&w.into_inner()).unwrap();
+        for row in parsed {
+            let key = (
+                row["_position_major"].as_i64().unwrap(),
+                row["_position_minor"].as_i64().unwrap(),
+            );
+            assert!(rows.insert(key, row).is_none(), "duplicate row at {key:?}");
         }
     }
     (rows, schema)

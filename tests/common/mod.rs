@@ -95,3 +95,26 @@ pub async fn drop_source_db(admin: &tokio_postgres::Client, name: &str, slot: &s
         .await
         .unwrap();
 }
+
+/// An insert of the one-column row `{id}` into `public.orders` at (commit LSN, ordinal), as the
+/// PostgreSQL source emits it (no embedding, no declared schema).
+pub fn insert_event(id: i64, commit: u64, ordinal: u64) -> tributary::event::ChangeEvent {
+    use tributary::event::{ChangeEvent, Lsn, Op, Position, Row, Value};
+    let row: Row = [("id", Value::Int64(id))].into_iter().collect();
+    ChangeEvent {
+        source: "public.orders".into(),
+        op: Op::Insert,
+        key: row.clone(),
+        before: None,
+        after: Some(row),
+        schema_version: 1,
+        position: Position::Lsn {
+            commit_lsn: Lsn(commit),
+            tx_ordinal: ordinal,
+        },
+        source_ts: None,
+        embedding: None,
+        text_hash: None,
+        schema: None,
+    }
+}

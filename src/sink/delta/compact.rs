@@ -10,7 +10,6 @@ use std::num::NonZeroU64;
 
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::operations::optimize::OptimizeType;
-use deltalake::{DeltaTableBuilder, DeltaTableError};
 
 use super::{DeltaSink, DeltaSinkError};
 
@@ -33,17 +32,9 @@ impl DeltaSink {
             table: source.to_owned(),
             source: e,
         };
-        let url = self.url(source)?;
-        let mut table = DeltaTableBuilder::from_url(url)
-            .map_err(delta_err)?
-            .with_storage_options(self.options.clone())
-            .build()
-            .map_err(delta_err)?;
-        match table.load().await {
-            Ok(()) => {}
-            Err(DeltaTableError::NotATable(_)) => return Ok(CompactOutcome::default()),
-            Err(e) => return Err(delta_err(e)),
-        }
+        let Some(table) = self.load_existing(source).await? else {
+            return Ok(CompactOutcome::default());
+        };
         let schema = table
             .snapshot()
             .map_err(delta_err)?

@@ -802,6 +802,25 @@ impl DeltaSink {
         })
     }
 
+    /// The current version of the table of `source`, freshly loaded (not the writer's cached
+    /// one); `None` when nothing was ever written there.
+    async fn load_existing(&self, source: &str) -> Result<Option<DeltaTable>, DeltaSinkError> {
+        let delta_err = |e| DeltaSinkError::Delta {
+            table: source.to_owned(),
+            source: e,
+        };
+        let mut table = DeltaTableBuilder::from_url(self.url(source)?)
+            .map_err(delta_err)?
+            .with_storage_options(self.options.clone())
+            .build()
+            .map_err(delta_err)?;
+        match table.load().await {
+            Ok(()) => Ok(Some(table)),
+            Err(DeltaTableError::NotATable(_)) => Ok(None),
+            Err(e) => Err(delta_err(e)),
+        }
+    }
+
     /// Removes files no table version within `retention` references, including data files of
     /// commits that never happened (full mode: unreferenced files older than `retention`). Safe
     /// beside a running writer as long as `retention` exceeds the time a writer takes between
@@ -815,18 +834,10 @@ impl DeltaSink {
             table: source.to_owned(),
             source: e,
         };
-        let url = self.url(source)?;
-        let mut table = DeltaTableBuilder::from_url(url)
-            .map_err(delta_err)?
-            .with_storage_options(self.options.clone())
-            .build()
-            .map_err(delta_err)?;
-        match table.load().await {
-            Ok(()) => {}
-            // Nothing was ever written for this source: nothing to vacuum.
-            Err(DeltaTableError::NotATable(_)) => return Ok(0),
-            Err(e) => return Err(delta_err(e)),
-        }
+        // Nothing was ever written for this source: nothing to vacuum.
+        let Some(table) = self.load_existing(source).await? else {
+            return Ok(0);
+        };
         let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(7));
         let (_, metrics) = table
             .vacuum()
