@@ -598,8 +598,8 @@ async fn compact_during_appends_on_local_disk_and_azurite() {
     }
 }
 
-/// With Z-order columns every file of a partition is rewritten, sorted along the curve, rows
-/// unchanged; a column the table lacks is refused with the setting named.
+/// With Z-order columns every file of a partition is rewritten (delta-rs orders the rows), none
+/// lost or doubled; a column the table lacks is refused with the setting named.
 #[tokio::test]
 async fn zorder_compaction_keeps_every_row() {
     let cfg = Backend::Local.config("zorder_columns = [\"_position_minor\", \"_position_major\"]");
