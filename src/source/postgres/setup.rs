@@ -248,14 +248,31 @@ impl PostgresSourceReader {
         // Existing slot: resume an interrupted snapshot, if any.
         let mut epoch = 0u64;
         let mut pending = Vec::new();
+        let mut planned = std::collections::HashSet::new();
         for r in &state_rows {
             let t: (String, String) = (r.get(0), r.get(1));
             let lsn = Lsn(r.get::<_, i64>(2) as u64);
             epoch = epoch.max(r.get::<_, i64>(3) as u64);
+            planned.insert(t.clone());
             if r.get::<_, bool>(4) {
                 self.snapshot_lsn.insert(source_name(&t), lsn);
             } else {
                 pending.push(t);
+            }
+        }
+        // A table added to the publication since the slot's initial snapshot: its existing rows
+        // are read like an interrupted table's, from a fresh snapshot whose LSN filters its
+        // stream (a slot created without a snapshot keeps `never` for tables added later too).
+        if want_snapshot && !state_rows.is_empty() {
+            let added: Vec<(String, String)> = self
+                .published_tables()
+                .await?
+                .into_iter()
+                .filter(|t| !planned.contains(t))
+                .collect();
+            if !added.is_empty() {
+                tracing::info!(tables = ?added.iter().map(source_name).collect::<Vec<_>>(), "tables new to the publication: taking their snapshot");
+                pending.extend(added);
             }
         }
         if !pending.is_empty() {
@@ -283,7 +300,10 @@ impl PostgresSourceReader {
                 .ok_or_else(|| {
                     PgSourceError::Setup("the temporary slot exported no snapshot".into())
                 })?;
-            tracing::info!(tables = pending.len(), "resuming an interrupted snapshot");
+            tracing::info!(
+                tables = pending.len(),
+                "snapshot of tables not (completely) read yet"
+            );
             self.record_snapshot_plan(&pending, Lsn(at as u64), epoch + 1)
                 .await?;
             self.open_snapshot_at(&name, pending, confirmed, Lsn(at as u64), epoch + 1)
@@ -480,7 +500,7 @@ impl PostgresSourceReader {
             .map_err(db)?
             .is_some();
         if exists {
-            return Ok(());
+            return self.add_configured_tables(cfg).await;
         }
         let target = if let Some(schema) = &cfg.schema {
             format!("FOR TABLES IN SCHEMA {}", quote_ident(schema))
@@ -508,6 +528,54 @@ impl PostgresSourceReader {
             ))
             .await
             .map_err(db)
+    }
+
+    /// Adds the configured tables an existing publication lacks (a table added to
+    /// `sources.postgres.tables` after the first run); a publication for all tables or for a
+    /// schema is left as it is.
+    async fn add_configured_tables(&self, cfg: &PostgresSource) -> Result<(), PgSourceError> {
+        if cfg.tables.is_empty() || cfg.schema.is_some() {
+            return Ok(());
+        }
+        let for_all: bool = self
+            .client
+            .query_one(
+                "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+                &[&self.cfg.publication],
+            )
+            .await
+            .map_err(db)?
+            .get(0);
+        if for_all {
+            return Ok(());
+        }
+        let published = self.published_tables().await?;
+        for t in &cfg.tables {
+            let (schema, name) = parse_table_name(t).map_err(PgSourceError::Setup)?;
+            if published.contains(&(schema.clone(), name.clone())) {
+                continue;
+            }
+            self.client
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}.{}",
+                    quote_ident(&self.cfg.publication),
+                    quote_ident(&schema),
+                    quote_ident(&name)
+                ))
+                .await
+                .map_err(|e| {
+                    PgSourceError::Setup(format!(
+                        "sources.postgres.tables: {t} is not in publication {:?} and adding it \
+                         failed ({}); add it yourself (ALTER PUBLICATION … ADD TABLE) or remove it \
+                         from the list",
+                        self.cfg.publication,
+                        e.as_db_error()
+                            .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+                    ))
+                })?;
+            tracing::info!(table = %t, publication = %self.cfg.publication, "table added to the publication");
+        }
+        Ok(())
     }
 
     pub(super) async fn check_replica_identity(&self) -> Result<(), PgSourceError> {
