@@ -502,13 +502,10 @@ impl DeltaSink {
         let batch = bronze::events_to_batch(&accepted, &schema, Utc::now()).map_err(arrow_err)?;
         if !self.buffers.contains_key(source) {
             let mut buffer = Buffer::new(schema.clone());
-            // Encode in the background when the table already has every column of the batch.
+            // Encode in the background when the table already has every column of the batch
+            // (`base` is the table's schema here; `evolve` only appends columns to it).
             let table = self.table(source, &bronze::bronze_schema()).await?;
-            let current = table_arrow_schema(table).map_err(|e| DeltaSinkError::Delta {
-                table: source.to_owned(),
-                source: e,
-            })?;
-            if current.fields().len() == schema.fields().len()
+            if base.fields().len() == schema.fields().len()
                 && let Ok(writer) = RecordBatchWriter::for_table(table)
             {
                 buffer.encoder = Some(Encoder::start(writer));
