@@ -139,15 +139,29 @@ async fn main() {
     produce(&topic, n).await;
     eprintln!("produced in {:.1} s", t.elapsed().as_secs_f64());
 
+    // `KAFKA_BENCH_ONLY=bare|source|decode` runs one measure only (for profiling it apart).
+    let only = std::env::var("KAFKA_BENCH_ONLY").unwrap_or_default();
     let (mut bares, mut ours) = (Vec::new(), Vec::new());
     for run in 0..RUNS {
-        let b = bare(&topic, n).await;
-        let s = source(&topic, n).await;
+        let b = if only.is_empty() || only == "bare" {
+            bare(&topic, n).await
+        } else {
+            f64::NAN
+        };
+        let s = if only.is_empty() || only == "source" {
+            source(&topic, n).await
+        } else {
+            f64::NAN
+        };
         eprintln!("run {run}: bare {b:.0} msg/s, source {s:.0} msg/s");
         bares.push(b);
         ours.push(s);
     }
-    let decode = median((0..RUNS).map(|_| decode_only(n)).collect());
+    let decode = if only.is_empty() || only == "decode" {
+        median((0..RUNS).map(|_| decode_only(n)).collect())
+    } else {
+        f64::NAN
+    };
     let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
 
     let (b, s) = (median(bares), median(ours));

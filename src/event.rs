@@ -16,6 +16,9 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// A column name: up to 24 bytes inline, so naming the columns of an event allocates nothing.
+pub type Name = compact_str::CompactString;
+
 /// What happened to the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -201,7 +204,7 @@ pub enum Value {
     Date(NaiveDate),
     Timestamp(NaiveDateTime),
     TimestampTz(DateTime<Utc>),
-    Json(serde_json::Value),
+    Json(JsonText),
     Array(Vec<Value>),
     /// A pgvector `vector` (or an embedding carried in the source row).
     Vector(Vec<f32>),
@@ -235,10 +238,160 @@ impl Value {
             Value::Date(d) => J::String(d.to_string()),
             Value::Timestamp(t) => J::String(t.format("%Y-%m-%dT%H:%M:%S%.f").to_string()),
             Value::TimestampTz(t) => J::String(t.to_rfc3339()),
-            Value::Json(j) => j.clone(),
+            Value::Json(j) => j.to_value(),
             Value::Array(items) => J::Array(items.iter().map(Value::to_json).collect()),
             Value::Vector(v) => J::Array(v.iter().map(|x| J::from(f64::from(*x))).collect()),
         }
+    }
+
+    /// Appends the JSON text of [`Value::to_json`] to `out` without building the tree (JSON
+    /// values are copied as their text).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        // Writing into a Vec cannot fail.
+        match self {
+            Value::Null | Value::UnchangedToast => out.extend_from_slice(b"null"),
+            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Int16(i) => {
+                let _ = write!(out, "{i}");
+            }
+            Value::Int32(i) => {
+                let _ = write!(out, "{i}");
+            }
+            Value::Int64(i) => {
+                let _ = write!(out, "{i}");
+            }
+            Value::Float32(x) => write_f64(out, f64::from(*x)),
+            Value::Float64(x) => write_f64(out, *x),
+            Value::Numeric(s) | Value::Text(s) => write_json_str(out, s),
+            Value::Bytes(b) => {
+                use base64::Engine as _;
+                out.push(b'"');
+                let start = out.len();
+                out.resize(start + base64::encoded_len(b.len(), true).unwrap_or(0), 0);
+                let n = base64::engine::general_purpose::STANDARD
+                    .encode_slice(b, &mut out[start..])
+                    .unwrap_or(0);
+                out.truncate(start + n);
+                out.push(b'"');
+            }
+            // Their text forms need no escaping.
+            Value::Uuid(u) => {
+                let _ = write!(out, "\"{u}\"");
+            }
+            Value::Date(d) => {
+                let _ = write!(out, "\"{d}\"");
+            }
+            Value::Timestamp(t) => {
+                let _ = write!(out, "\"{}\"", t.format("%Y-%m-%dT%H:%M:%S%.f"));
+            }
+            Value::TimestampTz(t) => {
+                let _ = write!(out, "\"{}\"", t.to_rfc3339());
+            }
+            Value::Json(j) => out.extend_from_slice(j.as_str().as_bytes()),
+            Value::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    item.write_json(out);
+                }
+                out.push(b']');
+            }
+            Value::Vector(v) => {
+                out.push(b'[');
+                for (i, x) in v.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write_f64(out, f64::from(*x));
+                }
+                out.push(b']');
+            }
+        }
+    }
+}
+
+/// A JSON string literal for `s`, escaped as `serde_json` escapes it.
+pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Serialising a `str` into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// A number as `serde_json` writes it; like `serde_json::Value`, a non-finite one is `null`.
+fn write_f64(out: &mut Vec<u8>, x: f64) {
+    if x.is_finite() {
+        let _ = serde_json::to_writer(&mut *out, &x);
+    } else {
+        out.extend_from_slice(b"null");
+    }
+}
+
+/// A JSON document kept as its text (a Kafka message's nested value, PostgreSQL `json`/`jsonb`
+/// output): valid JSON by construction, compared by text, parsed only when asked to. Carrying the
+/// text instead of a `serde_json::Value` tree spares an allocation per nested key and value on
+/// the way to Bronze, which stores JSON as text anyway.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct JsonText(String);
+
+impl JsonText {
+    /// Checks that `text` is one JSON value and keeps it as written.
+    pub fn parse(text: impl Into<String>) -> Result<Self, serde_json::Error> {
+        let text = text.into();
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)?;
+        Ok(JsonText(text))
+    }
+
+    /// Text the caller has just written with `serde_json` (so known to be valid JSON).
+    pub(crate) fn from_written(text: String) -> Self {
+        JsonText(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_null(&self) -> bool {
+        self.0.trim() == "null"
+    }
+
+    /// The document as a `serde_json` tree.
+    pub fn to_value(&self) -> serde_json::Value {
+        // Valid by construction; a failure could only come from nesting deeper than serde_json's
+        // recursion limit, shown as null rather than panicking.
+        serde_json::from_str(&self.0).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl From<serde_json::Value> for JsonText {
+    fn from(value: serde_json::Value) -> Self {
+        JsonText(value.to_string())
+    }
+}
+
+impl fmt::Debug for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Serialised as the JSON value itself (not as a string holding it).
+impl Serialize for JsonText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(d).map(JsonText::from)
     }
 }
 
@@ -300,7 +453,7 @@ pub struct RowSchema {
 /// One named column of a row or key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Column {
-    pub name: String,
+    pub name: Name,
     pub value: Value,
 }
 
@@ -314,7 +467,7 @@ impl Row {
         Row(Vec::new())
     }
 
-    pub fn push(&mut self, name: impl Into<String>, value: Value) {
+    pub fn push(&mut self, name: impl Into<Name>, value: Value) {
         self.0.push(Column {
             name: name.into(),
             value,
@@ -343,13 +496,39 @@ impl Row {
         serde_json::Value::Object(
             self.0
                 .iter()
-                .map(|c| (c.name.clone(), c.value.to_json()))
+                .map(|c| (c.name.to_string(), c.value.to_json()))
                 .collect(),
         )
     }
+
+    /// Appends the row as a JSON object in column order, the text [`Row::to_json`] describes.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, c) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_str(out, &c.name);
+            out.push(b':');
+            c.value.write_json(out);
+        }
+        out.push(b'}');
+    }
+
+    /// [`Row::write_json`] as a string.
+    pub fn json_text(&self) -> String {
+        let mut out = Vec::with_capacity(32 * self.0.len() + 2);
+        self.write_json(&mut out);
+        json_string(out)
+    }
 }
 
-impl<S: Into<String>> FromIterator<(S, Value)> for Row {
+/// Text written by the JSON writers above (always UTF-8: every piece is a `str` or ASCII).
+pub fn json_string(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+impl<S: Into<Name>> FromIterator<(S, Value)> for Row {
     fn from_iter<I: IntoIterator<Item = (S, Value)>>(iter: I) -> Self {
         Row(iter
             .into_iter()
@@ -461,12 +640,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn event_round_trips_through_json_with_every_value_kind() {
-        let ts = DateTime::parse_from_rfc3339("2026-11-23T10:11:12.123456Z")
+    fn every_kind_ts() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-23T10:11:12.123456Z")
             .unwrap()
-            .with_timezone(&Utc);
-        let after: Row = [
+            .with_timezone(&Utc)
+    }
+
+    fn every_kind_row() -> Row {
+        let ts = every_kind_ts();
+        [
             ("id", Value::Int64(42)),
             ("small", Value::Int16(-3)),
             ("mid", Value::Int32(70_000)),
@@ -486,7 +668,10 @@ mod tests {
             ),
             ("local", Value::Timestamp(ts.naive_utc())),
             ("at", Value::TimestampTz(ts)),
-            ("doc", Value::Json(serde_json::json!({"a": [1, null]}))),
+            (
+                "doc",
+                Value::Json(serde_json::json!({"a": [1, null]}).into()),
+            ),
             (
                 "tags",
                 Value::Array(vec![Value::Text("x".into()), Value::Null]),
@@ -496,7 +681,13 @@ mod tests {
             ("gone", Value::Null),
         ]
         .into_iter()
-        .collect();
+        .collect()
+    }
+
+    #[test]
+    fn event_round_trips_through_json_with_every_value_kind() {
+        let ts = every_kind_ts();
+        let after = every_kind_row();
         let event = ChangeEvent {
             source: "public.orders".into(),
             op: Op::Update,
@@ -559,5 +750,26 @@ mod tests {
             row.to_json(),
             serde_json::json!({"id": 1, "blob": "aGk=", "t": null})
         );
+    }
+
+    #[test]
+    fn json_text_of_a_row_is_its_json_form_in_column_order() {
+        let row = every_kind_row();
+        let text = row.json_text();
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed, row.to_json());
+        // Column order is kept (the tree form sorts keys).
+        assert!(
+            text.starts_with(r#"{"id":42,"small":-3,"mid":70000,"ok":true,"#),
+            "{text}"
+        );
+        // JSON values are embedded as JSON, not as strings; non-finite floats are null.
+        assert!(text.contains(r#""doc":{"a":[1,null]}"#), "{text}");
+        let odd: Row = [("x", Value::Float64(f64::NAN)), ("y", Value::Float32(0.5))]
+            .into_iter()
+            .collect();
+        assert_eq!(odd.json_text(), r#"{"x":null,"y":0.5}"#);
+        assert!(JsonText::parse("{\"a\": [1, 2]}").is_ok());
+        assert!(JsonText::parse("{\"a\": ").is_err());
     }
 }

@@ -317,6 +317,7 @@ fn render(parts: &[TemplatePart], row: &Row, remembered: Option<&Remembered>) ->
                 match value {
                     Value::Null => {}
                     Value::Text(s) | Value::Numeric(s) => out.push_str(s),
+                    Value::Json(j) => out.push_str(j.as_str()),
                     other => match other.to_json() {
                         serde_json::Value::String(s) => out.push_str(&s),
                         j => out.push_str(&j.to_string()),

@@ -18,7 +18,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::dead_letter::DeadLetter;
-use crate::event::{ChangeEvent, Position, RowSchema, Value, ValueType};
+use crate::event::{
+    ChangeEvent, Position, RowSchema, Value, ValueType, json_string, write_json_str,
+};
 
 /// The partition column of every Bronze and `_dlq` table.
 pub const PARTITION_COLUMN: &str = "_ingest_date";
@@ -100,20 +102,35 @@ fn days_since_epoch(t: DateTime<Utc>) -> i32 {
 
 /// A row as a JSON object; an unchanged TOASTed column is resolved from `before` when it holds the
 /// column, else written as `{"unchanged_toast": true}` so it is never mistaken for a NULL.
-fn row_json(row: &crate::event::Row, before: Option<&crate::event::Row>) -> String {
-    let mut obj = serde_json::Map::new();
-    for c in row.columns() {
-        let v = match &c.value {
-            Value::UnchangedToast => match before.and_then(|b| b.get(&c.name)) {
-                Some(v) if !matches!(v, Value::UnchangedToast) => v.to_json(),
-                _ => serde_json::json!({"unchanged_toast": true}),
-            },
-            other => other.to_json(),
-        };
-        obj.insert(c.name.clone(), v);
+fn row_json(row: &crate::event::Row, before: Option<&crate::event::Row>, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(b'{');
+    for (i, c) in row.columns().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_member(out, c, resolved(c, before));
     }
-    serde_json::Value::Object(obj).to_string()
+    out.push(b'}');
 }
+
+/// `"name":value` of a JSON object, for a column whose value is `value` once resolved.
+fn write_member(out: &mut Vec<u8>, c: &crate::event::Column, value: Option<&Value>) {
+    write_json_str(out, &c.name);
+    out.push(b':');
+    match value {
+        Some(v) => v.write_json(out),
+        None => out.extend_from_slice(UNCHANGED_TOAST_JSON.as_bytes()),
+    }
+}
+
+/// The JSON just written to `buf` (UTF-8 by construction: `str`s and ASCII).
+fn as_text(buf: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(buf)
+}
+
+/// What `_payload`/`_before` hold for an unchanged TOASTed value Tributary could not resolve.
+const UNCHANGED_TOAST_JSON: &str = r#"{"unchanged_toast":true}"#;
 
 /// Names of the columns Tributary itself writes to every Bronze table.
 pub const METADATA_COLUMNS: [&str; 11] = [
@@ -254,8 +271,14 @@ impl Typed {
                 b.append_value(u.to_string());
                 true
             }
-            (Typed::Text(b), v @ (Value::Json(_) | Value::Array(_))) => {
-                b.append_value(v.to_json().to_string());
+            (Typed::Text(b), Value::Json(j)) => {
+                b.append_value(j.as_str());
+                true
+            }
+            (Typed::Text(b), v @ Value::Array(_)) => {
+                let mut out = Vec::new();
+                v.write_json(&mut out);
+                b.append_value(json_string(out));
                 true
             }
             (Typed::Binary(b), Value::Bytes(x)) => {
@@ -385,6 +408,8 @@ pub fn events_to_batch(
     }
     let day = days_since_epoch(ingested_at);
     let mut filled = vec![false; typed.len()];
+    // One buffer for the JSON of every `_key`, `_payload` and `_before`.
+    let mut buf = Vec::with_capacity(256);
     for e in events {
         op.append_value(e.op.as_str());
         source.append_value(&e.source);
@@ -396,12 +421,17 @@ pub fn events_to_batch(
         if e.key.is_empty() {
             key.append_null();
         } else {
-            key.append_value(e.key.to_json().to_string());
+            buf.clear();
+            e.key.write_json(&mut buf);
+            key.append_value(as_text(&buf));
         }
         filled.iter_mut().for_each(|f| *f = false);
         match &e.after {
             Some(row) => {
-                let mut rest = serde_json::Map::new();
+                // The untyped remainder, as a JSON object in column order.
+                buf.clear();
+                buf.push(b'{');
+                let mut members = 0usize;
                 for c in row.columns() {
                     let value = resolved(c, e.before.as_ref());
                     let slot = typed.iter().position(|(_, name, _)| *name == c.name);
@@ -413,19 +443,18 @@ pub fn events_to_batch(
                         _ => false,
                     };
                     if !stored {
-                        rest.insert(
-                            c.name.clone(),
-                            match value {
-                                Some(v) => v.to_json(),
-                                None => serde_json::json!({"unchanged_toast": true}),
-                            },
-                        );
+                        if members > 0 {
+                            buf.push(b',');
+                        }
+                        write_member(&mut buf, c, value);
+                        members += 1;
                     }
                 }
-                if rest.is_empty() && !typed.is_empty() {
+                buf.push(b'}');
+                if members == 0 && !typed.is_empty() {
                     payload.append_null();
                 } else {
-                    payload.append_value(serde_json::Value::Object(rest).to_string());
+                    payload.append_value(as_text(&buf));
                 }
             }
             None => payload.append_null(),
@@ -436,7 +465,10 @@ pub fn events_to_batch(
             }
         }
         match &e.before {
-            Some(row) => before.append_value(row_json(row, None)),
+            Some(row) => {
+                row_json(row, None, &mut buf);
+                before.append_value(as_text(&buf));
+            }
             None => before.append_null(),
         }
         match &e.embedding {

@@ -326,13 +326,13 @@ fn payload_of(
     let mut obj = serde_json::Map::new();
     let mut toast = Vec::new();
     for c in after.columns() {
-        if wanted.is_some_and(|w| !w.contains(&c.name)) {
+        if wanted.is_some_and(|w| !w.iter().any(|n| *n == c.name)) {
             continue;
         }
         match &c.value {
-            Value::UnchangedToast => toast.push(c.name.clone()),
+            Value::UnchangedToast => toast.push(c.name.to_string()),
             v => {
-                obj.insert(c.name.clone(), v.to_json());
+                obj.insert(c.name.to_string(), v.to_json());
             }
         }
     }

@@ -68,6 +68,7 @@ pub fn key_text(v: &Value) -> Option<String> {
             Some(s)
         }
         Value::Timestamp(t) => Some(t.format("%Y-%m-%d %H:%M:%S%.f").to_string()),
+        Value::Json(j) => Some(j.as_str().to_owned()),
         other => match other.to_json() {
             serde_json::Value::String(s) => Some(s),
             j => Some(j.to_string()),
@@ -111,7 +112,7 @@ pub async fn ensure(
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(&table));
     let keys: Vec<(String, &'static str)> = key
         .columns()
-        .map(|c| (c.name.clone(), sql_type(&c.value)))
+        .map(|c| (c.name.to_string(), sql_type(&c.value)))
         .collect();
     if keys.is_empty() {
         return Err(PgvectorError::Data(format!(

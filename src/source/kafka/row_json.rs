@@ -1,5 +1,6 @@
 //! Parses a JSON object straight into a typed [`Row`], without building a `serde_json::Value`
-//! tree first (the intermediate map's allocations cost more than the parse itself).
+//! tree first (the intermediate map's allocations cost more than the parse itself): a nested
+//! array or object is re-written as compact JSON text ([`JsonText`]) while it is parsed.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -10,7 +11,7 @@ use serde_json::Value as J;
 
 use super::decode::{DecodeError, typed};
 use crate::config::ColumnType;
-use crate::event::{Row, Value};
+use crate::event::{JsonText, Name, Row, Value, json_string, write_json_str};
 
 /// Parses `text` (already checked to be UTF-8) as one JSON object into a row.
 pub(super) fn parse_row(
@@ -69,8 +70,9 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Row, A::Error> {
         let mut row = Row(Vec::with_capacity(map.size_hint().unwrap_or(8)));
-        while let Some(name) = map.next_key::<String>()? {
-            let value = match self.columns.get(&name) {
+        while let Some(name) = map.next_key::<Name>()? {
+            let value = match self.columns.get(name.as_str()) {
+                Some(ColumnType::Json) => map.next_value_seed(JsonSeed)?,
                 Some(ty) => {
                     let json: J = map.next_value()?;
                     match typed(&name, *ty, json) {
@@ -151,11 +153,111 @@ impl<'de> Visitor<'de> for Inferred {
         Ok(Value::Text(s))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
-        use serde::Deserialize as _;
-        J::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Value::Json)
+        let mut out = Vec::with_capacity(64);
+        JsonWriter(&mut out).visit_seq(seq)?;
+        Ok(Value::Json(JsonText::from_written(json_string(out))))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
-        use serde::Deserialize as _;
-        J::deserialize(de::value::MapAccessDeserializer::new(map)).map(Value::Json)
+        let mut out = Vec::with_capacity(64);
+        JsonWriter(&mut out).visit_map(map)?;
+        Ok(Value::Json(JsonText::from_written(json_string(out))))
+    }
+}
+
+/// A column declared `json`: any JSON value, kept as compact text (`null` is a NULL).
+struct JsonSeed;
+
+impl<'de> DeserializeSeed<'de> for JsonSeed {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        let mut out = Vec::with_capacity(64);
+        JsonWriter(&mut out).deserialize(d)?;
+        Ok(if out == b"null" {
+            Value::Null
+        } else {
+            Value::Json(JsonText::from_written(json_string(out)))
+        })
+    }
+}
+
+/// Writes the JSON value being parsed to the buffer as compact JSON (numbers as `serde_json`
+/// writes them once parsed, strings re-escaped), without an intermediate tree.
+struct JsonWriter<'a>(&'a mut Vec<u8>);
+
+impl<'de> DeserializeSeed<'de> for JsonWriter<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonWriter<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.extend_from_slice(b"null");
+        Ok(())
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
+        Value::Bool(b).write_json(self.0);
+        Ok(())
+    }
+    fn visit_i64<E>(self, i: i64) -> Result<(), E> {
+        Value::Int64(i).write_json(self.0);
+        Ok(())
+    }
+    fn visit_u64<E>(self, u: u64) -> Result<(), E> {
+        use std::io::Write as _;
+        let _ = write!(self.0, "{u}");
+        Ok(())
+    }
+    fn visit_f64<E>(self, x: f64) -> Result<(), E> {
+        Value::Float64(x).write_json(self.0);
+        Ok(())
+    }
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        write_json_str(self.0, s);
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.0.push(b'[');
+        let mut first = true;
+        loop {
+            let mark = self.0.len();
+            if !first {
+                self.0.push(b',');
+            }
+            if seq.next_element_seed(JsonWriter(&mut *self.0))?.is_none() {
+                self.0.truncate(mark);
+                break;
+            }
+            first = false;
+        }
+        self.0.push(b']');
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.0.push(b'{');
+        let mut first = true;
+        loop {
+            let mark = self.0.len();
+            if !first {
+                self.0.push(b',');
+            }
+            if map.next_key_seed(JsonWriter(&mut *self.0))?.is_none() {
+                self.0.truncate(mark);
+                break;
+            }
+            self.0.push(b':');
+            map.next_value_seed(JsonWriter(&mut *self.0))?;
+            first = false;
+        }
+        self.0.push(b'}');
+        Ok(())
     }
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 
-use crate::event::{Lsn, RowSchema, Value, ValueType};
+use crate::event::{JsonText, Lsn, RowSchema, Value, ValueType};
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -408,7 +408,7 @@ pub fn convert(oid: u32, text: &str, type_names: &HashMap<u32, String>) -> Value
         1184 => DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z")
             .ok()
             .map(|t| Value::TimestampTz(t.with_timezone(&Utc))),
-        114 | 3802 => serde_json::from_str(text).ok().map(Value::Json),
+        114 | 3802 => JsonText::parse(text).ok().map(Value::Json),
         17 => text
             .strip_prefix("\\x")
             .and_then(hex_decode)
@@ -500,7 +500,8 @@ mod tests {
         );
         assert_eq!(
             conv(3802, r#"{"a": 1}"#),
-            Value::Json(serde_json::json!({"a": 1}))
+            // Kept as PostgreSQL wrote it.
+            Value::Json(JsonText::parse(r#"{"a": 1}"#).unwrap())
         );
         assert_eq!(conv(600, "(1,2)"), Value::Text("(1,2)".into()));
     }
