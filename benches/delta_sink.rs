@@ -43,11 +43,11 @@ fn events(start: usize, with_embedding: bool) -> Vec<ChangeEvent> {
                 ("status", Value::Text("shipped".into())),
                 (
                     "amount",
-                    Value::Numeric(format!("{}.{:02}", i % 1000, i % 100)),
+                    Value::Numeric(format!("{}.{:02}", i % 1000, i % 100).into()),
                 ),
                 (
                     "note",
-                    Value::Text(format!("order {i}: two blue widgets, gift wrapped")),
+                    Value::Text(format!("order {i}: two blue widgets, gift wrapped").into()),
                 ),
                 ("created_at", Value::TimestampTz(Utc::now())),
             ]

@@ -6,7 +6,9 @@
 //! 3-partition topic, then, alternating, RUNS times each: (a) a bare `StreamConsumer::recv` loop
 //! that only touches the payload, (b) the Tributary source (decode into `ChangeEvent`, hand over a
 //! bounded channel, acknowledge every event). Each run uses a fresh consumer group. Also measures
-//! the decoder alone on in-memory messages. Medians are reported; the topic is deleted afterwards.
+//! the decoder alone on in-memory messages, and serde_json's bare parse of them. Also reports the
+//! CPU time per message of this process and of the local broker (its pid file from
+//! `scripts/services`) for both loops. Medians are reported; the topic is deleted afterwards.
 
 use std::time::Instant;
 
@@ -141,24 +143,35 @@ async fn main() {
 
     // `KAFKA_BENCH_ONLY=bare|source|decode` runs one measure only (for profiling it apart).
     let only = std::env::var("KAFKA_BENCH_ONLY").unwrap_or_default();
+    let broker = broker_pid();
     let (mut bares, mut ours) = (Vec::new(), Vec::new());
+    let (mut bare_cpu, mut our_cpu) = (Vec::new(), Vec::new());
     for run in 0..RUNS {
+        let cpu = CpuMeter::start(broker.as_deref());
         let b = if only.is_empty() || only == "bare" {
             bare(&topic, n).await
         } else {
             f64::NAN
         };
+        bare_cpu.push(cpu.per_message(n));
+        let cpu = CpuMeter::start(broker.as_deref());
         let s = if only.is_empty() || only == "source" {
             source(&topic, n).await
         } else {
             f64::NAN
         };
+        our_cpu.push(cpu.per_message(n));
         eprintln!("run {run}: bare {b:.0} msg/s, source {s:.0} msg/s");
         bares.push(b);
         ours.push(s);
     }
     let decode = if only.is_empty() || only == "decode" {
         median((0..RUNS).map(|_| decode_only(n)).collect())
+    } else {
+        f64::NAN
+    };
+    let parse = if only.is_empty() || only == "decode" {
+        median((0..RUNS).map(|_| parse_only(n)).collect())
     } else {
         f64::NAN
     };
@@ -174,5 +187,87 @@ async fn main() {
         "| Tributary Kafka source → ChangeEvent (decode + batches over a channel + ack per batch) | {s:.0} |"
     );
     println!("| decoder alone (in memory, no Kafka) | {decode:.0} |");
+    println!("| serde_json parse alone (`IgnoredAny`, no values kept) | {parse:.0} |");
     println!("| ratio source / bare | {:.2} |", s / b);
+    let cpu =
+        |v: &[(f64, f64)], side: fn(&(f64, f64)) -> f64| median(v.iter().map(side).collect()) * 1e6;
+    println!();
+    println!("| CPU per message (µs, median) | this process | broker |");
+    println!("|---|---|---|");
+    for (name, v) in [("bare loop", &bare_cpu), ("Tributary source", &our_cpu)] {
+        println!(
+            "| {name} | {:.2} | {:.2} |",
+            cpu(v, |c| c.0),
+            cpu(v, |c| c.1)
+        );
+    }
+}
+
+/// Parses each payload with serde_json into nothing: the floor under any serde_json decoding.
+fn parse_only(n: usize) -> f64 {
+    let payloads: Vec<String> = (0..n.min(100_000)).map(order).collect();
+    let start = Instant::now();
+    for i in 0..n {
+        let p = &payloads[i % payloads.len()];
+        let v: serde::de::IgnoredAny = serde_json::from_str(p).expect("json");
+        std::hint::black_box(v);
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The local broker's pid, from the pid file `scripts/services` keeps (its CPU counts too: on
+/// one machine it competes with the consumer for the same cores).
+fn broker_pid() -> Option<String> {
+    let cache = std::env::var("TRIBUTARY_CACHE").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/tributary",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let line = std::fs::read_to_string(format!("{cache}/run/kafka.pid")).ok()?;
+    line.split_whitespace().next().map(str::to_owned)
+}
+
+/// CPU time (user + system) of this process and of the broker over a measure.
+struct CpuMeter<'a> {
+    broker: Option<&'a str>,
+    at_start: (f64, f64),
+}
+
+impl<'a> CpuMeter<'a> {
+    fn start(broker: Option<&'a str>) -> Self {
+        CpuMeter {
+            broker,
+            at_start: (cpu_seconds("self"), broker.map_or(f64::NAN, cpu_seconds)),
+        }
+    }
+
+    /// Seconds of CPU per message since `start`: (this process, broker).
+    fn per_message(&self, n: usize) -> (f64, f64) {
+        let now = (
+            cpu_seconds("self"),
+            self.broker.map_or(f64::NAN, cpu_seconds),
+        );
+        (
+            (now.0 - self.at_start.0) / n as f64,
+            (now.1 - self.at_start.1) / n as f64,
+        )
+    }
+}
+
+/// utime + stime of a process from /proc (Linux, USER_HZ = 100); NaN when unreadable.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name start at field 3 (state); utime and stime
+    // are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
 }

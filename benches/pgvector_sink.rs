@@ -44,8 +44,11 @@ fn event(i: usize, op: Op, lsn: u64, seed: usize) -> ChangeEvent {
         before: None,
         after: Some(Row::from_iter([
             ("id", Value::Int64(i as i64)),
-            ("customer", Value::Text(format!("customer {}", i % 997))),
-            ("note", Value::Text(note)),
+            (
+                "customer",
+                Value::Text(format!("customer {}", i % 997).into()),
+            ),
+            ("note", Value::Text(note.into())),
         ])),
         schema_version: 1,
         position: Position::Lsn {

@@ -19,6 +19,10 @@ use uuid::Uuid;
 /// A column name: up to 24 bytes inline, so naming the columns of an event allocates nothing.
 pub type Name = compact_str::CompactString;
 
+/// Text of a [`Value::Text`] or [`Value::Numeric`]: up to 24 bytes inline (ids, codes, statuses,
+/// amounts), so most short values of an event allocate nothing.
+pub type Text = compact_str::CompactString;
+
 /// What happened to the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -197,8 +201,8 @@ pub enum Value {
     Float32(f32),
     Float64(f64),
     /// Arbitrary-precision decimal, kept as its exact text (`numeric` has no lossless float).
-    Numeric(String),
-    Text(String),
+    Numeric(Text),
+    Text(Text),
     Bytes(Vec<u8>),
     Uuid(Uuid),
     Date(NaiveDate),
@@ -229,7 +233,7 @@ impl Value {
             Value::Int64(i) => J::from(*i),
             Value::Float32(x) => J::from(f64::from(*x)),
             Value::Float64(x) => J::from(*x),
-            Value::Numeric(s) | Value::Text(s) => J::String(s.clone()),
+            Value::Numeric(s) | Value::Text(s) => J::String(s.to_string()),
             Value::Bytes(b) => {
                 use base64::Engine as _;
                 J::String(base64::engine::general_purpose::STANDARD.encode(b))
@@ -253,13 +257,13 @@ impl Value {
             Value::Null | Value::UnchangedToast => out.extend_from_slice(b"null"),
             Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
             Value::Int16(i) => {
-                let _ = write!(out, "{i}");
+                let _ = serde_json::to_writer(&mut *out, i);
             }
             Value::Int32(i) => {
-                let _ = write!(out, "{i}");
+                let _ = serde_json::to_writer(&mut *out, i);
             }
             Value::Int64(i) => {
-                let _ = write!(out, "{i}");
+                let _ = serde_json::to_writer(&mut *out, i);
             }
             Value::Float32(x) => write_f64(out, f64::from(*x)),
             Value::Float64(x) => write_f64(out, *x),

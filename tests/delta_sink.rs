@@ -87,7 +87,7 @@ fn event(id: i64, position: Position) -> ChangeEvent {
     let key: Row = [("id", Value::Int64(id))].into_iter().collect();
     let after: Row = [
         ("id", Value::Int64(id)),
-        ("note", Value::Text(format!("order {id}"))),
+        ("note", Value::Text(format!("order {id}").into())),
     ]
     .into_iter()
     .collect();
@@ -219,8 +219,8 @@ fn typed_event(
         .unwrap();
     let mut after: Row = [
         ("id", Value::Int64(id)),
-        ("note", Value::Text(format!("order {id}"))),
-        ("amount", Value::Numeric(format!("{id}.50"))),
+        ("note", Value::Text(format!("order {id}").into())),
+        ("amount", Value::Numeric(format!("{id}.50").into())),
         ("placed", Value::Timestamp(placed)),
     ]
     .into_iter()

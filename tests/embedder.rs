@@ -128,7 +128,7 @@ fn order(id: i64, note: &str, lsn: u64) -> ChangeEvent {
             ("id", Value::Int64(id)),
             ("customer", Value::Text("Ada".into())),
             ("note", Value::Text(note.into())),
-            ("status", Value::Text(format!("status at {lsn}"))),
+            ("status", Value::Text(format!("status at {lsn}").into())),
         ])),
         schema_version: 1,
         position: Position::Lsn {

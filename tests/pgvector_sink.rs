@@ -52,12 +52,9 @@ fn pos(lsn: u64, ord: u64) -> Position {
 fn event(op: Op, id: i32, note: Option<&str>, position: Position) -> ChangeEvent {
     let key: Row = [("id", Value::Int32(id))].into_iter().collect();
     let after = note.map(|n| {
-        [
-            ("id", Value::Int32(id)),
-            ("note", Value::Text(n.to_owned())),
-        ]
-        .into_iter()
-        .collect()
+        [("id", Value::Int32(id)), ("note", Value::Text(n.into()))]
+            .into_iter()
+            .collect()
     });
     ChangeEvent {
         source: "public.items".into(),
@@ -280,7 +277,7 @@ async fn unchanged_toast_and_missing_embedding_keep_the_stored_values() {
         .unwrap();
     let mut first = event(Op::Insert, 1, Some("short"), pos(1, 0));
     if let Some(after) = first.after.as_mut() {
-        after.push("big", Value::Text("x".repeat(10_000)));
+        after.push("big", Value::Text("x".repeat(10_000).into()));
     }
     sink.write(&[first]).await.unwrap();
     // An update that did not touch the TOASTed column, whose text was unchanged (no embedding).

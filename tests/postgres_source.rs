@@ -337,7 +337,7 @@ fn apply(state: &mut std::collections::BTreeMap<i32, String>, evs: &[ChangeEvent
             }
             _ => {
                 let name = match int(e, "after", "name") {
-                    Some(Value::Text(s)) => s,
+                    Some(Value::Text(s)) => s.to_string(),
                     other => panic!("unexpected name {other:?}"),
                 };
                 state.insert(id, name);

@@ -31,7 +31,7 @@ impl ToSql for KeyParam<'_> {
             Value::Int16(v) => v.to_sql(ty, out),
             Value::Int32(v) => v.to_sql(ty, out),
             Value::Int64(v) => v.to_sql(ty, out),
-            Value::Text(v) => v.to_sql(ty, out),
+            Value::Text(v) => v.as_str().to_sql(ty, out),
             Value::Uuid(v) => v.to_sql(ty, out),
             Value::Bool(v) => v.to_sql(ty, out),
             other => Err(format!("key value {other:?} has no binary form here").into()),

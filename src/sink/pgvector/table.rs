@@ -58,7 +58,7 @@ pub fn sql_type(v: &Value) -> &'static str {
 pub fn key_text(v: &Value) -> Option<String> {
     match v {
         Value::Null | Value::UnchangedToast => None,
-        Value::Text(s) | Value::Numeric(s) => Some(s.clone()),
+        Value::Text(s) | Value::Numeric(s) => Some(s.to_string()),
         Value::Bytes(b) => {
             let mut s = String::with_capacity(2 + 2 * b.len());
             s.push_str("\\x");

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value as J};
 
 use crate::config::{ColumnType, MessageFormat, TopicConfig};
-use crate::event::{ChangeEvent, Op, Position, Row, RowSchema, Value, ValueType};
+use crate::event::{ChangeEvent, Name, Op, Position, Row, RowSchema, Value, ValueType};
 
 /// A consumed message, borrowed from the client.
 #[derive(Debug, Clone)]
@@ -107,6 +107,8 @@ pub struct Decoder {
     format: MessageFormat,
     key_columns: Vec<String>,
     columns: BTreeMap<String, ColumnType>,
+    /// The same, as a list: found faster than in the map while a message is parsed.
+    declared: Vec<(Name, ColumnType)>,
     /// The declared columns as the event schema (`None` when the topic declares none).
     schema: Option<std::sync::Arc<RowSchema>>,
     max_bytes: usize,
@@ -118,6 +120,11 @@ impl Decoder {
             format: topic.format,
             key_columns: topic.key_columns.clone(),
             columns: topic.columns.clone(),
+            declared: topic
+                .columns
+                .iter()
+                .map(|(n, t)| (Name::from(n.as_str()), *t))
+                .collect(),
             schema: declared_schema(&topic.columns),
             max_bytes: max_message_bytes,
         }
@@ -194,7 +201,7 @@ impl Decoder {
         let text = std::str::from_utf8(payload).map_err(|e| DecodeError::InvalidUtf8 {
             valid_up_to: e.valid_up_to(),
         })?;
-        let row = super::row_json::parse_row(text, &self.columns, "message value")?;
+        let row = super::row_json::parse_row(text, &self.declared, "message value")?;
         let key = self.key(msg.key, Some(&row))?;
         Ok((Op::Insert, key, None, Some(row)))
     }
@@ -378,9 +385,7 @@ pub fn message_key(key: Option<&[u8]>) -> Result<Option<Row>, DecodeError> {
         return Ok(Some(o.into_iter().map(|(k, v)| (k, inferred(v))).collect()));
     }
     Ok(Some(
-        [("key", Value::Text(text.to_owned()))]
-            .into_iter()
-            .collect(),
+        [("key", Value::Text(text.into()))].into_iter().collect(),
     ))
 }
 
@@ -390,61 +395,109 @@ fn inferred(json: J) -> Value {
         J::Bool(b) => Value::Bool(b),
         J::Number(n) => match n.as_i64() {
             Some(i) => Value::Int64(i),
-            None if n.is_u64() => Value::Numeric(n.to_string()),
+            None if n.is_u64() => Value::Numeric(compact_str::format_compact!("{n}")),
             None => Value::Float64(n.as_f64().unwrap_or(f64::NAN)),
         },
-        J::String(s) => Value::Text(s),
+        J::String(s) => Value::Text(s.into()),
         other @ (J::Array(_) | J::Object(_)) => Value::Json(other.into()),
     }
 }
 
 pub(super) fn typed(column: &str, ty: ColumnType, json: J) -> Result<Value, DecodeError> {
-    if json.is_null() {
-        return Ok(Value::Null);
+    match (ty, &json) {
+        (_, J::Null) => Ok(Value::Null),
+        (ColumnType::Json, _) => Ok(Value::Json(json.into())),
+        (_, J::Bool(b)) => typed_scalar(column, ty, Scalar::Bool(*b)),
+        (_, J::Number(n)) => {
+            let scalar = match (n.as_i64(), n.as_u64()) {
+                (Some(i), _) => Scalar::Int(i),
+                (None, Some(u)) => Scalar::UInt(u),
+                _ => Scalar::Float(n.as_f64().unwrap_or(f64::NAN)),
+            };
+            typed_scalar(column, ty, scalar)
+        }
+        (_, J::String(s)) => typed_scalar(column, ty, Scalar::Str(s)),
+        (_, J::Array(_)) => typed_scalar(column, ty, Scalar::Array),
+        (_, J::Object(_)) => typed_scalar(column, ty, Scalar::Object),
     }
-    let wrong = |json: &J| DecodeError::WrongType {
+}
+
+/// A JSON value as a declared (non-`json`) column sees it: arrays and objects only by kind.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Scalar<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    /// A positive integer beyond `i64`.
+    UInt(u64),
+    Float(f64),
+    Str(&'a str),
+    Array,
+    Object,
+}
+
+impl Scalar<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Scalar::Null => "null",
+            Scalar::Bool(_) => "a boolean",
+            Scalar::Int(_) | Scalar::UInt(_) | Scalar::Float(_) => "a number",
+            Scalar::Str(_) => "a string",
+            Scalar::Array => "an array",
+            Scalar::Object => "an object",
+        }
+    }
+}
+
+/// The value of a column declared `ty` (not `json`) holding `v`, or why it cannot be.
+pub(super) fn typed_scalar(
+    column: &str,
+    ty: ColumnType,
+    v: Scalar<'_>,
+) -> Result<Value, DecodeError> {
+    let wrong = || DecodeError::WrongType {
         column: column.to_owned(),
         expected: ty,
-        found: json_kind(json).to_owned(),
+        found: v.kind().to_owned(),
     };
-    let value = match (ty, &json) {
-        (ColumnType::Json, _) => Value::Json(json.into()),
-        (ColumnType::Bool, J::Bool(b)) => Value::Bool(*b),
-        (ColumnType::Int32, J::Number(n)) => n
-            .as_i64()
-            .and_then(|i| i32::try_from(i).ok())
-            .map(Value::Int32)
-            .ok_or_else(|| wrong(&json))?,
-        (ColumnType::Int64, J::Number(n)) => {
-            n.as_i64().map(Value::Int64).ok_or_else(|| wrong(&json))?
+    let value = match (ty, v) {
+        (_, Scalar::Null) => Value::Null,
+        (ColumnType::Bool, Scalar::Bool(b)) => Value::Bool(b),
+        (ColumnType::Int32, Scalar::Int(i)) => Value::Int32(i32::try_from(i).map_err(|_| wrong())?),
+        (ColumnType::Int64, Scalar::Int(i)) => Value::Int64(i),
+        (ColumnType::Float64, Scalar::Int(i)) => Value::Float64(i as f64),
+        (ColumnType::Float64, Scalar::UInt(u)) => Value::Float64(u as f64),
+        (ColumnType::Float64, Scalar::Float(x)) => Value::Float64(x),
+        (ColumnType::Numeric, Scalar::Int(i)) => {
+            Value::Numeric(compact_str::format_compact!("{i}"))
         }
-        (ColumnType::Float64, J::Number(n)) => {
-            n.as_f64().map(Value::Float64).ok_or_else(|| wrong(&json))?
+        (ColumnType::Numeric, Scalar::UInt(u)) => {
+            Value::Numeric(compact_str::format_compact!("{u}"))
         }
-        (ColumnType::Numeric, J::Number(n)) => Value::Numeric(n.to_string()),
-        (ColumnType::Numeric, J::String(s)) if s.trim().parse::<f64>().is_ok() => {
-            Value::Numeric(s.trim().to_owned())
+        // As serde_json writes the number it parsed.
+        (ColumnType::Numeric, Scalar::Float(x)) => Value::Numeric(
+            serde_json::Number::from_f64(x)
+                .map(|n| compact_str::format_compact!("{n}"))
+                .ok_or_else(wrong)?,
+        ),
+        (ColumnType::Numeric, Scalar::Str(s)) if s.trim().parse::<f64>().is_ok() => {
+            Value::Numeric(s.trim().into())
         }
-        (ColumnType::Text, J::String(_)) => match json {
-            J::String(s) => Value::Text(s),
-            _ => unreachable!("matched a string"),
-        },
-        (ColumnType::Uuid, J::String(s)) => Value::Uuid(
+        (ColumnType::Text, Scalar::Str(s)) => Value::Text(s.into()),
+        (ColumnType::Uuid, Scalar::Str(s)) => Value::Uuid(
             s.parse()
                 .map_err(|_| wrong_text(column, ty, "a string that is not a UUID"))?,
         ),
-        (ColumnType::Timestamptz, J::String(s)) => Value::TimestampTz(
+        (ColumnType::Timestamptz, Scalar::Str(s)) => Value::TimestampTz(
             DateTime::parse_from_rfc3339(s)
                 .map_err(|_| wrong_text(column, ty, "a string that is not an RFC 3339 timestamp"))?
                 .with_timezone(&Utc),
         ),
         // Debezium sends timestamps as epoch milliseconds.
-        (ColumnType::Timestamptz, J::Number(n)) => Value::TimestampTz(
-            n.as_i64()
-                .and_then(DateTime::from_timestamp_millis)
-                .ok_or_else(|| wrong(&json))?,
-        ),
-        _ => return Err(wrong(&json)),
+        (ColumnType::Timestamptz, Scalar::Int(ms)) => {
+            Value::TimestampTz(DateTime::from_timestamp_millis(ms).ok_or_else(wrong)?)
+        }
+        _ => return Err(wrong()),
     };
     Ok(value)
 }

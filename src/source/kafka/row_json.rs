@@ -3,20 +3,18 @@
 //! array or object is re-written as compact JSON text ([`JsonText`]) while it is parsed.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::Value as J;
-
-use super::decode::{DecodeError, typed};
+use super::decode::{DecodeError, Scalar, typed_scalar};
 use crate::config::ColumnType;
 use crate::event::{JsonText, Name, Row, Value, json_string, write_json_str};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
-/// Parses `text` (already checked to be UTF-8) as one JSON object into a row.
+/// Parses `text` (already checked to be UTF-8) as one JSON object into a row; `columns` are the
+/// declared columns and their types (the others are typed from their JSON form).
 pub(super) fn parse_row(
     text: &str,
-    columns: &BTreeMap<String, ColumnType>,
+    columns: &[(Name, ColumnType)],
     what: &'static str,
 ) -> Result<Row, DecodeError> {
     let failure = RefCell::new(None);
@@ -37,7 +35,7 @@ pub(super) fn parse_row(
 }
 
 struct RowSeed<'a> {
-    columns: &'a BTreeMap<String, ColumnType>,
+    columns: &'a [(Name, ColumnType)],
     what: &'static str,
     /// A decoding error that is not a JSON syntax error (kept apart from serde's error text).
     failure: &'a RefCell<Option<DecodeError>>,
@@ -71,18 +69,14 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Row, A::Error> {
         let mut row = Row(Vec::with_capacity(map.size_hint().unwrap_or(8)));
         while let Some(name) = map.next_key::<Name>()? {
-            let value = match self.columns.get(name.as_str()) {
-                Some(ColumnType::Json) => map.next_value_seed(JsonSeed)?,
-                Some(ty) => {
-                    let json: J = map.next_value()?;
-                    match typed(&name, *ty, json) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            *self.failure.borrow_mut() = Some(e);
-                            return Err(de::Error::custom("wrong type"));
-                        }
-                    }
-                }
+            let declared = self.columns.iter().find(|(n, _)| *n == name);
+            let value = match declared {
+                Some((_, ColumnType::Json)) => map.next_value_seed(JsonSeed)?,
+                Some((_, ty)) => map.next_value_seed(TypedSeed {
+                    column: &name,
+                    ty: *ty,
+                    failure: self.failure,
+                })?,
                 None => map.next_value_seed(Inferred)?,
             };
             row.push(name, value);
@@ -110,6 +104,66 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
     }
     fn visit_unit<E: de::Error>(self) -> Result<Row, E> {
         Err(self.not_object("null"))
+    }
+}
+
+/// A declared (non-`json`) column: the value converted to its type, or the reason it cannot be
+/// (kept in `failure`, the parse stopped).
+struct TypedSeed<'a> {
+    column: &'a str,
+    ty: ColumnType,
+    failure: &'a RefCell<Option<DecodeError>>,
+}
+
+impl TypedSeed<'_> {
+    fn convert<E: de::Error>(self, v: Scalar<'_>) -> Result<Value, E> {
+        typed_scalar(self.column, self.ty, v).map_err(|e| {
+            *self.failure.borrow_mut() = Some(e);
+            E::custom("wrong type")
+        })
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for TypedSeed<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TypedSeed<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a value of type {:?}", self.ty)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        self.convert(Scalar::Null)
+    }
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Value, E> {
+        self.convert(Scalar::Bool(b))
+    }
+    fn visit_i64<E: de::Error>(self, i: i64) -> Result<Value, E> {
+        self.convert(Scalar::Int(i))
+    }
+    fn visit_u64<E: de::Error>(self, u: u64) -> Result<Value, E> {
+        match i64::try_from(u) {
+            Ok(i) => self.convert(Scalar::Int(i)),
+            Err(_) => self.convert(Scalar::UInt(u)),
+        }
+    }
+    fn visit_f64<E: de::Error>(self, x: f64) -> Result<Value, E> {
+        self.convert(Scalar::Float(x))
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Value, E> {
+        self.convert(Scalar::Str(s))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
+        self.convert(Scalar::Array)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
+        self.convert(Scalar::Object)
     }
 }
 
@@ -141,16 +195,19 @@ impl<'de> Visitor<'de> for Inferred {
         Ok(Value::Int64(i))
     }
     fn visit_u64<E>(self, u: u64) -> Result<Value, E> {
-        Ok(i64::try_from(u).map_or_else(|_| Value::Numeric(u.to_string()), Value::Int64))
+        Ok(i64::try_from(u).map_or_else(
+            |_| Value::Numeric(compact_str::format_compact!("{u}")),
+            Value::Int64,
+        ))
     }
     fn visit_f64<E>(self, x: f64) -> Result<Value, E> {
         Ok(Value::Float64(x))
     }
     fn visit_str<E>(self, s: &str) -> Result<Value, E> {
-        Ok(Value::Text(s.to_owned()))
+        Ok(Value::Text(s.into()))
     }
     fn visit_string<E>(self, s: String) -> Result<Value, E> {
-        Ok(Value::Text(s))
+        Ok(Value::Text(s.into()))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
         let mut out = Vec::with_capacity(64);
@@ -212,8 +269,8 @@ impl<'de> Visitor<'de> for JsonWriter<'_> {
         Ok(())
     }
     fn visit_u64<E>(self, u: u64) -> Result<(), E> {
-        use std::io::Write as _;
-        let _ = write!(self.0, "{u}");
+        // serde_json writes integers with itoa.
+        let _ = serde_json::to_writer(&mut *self.0, &u);
         Ok(())
     }
     fn visit_f64<E>(self, x: f64) -> Result<(), E> {

@@ -387,7 +387,7 @@ pub fn convert(oid: u32, text: &str, type_names: &HashMap<u32, String>) -> Value
                     })
                     .collect(),
             ),
-            None => Value::Text(text.to_owned()),
+            None => Value::Text(text.into()),
         };
     }
     let parsed = match oid {
@@ -397,7 +397,7 @@ pub fn convert(oid: u32, text: &str, type_names: &HashMap<u32, String>) -> Value
         20 => text.parse().ok().map(Value::Int64),
         700 => text.parse().ok().map(Value::Float32),
         701 => text.parse().ok().map(Value::Float64),
-        1700 => Some(Value::Numeric(text.to_owned())),
+        1700 => Some(Value::Numeric(text.into())),
         2950 => uuid::Uuid::parse_str(text).ok().map(Value::Uuid),
         1082 => NaiveDate::parse_from_str(text, "%Y-%m-%d")
             .ok()
@@ -423,7 +423,7 @@ pub fn convert(oid: u32, text: &str, type_names: &HashMap<u32, String>) -> Value
             .map(Value::Vector),
         _ => None,
     };
-    parsed.unwrap_or_else(|| Value::Text(text.to_owned()))
+    parsed.unwrap_or_else(|| Value::Text(text.into()))
 }
 
 fn hex_decode(h: &str) -> Option<Vec<u8>> {
