@@ -236,6 +236,80 @@ struct Letter {
     error: String,
 }
 
+/// Decoding runs on several tasks; what they decode must still come out in partition order,
+/// once each, with dead letters in their place, and commit to the end of each partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_decoding_keeps_partition_order() {
+    const PER_PARTITION: usize = 2_000;
+    let topic = create_topic(3).await;
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let dlq = dir.path().join("dlq.jsonl");
+    let config = source_config(&topic, &group, "decode_tasks = 3", &dlq);
+    assert_eq!(config.decode_tasks(), 3);
+    // Every 700th message of a partition is not JSON: the chunks holding one take the
+    // one-by-one path while the chunks around them take the fast one.
+    let values: Vec<(i32, Vec<u8>)> = (0..3 * PER_PARTITION)
+        .map(|i| {
+            let partition = (i % 3) as i32;
+            let value = if (i / 3) % 700 == 699 {
+                b"{not json".to_vec()
+            } else {
+                order(i)
+            };
+            (partition, value)
+        })
+        .collect();
+    // Concurrently, so that thousands of messages are produced in a few seconds.
+    let producer = producer();
+    let deliveries: Vec<_> = values
+        .iter()
+        .map(|(partition, value)| {
+            producer.send(
+                FutureRecord::<[u8], [u8]>::to(&topic)
+                    .partition(*partition)
+                    .payload(value.as_slice()),
+                Duration::from_secs(10),
+            )
+        })
+        .collect();
+    for d in futures::future::join_all(deliveries).await {
+        d.map_err(|(e, _)| e).unwrap();
+    }
+    let bad = values
+        .iter()
+        .filter(|(_, v)| v.starts_with(b"{not"))
+        .count();
+    assert_eq!(bad, 6);
+
+    let (mut rx, handle) = start(&config).await;
+    let mut last: [i64; 3] = [-1; 3];
+    let mut seen = HashSet::new();
+    for _ in 0..values.len() - bad {
+        let e = next(&mut rx).await;
+        let (partition, offset) = offset_of(&e);
+        assert!(
+            offset > last[partition as usize],
+            "partition {partition}: offset {offset} after {}",
+            last[partition as usize]
+        );
+        last[partition as usize] = offset;
+        let Some(Value::Text(id)) = e.event.key.get("order_id") else {
+            panic!("no order_id in {:?}", e.event.key)
+        };
+        assert!(seen.insert(id.to_string()), "{id} twice");
+        handle.acker().ack(&e.event.position);
+    }
+    assert_eq!(last, [PER_PARTITION as i64 - 1; 3]);
+    handle.shutdown().await.unwrap();
+    assert_eq!(
+        committed(&topic, &group, 3),
+        vec![Some(PER_PARTITION as i64); 3]
+    );
+    let letters = std::fs::read_to_string(&dlq).unwrap();
+    assert_eq!(letters.lines().count(), bad, "{letters}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn undecodable_messages_are_dead_lettered_while_good_ones_flow() {
     let topic = create_topic(1).await;

@@ -257,6 +257,10 @@ pub struct KafkaSource {
     /// How often acknowledged offsets are committed to the group.
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
+    /// How many tasks decode messages in parallel (their output is put back in order); default:
+    /// the number of cores, at most 4.
+    #[serde(default)]
+    pub decode_tasks: Option<usize>,
     /// Where undecodable messages go (until the Delta `_dlq` table takes over).
     #[serde(default)]
     pub dead_letter: Option<KafkaDeadLetter>,
@@ -906,7 +910,20 @@ impl KafkaSource {
         self.validate_consumer_settings()
     }
 
+    /// `decode_tasks`, or its default.
+    pub fn decode_tasks(&self) -> usize {
+        self.decode_tasks
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+            .max(1)
+    }
+
     fn validate_consumer_settings(&self) -> Result<(), ConfigError> {
+        if self.decode_tasks == Some(0) {
+            return Err(ConfigError::invalid(
+                "sources.kafka.decode_tasks",
+                "must be greater than 0",
+            ));
+        }
         if self.max_message_bytes == 0 {
             return Err(ConfigError::invalid(
                 "sources.kafka.max_message_bytes",

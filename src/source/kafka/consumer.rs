@@ -163,25 +163,37 @@ pub async fn start_with_health(
             }
         })
         .collect();
+    let decoders = Arc::new(decoders);
     let names = config.topics.iter().map(|t| t.name.clone()).collect();
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let (stop, stopped) = watch::channel(false);
-    // Decoding runs on a task of its own, so that receiving (and librdkafka) and decoding use
-    // both cores; chunks of raw messages go to it in partition order, one chunk at a time.
-    let (chunks_tx, chunks_rx) = mpsc::channel::<Chunk>(2);
+    // Decoding runs apart from receiving (which, with librdkafka's threads, keeps a core busy
+    // on its own): chunks of raw messages go round-robin to `decode_tasks` tasks that decode
+    // them in parallel, and the sequencing task takes the decoded chunks back in the same order
+    // (so partition order holds) to record offsets, write dead letters and hand events over.
+    let mut chunk_senders = Vec::new();
+    let mut decoded_receivers = Vec::new();
+    for _ in 0..config.decode_tasks() {
+        let (chunks_tx, chunks_rx) = mpsc::channel::<Chunk>(1);
+        let (decoded_tx, decoded_rx) = mpsc::channel::<DecodedChunk>(1);
+        tokio::spawn(decode_chunks(Arc::clone(&decoders), chunks_rx, decoded_tx));
+        chunk_senders.push(chunks_tx);
+        decoded_receivers.push(decoded_rx);
+    }
     let decoding = Decoding {
         shared: Arc::clone(&shared),
         topics: decoders,
         dead_letters,
         tx,
     };
-    let decode_task = tokio::spawn(decoding.run(chunks_rx, stopped.clone()));
+    let decode_task = tokio::spawn(decoding.run(decoded_receivers, stopped.clone()));
     let worker = Worker {
         consumer: Arc::new(consumer),
         shared: Arc::clone(&shared),
         topics: names,
         last_topic: 0,
-        chunks: Some(chunks_tx),
+        chunks: chunk_senders,
+        next_decoder: 0,
         decode_task: Some(decode_task),
         chunk: Chunk::with_capacity(0),
         props,
@@ -278,7 +290,10 @@ struct Worker {
     topics: Vec<String>,
     /// Index of the topic of the last message (usually the next one's too).
     last_topic: usize,
-    chunks: Option<mpsc::Sender<Chunk>>,
+    /// One sender per decode task, used in turn (empty once the decoding has ended).
+    chunks: Vec<mpsc::Sender<Chunk>>,
+    next_decoder: usize,
+    /// The sequencing task (its result says why decoding ended).
     decode_task: Option<JoinHandle<Result<(), KafkaSourceError>>>,
     chunk: Chunk,
     props: SecretMap,
@@ -366,7 +381,7 @@ impl Worker {
         // Messages never handed to the decode task were never consumed: they are re-delivered
         // later. The decode task finishes what it holds (or stops on the signal) and ends.
         self.chunk.messages.clear();
-        drop(self.chunks.take());
+        self.chunks.clear();
         let decoded = match self.decode_task.take() {
             Some(task) => task
                 .await
@@ -404,15 +419,18 @@ impl Worker {
         // The next chunk's buffer is sized like this one's.
         let next = Chunk::with_capacity(self.chunk.bytes.len());
         let chunk = std::mem::replace(&mut self.chunk, next);
-        let Some(chunks) = &self.chunks else {
+        let Some(chunks) = self.chunks.get(self.next_decoder) else {
             return Ok(false);
         };
         tokio::select! {
             sent = chunks.send(chunk) => match sent {
-                Ok(()) => Ok(true),
-                // The decode task ended: its result says why.
+                Ok(()) => {
+                    self.next_decoder = (self.next_decoder + 1) % self.chunks.len();
+                    Ok(true)
+                }
+                // Decoding ended: the sequencing task's result says why.
                 Err(_) => {
-                    drop(self.chunks.take());
+                    self.chunks.clear();
                     match self.decode_task.take() {
                         Some(task) => match task.await {
                             Ok(Ok(())) => Err(KafkaSourceError::Closed),
@@ -428,10 +446,44 @@ impl Worker {
     }
 }
 
-/// Decodes chunks of messages into events (or dead letters) and hands the events over.
+/// A chunk and what each of its messages decoded to.
+type DecodedChunk = (Chunk, Vec<Result<Decoded, DecodeError>>);
+
+/// One decode task: decodes the chunks it is given, in the order given.
+async fn decode_chunks(
+    topics: Arc<Vec<TopicState>>,
+    mut chunks: mpsc::Receiver<Chunk>,
+    decoded: mpsc::Sender<DecodedChunk>,
+) {
+    while let Some(chunk) = chunks.recv().await {
+        let results = chunk
+            .messages
+            .iter()
+            .map(|m| {
+                let state = &topics[m.topic];
+                state.decoder.decode(&RawMessage {
+                    topic: &state.name,
+                    partition: m.partition,
+                    offset: m.offset,
+                    key: chunk.key(m),
+                    payload: chunk.payload(m),
+                    timestamp_ms: m.timestamp_ms,
+                    headers: m.headers.clone(),
+                })
+            })
+            .collect();
+        if decoded.send((chunk, results)).await.is_err() {
+            // The sequencing task ended (shutdown or failure): nothing more to do.
+            return;
+        }
+    }
+}
+
+/// Takes decoded chunks back in the order they were received, records their offsets, writes
+/// dead letters and hands the events over.
 struct Decoding {
     shared: Arc<Shared>,
-    topics: Vec<TopicState>,
+    topics: Arc<Vec<TopicState>>,
     dead_letters: DeadLetterWriter,
     tx: mpsc::Sender<Vec<KafkaEvent>>,
 }
@@ -439,16 +491,19 @@ struct Decoding {
 impl Decoding {
     async fn run(
         mut self,
-        mut chunks: mpsc::Receiver<Chunk>,
+        mut decoded_chunks: Vec<mpsc::Receiver<DecodedChunk>>,
         mut stopped: watch::Receiver<bool>,
     ) -> Result<(), KafkaSourceError> {
-        while let Some(chunk) = chunks.recv().await {
+        // The decode tasks were given chunks in turn: taking them back in the same turn keeps
+        // the order they were received in.
+        let mut next = 0;
+        loop {
+            let Some((chunk, decoded)) = decoded_chunks[next].recv().await else {
+                // The receiver stopped handing chunks out, so every chunk before was taken.
+                break;
+            };
+            next = (next + 1) % decoded_chunks.len();
             let mut batch = Vec::with_capacity(chunk.messages.len());
-            let decoded: Vec<Result<Decoded, DecodeError>> = chunk
-                .messages
-                .iter()
-                .map(|m| self.decode(&chunk, m))
-                .collect();
             if decoded.iter().all(Result::is_ok) {
                 // The common case: one lock of the offset tracker for the whole chunk.
                 let mut tracker = self.shared.tracker();
@@ -494,19 +549,6 @@ impl Decoding {
             }
         }
         Ok(())
-    }
-
-    fn decode(&self, chunk: &Chunk, m: &Copied) -> Result<Decoded, DecodeError> {
-        let state = &self.topics[m.topic];
-        state.decoder.decode(&RawMessage {
-            topic: &state.name,
-            partition: m.partition,
-            offset: m.offset,
-            key: chunk.key(m),
-            payload: chunk.payload(m),
-            timestamp_ms: m.timestamp_ms,
-            headers: m.headers.clone(),
-        })
     }
 
     /// Puts one decoded message into `batch`, or dead-letters it.
