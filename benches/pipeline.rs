@@ -2,7 +2,7 @@
 //! measured in the same run.
 //!
 //! Run: `scripts/services up && eval "$(scripts/services env)" &&
-//!       cargo bench --profile dev --bench pipeline [-- KAFKA_MESSAGES PG_ROWS]`
+//!       cargo bench --profile dev --bench pipeline [-- KAFKA_MESSAGES PG_ROWS]` (0 skips a part)
 //! (a) Kafka → Bronze, no embeddings: KAFKA_MESSAGES (default 1,000,000) `orders` messages on a
 //!     3-partition topic. Stages alone: the Kafka source (decode, batches, acks) and the Delta sink
 //!     (the same events, pre-decoded, appended 5,000 at a time under the default flush policy).
@@ -122,6 +122,8 @@ async fn kafka_to_bronze(n: usize) {
         ),
     );
     let mut sink = DeltaSink::new("b", cfg.sinks.delta.as_ref().unwrap()).unwrap();
+    let broker = common::broker_pid();
+    let cpu = common::CpuMeter::start(broker.as_deref());
     let t = Instant::now();
     let mut written = 0;
     for chunk in events.chunks(5000) {
@@ -133,9 +135,11 @@ async fn kafka_to_bronze(n: usize) {
     written += sink.flush().await.unwrap().rows;
     assert_eq!(written, n);
     let delta_alone = n as f64 / t.elapsed().as_secs_f64();
+    let delta_cpu = cpu.per_message(n);
     drop(events);
 
     // Stage alone: the Kafka source (decode, batches over a channel, acks).
+    let cpu = common::CpuMeter::start(broker.as_deref());
     let (mut rx, handle) = tributary::source::kafka::start(&source_config(&topic), 64)
         .await
         .unwrap();
@@ -154,6 +158,7 @@ async fn kafka_to_bronze(n: usize) {
     let source_alone = (got - from) as f64 / t.elapsed().as_secs_f64();
     drop(acker);
     let _ = handle.shutdown().await;
+    let source_cpu = cpu.per_message(n);
 
     // The pipeline.
     let lake = dir.path().join("lake");
@@ -188,6 +193,7 @@ listen = ""
     );
     let reader = DeltaSink::new("bench-pipeline", config.sinks.delta.as_ref().unwrap()).unwrap();
     let table = topic.clone();
+    let cpu = common::CpuMeter::start(broker.as_deref());
     let run = spawn_run(config);
     let summary = loop {
         if let Ok(s) = reader.summary(&table).await
@@ -198,6 +204,7 @@ listen = ""
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     run.finish().await;
+    let pipeline_cpu = cpu.per_message(n);
     // From the first batch taken into the sink (its `_ingested_at`) to the commit that made the
     // last row durable (the log's commit time): the group join before it is not counted.
     let first = min_ingested_at(&reader.table_uri(&table)).await;
@@ -214,6 +221,17 @@ listen = ""
     println!(
         "| ratio pipeline / slowest stage | {:.2} |",
         pipeline / slowest
+    );
+    // What the cores allow when the stages' work (and the broker's) must share them.
+    let per_event = |c: (f64, f64)| (c.0 + if c.1.is_nan() { 0.0 } else { c.1 }) * 1e6;
+    println!("\n| CPU per event (µs; process + broker) | µs |\n|---|---|");
+    println!("| Kafka source alone | {:.2} |", per_event(source_cpu));
+    println!("| Delta sink alone | {:.2} |", per_event(delta_cpu));
+    println!("| pipeline `run` | {:.2} |", per_event(pipeline_cpu));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!(
+        "| CPU-bound ceiling: {cores} cores ÷ (source + sink) | {:.0} events/s |",
+        cores / ((per_event(source_cpu) + per_event(delta_cpu)) / 1e6)
     );
     let _ = admin
         .delete_topics(&[&topic], &rdkafka::admin::AdminOptions::new())
@@ -459,11 +477,13 @@ async fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    // KAFKA_MESSAGES = 0 skips (a).
+    // KAFKA_MESSAGES = 0 skips (a), PG_ROWS = 0 skips (b).
     let kafka_n = args.first().copied().unwrap_or(1_000_000);
     let pg_rows = args.get(1).copied().unwrap_or(6_000);
     if kafka_n > 0 {
         kafka_to_bronze(kafka_n).await;
     }
-    postgres_to_bronze_and_pgvector(pg_rows).await;
+    if pg_rows > 0 {
+        postgres_to_bronze_and_pgvector(pg_rows).await;
+    }
 }

@@ -93,3 +93,60 @@ columns = {{ total = "float64", created_at = "timestamptz" }}
     ))
     .expect("config")
 }
+
+/// The local broker's pid, from the pid file `scripts/services` keeps (its CPU counts too: on
+/// one machine it competes with the consumer for the same cores).
+pub fn broker_pid() -> Option<String> {
+    let cache = std::env::var("TRIBUTARY_CACHE").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/tributary",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let line = std::fs::read_to_string(format!("{cache}/run/kafka.pid")).ok()?;
+    line.split_whitespace().next().map(str::to_owned)
+}
+
+/// CPU time (user + system) of this process and of the broker over a measure.
+pub struct CpuMeter<'a> {
+    broker: Option<&'a str>,
+    at_start: (f64, f64),
+}
+
+impl<'a> CpuMeter<'a> {
+    pub fn start(broker: Option<&'a str>) -> Self {
+        CpuMeter {
+            broker,
+            at_start: (cpu_seconds("self"), broker.map_or(f64::NAN, cpu_seconds)),
+        }
+    }
+
+    /// Seconds of CPU per message since `start`: (this process, broker).
+    pub fn per_message(&self, n: usize) -> (f64, f64) {
+        let now = (
+            cpu_seconds("self"),
+            self.broker.map_or(f64::NAN, cpu_seconds),
+        );
+        (
+            (now.0 - self.at_start.0) / n as f64,
+            (now.1 - self.at_start.1) / n as f64,
+        )
+    }
+}
+
+/// utime + stime of a process from /proc (Linux, USER_HZ = 100); NaN when unreadable.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name start at field 3 (state); utime and stime
+    // are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
