@@ -17,6 +17,10 @@
 //!   the source logs each error it reports (and when messages flow again), never stops for a
 //!   non-fatal one, and resumes from its position or, after a rebalance, the committed offsets.
 //!
+//! - **Order is kept.** Messages are copied out of librdkafka in chunks and decoded on
+//!   `decode_tasks` tasks in parallel; one sequencing task takes the decoded chunks back in the
+//!   order they were received, so events (and offsets) of a partition stay in offset order.
+//!
 //! The revoke drain blocks the polling task's thread (librdkafka runs the rebalance callback
 //! inside `recv`), so the source must run on a multi-threaded Tokio runtime, as the pipeline does.
 
