@@ -479,7 +479,7 @@ async fn flush_delta(
 async fn write_dead_letters(
     delta: &mut Option<DeltaSink>,
     fallback: &mut Option<DeadLetterWriter>,
-    letters: &mut Vec<crate::dead_letter::DeadLetter>,
+    letters: &mut [crate::dead_letter::DeadLetter],
 ) -> Result<(), PipelineError> {
     if letters.is_empty() {
         return Ok(());

@@ -100,10 +100,10 @@ pub fn redact_conn_str(s: &str) -> String {
             return url.to_string();
         }
         // Not a parseable URL: hide everything between "://" and the last '@'.
-        if let (Some(start), Some(at)) = (s.find("://"), s.rfind('@')) {
-            if at > start {
-                return format!("{}://{REDACTED}{}", &s[..start], &s[at..]);
-            }
+        if let (Some(start), Some(at)) = (s.find("://"), s.rfind('@'))
+            && at > start
+        {
+            return format!("{}://{REDACTED}{}", &s[..start], &s[at..]);
         }
         return s.to_owned();
     }

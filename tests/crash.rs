@@ -243,6 +243,7 @@ listen = ""
     common::drop_source_db(&admin, &dbname, &slot).await;
 }
 
+#[cfg(feature = "failpoints")]
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

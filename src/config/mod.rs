@@ -612,26 +612,27 @@ impl Config {
 
     fn resolve_paths(&mut self, base: &Path) {
         if let Some(k) = &mut self.sources.kafka {
-            if let Some(p) = &mut k.client_properties {
-                if p.is_relative() {
-                    *p = base.join(&*p);
-                }
+            if let Some(p) = &mut k.client_properties
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
             }
-            if let Some(p) = k.dead_letter.as_mut().and_then(|d| d.path.as_mut()) {
-                if p.is_relative() {
-                    *p = base.join(&*p);
-                }
-            }
-        }
-        if let Some(e) = &mut self.embedding {
-            if e.model_dir.is_relative() {
-                e.model_dir = base.join(&e.model_dir);
+            if let Some(p) = k.dead_letter.as_mut().and_then(|d| d.path.as_mut())
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
             }
         }
-        if let Some(d) = &mut self.sinks.delta {
-            if !d.uri.contains("://") && Path::new(&d.uri).is_relative() {
-                d.uri = base.join(&d.uri).to_string_lossy().into_owned();
-            }
+        if let Some(e) = &mut self.embedding
+            && e.model_dir.is_relative()
+        {
+            e.model_dir = base.join(&e.model_dir);
+        }
+        if let Some(d) = &mut self.sinks.delta
+            && !d.uri.contains("://")
+            && Path::new(&d.uri).is_relative()
+        {
+            d.uri = base.join(&d.uri).to_string_lossy().into_owned();
         }
     }
 
@@ -758,16 +759,16 @@ impl Config {
             for (source, template) in &e.templates {
                 let key = format!("embedding.templates.{source:?}");
                 parse_template(template).map_err(|m| ConfigError::invalid(&key, m))?;
-                if let Some(known) = &known {
-                    if !known.contains(source) {
-                        return Err(ConfigError::invalid(
-                            key,
-                            format!(
-                                "no configured source is named {source:?} (sources: {})",
-                                known.join(", ")
-                            ),
-                        ));
-                    }
+                if let Some(known) = &known
+                    && !known.contains(source)
+                {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!(
+                            "no configured source is named {source:?} (sources: {})",
+                            known.join(", ")
+                        ),
+                    ));
                 }
             }
         }

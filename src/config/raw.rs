@@ -33,12 +33,11 @@ pub(super) fn interpolate(
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     match value {
-        toml::Value::String(s) => {
-            if s.contains('$') {
-                *s = interpolate_str(s, env)
-                    .map_err(|m| ConfigError::invalid(KeyPath(path).to_string(), m))?;
-            }
+        toml::Value::String(s) if s.contains('$') => {
+            *s = interpolate_str(s, env)
+                .map_err(|m| ConfigError::invalid(KeyPath(path).to_string(), m))?;
         }
+        toml::Value::String(_) => {}
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 path.push(Seg::Index(i));

@@ -760,9 +760,9 @@ impl DeltaSink {
         let mut committed: BTreeMap<StreamId, Option<Position>> = BTreeMap::new();
         for d in letters {
             let stream = d.position.stream();
-            if !committed.contains_key(&stream) {
-                let c = committed_in(table, &name, DLQ_TABLE, &stream).await?;
-                committed.insert(stream, c);
+            if let std::collections::btree_map::Entry::Vacant(slot) = committed.entry(stream) {
+                let c = committed_in(table, &name, DLQ_TABLE, slot.key()).await?;
+                slot.insert(c);
             }
         }
         let fresh: Vec<&DeadLetter> = letters

@@ -181,17 +181,17 @@ pub(super) async fn apply_source(
                 target.keys.iter().map(|k| &k.0).collect::<Vec<_>>()
             )));
         }
-        if let Some(v) = &e.embedding {
-            if v.len() != config.dimension as usize {
-                return Err(PgvectorError::Data(format!(
-                    "{} at {}: embedding has {} dimensions but {} is vector({})",
-                    e.source,
-                    e.position,
-                    v.len(),
-                    target.qualified,
-                    config.dimension
-                )));
-            }
+        if let Some(v) = &e.embedding
+            && v.len() != config.dimension as usize
+        {
+            return Err(PgvectorError::Data(format!(
+                "{} at {}: embedding has {} dimensions but {} is vector({})",
+                e.source,
+                e.position,
+                v.len(),
+                target.qualified,
+                config.dimension
+            )));
         }
         match last.get(&key) {
             Some(&i) => rows[i] = (key, *e),

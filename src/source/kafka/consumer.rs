@@ -344,10 +344,10 @@ impl Worker {
                     biased;
                     _ = stopped.changed() => break Ok(()),
                     _ = tick.tick() => {
-                        if failures == 0 {
-                            if let Some(h) = &self.health {
-                                h.progress();
-                            }
+                        if failures == 0
+                            && let Some(h) = &self.health
+                        {
+                            h.progress();
                         }
                         commit(&*consumer, &self.shared, None, CommitMode::Async);
                         last_commit = Instant::now();

@@ -397,10 +397,10 @@ impl PostgresSourceReader {
 
     /// Closes the replication connection after sending the final flush position.
     pub async fn close(mut self) {
-        if let Some(mut s) = self.stream.take() {
-            if self.started {
-                let _ = s.send_feedback().await;
-            }
+        if let Some(mut s) = self.stream.take()
+            && self.started
+        {
+            let _ = s.send_feedback().await;
         }
     }
 }

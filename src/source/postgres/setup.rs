@@ -418,20 +418,19 @@ impl PostgresSourceReader {
     pub(super) async fn periodic(&mut self) -> Result<(), PgSourceError> {
         self.ensure_client().await?;
         let now = std::time::Instant::now();
-        if let Some(h) = &self.cfg.heartbeat_table {
-            if now.duration_since(self.last_heartbeat)
+        if let Some(h) = &self.cfg.heartbeat_table
+            && now.duration_since(self.last_heartbeat)
                 >= Duration::from_secs(self.cfg.heartbeat_interval_s)
-                && self.in_flight.is_empty()
-            {
-                self.last_heartbeat = now;
-                let t = parse_table_name(h).map_err(PgSourceError::Setup)?;
-                let sql = format!(
-                    "INSERT INTO {} (id, ts) VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET ts = now()",
-                    Self::qualified(&t)
-                );
-                if let Err(e) = self.client.batch_execute(&sql).await {
-                    tracing::warn!(error = %crate::check::pg_error_text(&e), "heartbeat write failed");
-                }
+            && self.in_flight.is_empty()
+        {
+            self.last_heartbeat = now;
+            let t = parse_table_name(h).map_err(PgSourceError::Setup)?;
+            let sql = format!(
+                "INSERT INTO {} (id, ts) VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET ts = now()",
+                Self::qualified(&t)
+            );
+            if let Err(e) = self.client.batch_execute(&sql).await {
+                tracing::warn!(error = %crate::check::pg_error_text(&e), "heartbeat write failed");
             }
         }
         let due = self.last_slot_check.is_none_or(|t| {

@@ -120,10 +120,9 @@ impl PostgresSourceReader {
                     end_lsn,
                     commit_ts,
                 } = decode::parse(data)?
+                    && let Some(buf) = self.open_tx.take()
                 {
-                    if let Some(buf) = self.open_tx.take() {
-                        self.commit(buf, commit_lsn, end_lsn, commit_ts)?;
-                    }
+                    self.commit(buf, commit_lsn, end_lsn, commit_ts)?;
                 }
             }
             b'S' => {
@@ -361,15 +360,14 @@ impl PostgresSourceReader {
             // Snapshot rows still on their way would be overtaken by the slot.
             && self.snapshot.is_none()
             && self.snapshot_done.iter().all(|t| t.done);
-        if idle {
-            if let Some(received) = self
+        if idle
+            && let Some(received) = self
                 .stream
                 .as_ref()
                 .filter(|_| self.started)
                 .map(|s| s.current_lsn())
-            {
-                self.flush(Lsn(received)).await?;
-            }
+        {
+            self.flush(Lsn(received)).await?;
         }
         Ok(())
     }
