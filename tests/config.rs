@@ -174,6 +174,14 @@ fn value_level_problems_are_named() {
     );
     let e = error_with("brokers = \"${KAFKA_BROKERS:-127.0.0.1:59092}\"\n", "");
     assert_key(&e, "sources.kafka.brokers", "missing");
+    let e = error_with(
+        "group_id = \"tributary\"",
+        "group_id = \"tributary\"\ndecode_tasks = 0",
+    );
+    assert_key(&e, "sources.kafka.decode_tasks", "greater than 0");
+    let two = "group_id = \"tributary\"\ndecode_tasks = 2";
+    let config = parse(&GOOD.replace("group_id = \"tributary\"", two)).unwrap();
+    assert_eq!(config.sources.kafka.as_ref().unwrap().decode_tasks(), 2);
 }
 
 #[test]
