@@ -193,6 +193,8 @@ listen = ""
     );
     let reader = DeltaSink::new("bench-pipeline", config.sinks.delta.as_ref().unwrap()).unwrap();
     let table = topic.clone();
+    // A marker for profiling this phase alone (`perf record -p` once it is printed).
+    eprintln!("(a) pipeline run starts");
     let cpu = common::CpuMeter::start(broker.as_deref());
     let run = spawn_run(config);
     let summary = loop {
