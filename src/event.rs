@@ -356,10 +356,6 @@ impl JsonText {
         &self.0
     }
 
-    pub fn is_null(&self) -> bool {
-        self.0.trim() == "null"
-    }
-
     /// The document as a `serde_json` tree.
     pub fn to_value(&self) -> serde_json::Value {
         // Valid by construction; a failure could only come from nesting deeper than serde_json's

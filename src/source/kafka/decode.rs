@@ -106,8 +106,8 @@ impl DecodeError {
 pub struct Decoder {
     format: MessageFormat,
     key_columns: Vec<String>,
-    columns: BTreeMap<String, ColumnType>,
-    /// The same, as a list: found faster than in the map while a message is parsed.
+    /// The declared columns and their types (a list: found faster than in a map while a
+    /// message is parsed).
     declared: Vec<(Name, ColumnType)>,
     /// The declared columns as the event schema (`None` when the topic declares none).
     schema: Option<std::sync::Arc<RowSchema>>,
@@ -119,7 +119,6 @@ impl Decoder {
         Decoder {
             format: topic.format,
             key_columns: topic.key_columns.clone(),
-            columns: topic.columns.clone(),
             declared: topic
                 .columns
                 .iter()
@@ -309,8 +308,8 @@ impl Decoder {
     fn typed_row(&self, object: Map<String, J>) -> Result<Row, DecodeError> {
         let mut row = Row(Vec::with_capacity(object.len()));
         for (name, json) in object {
-            let value = match self.columns.get(&name) {
-                Some(ty) => typed(&name, *ty, json)?,
+            let value = match self.declared.iter().find(|(n, _)| *n == name) {
+                Some((_, ty)) => typed(&name, *ty, json)?,
                 None => inferred(json),
             };
             row.push(name, value);
