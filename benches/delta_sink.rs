@@ -74,7 +74,7 @@ fn events(start: usize, with_embedding: bool) -> Vec<ChangeEvent> {
         .collect()
 }
 
-fn delta_config(uri: &str, storage: &str) -> tributary::config::DeltaSink {
+fn delta_config(uri: &str, storage: &str) -> tributary::config::DeltaSinkConfig {
     let text = format!(
         "name = \"bench\"\n[sources.kafka]\nbrokers = \"x:1\"\ngroup_id = \"g\"\n\
          [[sources.kafka.topics]]\nname = \"orders\"\n[sinks.delta]\nuri = \"{uri}\"\n\
@@ -87,7 +87,7 @@ fn delta_config(uri: &str, storage: &str) -> tributary::config::DeltaSink {
         .expect("delta section")
 }
 
-async fn bench_delta(cfg: &tributary::config::DeltaSink, rows: usize, emb: bool) -> Duration {
+async fn bench_delta(cfg: &tributary::config::DeltaSinkConfig, rows: usize, emb: bool) -> Duration {
     let mut sink = DeltaSink::new("bench", cfg).expect("sink");
     let mut total = Duration::ZERO;
     let mut written = 0;

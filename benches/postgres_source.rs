@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
-use tributary::config::{PostgresSource, SnapshotMode};
+use tributary::config::{PostgresSourceConfig, SnapshotMode};
 use tributary::secret::ConnString;
 use tributary::source::postgres::PostgresSourceReader;
 
@@ -57,7 +57,7 @@ async fn rss_run(url: &str) {
         ))
         .await
         .unwrap();
-    let mut cfg = PostgresSource::new(
+    let mut cfg = PostgresSourceConfig::new(
         ConnString::new(url.to_string()),
         "bench_pub",
         &slot,
@@ -183,8 +183,12 @@ async fn main() {
                 rows as f64 / t.elapsed().as_secs_f64()
             };
             // Tributary: decoded, typed events, read in a task as the pipeline does.
-            let mut cfg =
-                PostgresSource::new(ConnString::new(url.clone()), "bench_pub", &a, &["narrow"]);
+            let mut cfg = PostgresSourceConfig::new(
+                ConnString::new(url.clone()),
+                "bench_pub",
+                &a,
+                &["narrow"],
+            );
             cfg.snapshot = SnapshotMode::Never;
             let ours_run = move || {
                 tokio::spawn(async move {

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::config::{Config, KafkaSource};
+use crate::config::{Config, KafkaSourceConfig};
 use crate::secret::ConnString;
 
 /// One probe's outcome.
@@ -171,7 +171,7 @@ async fn pgvector(url: &ConnString) -> Result<String, String> {
     }
 }
 
-async fn kafka(k: &KafkaSource, timeout: Duration) -> Result<String, String> {
+async fn kafka(k: &KafkaSourceConfig, timeout: Duration) -> Result<String, String> {
     let props = k.librdkafka_properties().map_err(|e| e.to_string())?;
     let topics: Vec<String> = k.topics.iter().map(|t| t.name.clone()).collect();
     tokio::task::spawn_blocking(move || {

@@ -11,8 +11,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::check::connect;
-use crate::config::{Config, KafkaSource, PostgresSource};
-use crate::sink::pgvector::{quote_ident, target_name};
+use crate::config::{Config, KafkaSourceConfig, PostgresSourceConfig};
+use crate::sink::pgvector::quote_ident;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -106,7 +106,7 @@ pub async fn collect(config: &Config, timeout: Duration) -> Status {
 
 async fn bronze_tables(
     config: &Config,
-    d: &crate::config::DeltaSink,
+    d: &crate::config::DeltaSinkConfig,
 ) -> Result<Vec<crate::sink::delta::BronzeTableSummary>, String> {
     let sink = crate::sink::delta::DeltaSink::new(&config.name, d).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
@@ -125,7 +125,7 @@ async fn bounded<T>(
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
 }
 
-async fn slot(pg: &PostgresSource) -> Result<SlotStatus, String> {
+async fn slot(pg: &PostgresSourceConfig) -> Result<SlotStatus, String> {
     let client = connect(&pg.url).await?;
     let row = client
         .query_opt(
@@ -156,7 +156,7 @@ async fn slot(pg: &PostgresSource) -> Result<SlotStatus, String> {
     })
 }
 
-async fn kafka(k: KafkaSource, timeout: Duration) -> Result<Vec<PartitionStatus>, String> {
+async fn kafka(k: KafkaSourceConfig, timeout: Duration) -> Result<Vec<PartitionStatus>, String> {
     let props = k.librdkafka_properties().map_err(|e| e.to_string())?;
     tokio::task::spawn_blocking(move || {
         let consumer = crate::check::kafka_consumer(&props)?;
@@ -203,7 +203,7 @@ async fn kafka(k: KafkaSource, timeout: Duration) -> Result<Vec<PartitionStatus>
 
 async fn vector_tables(
     config: &Config,
-    p: &crate::config::PgvectorSink,
+    p: &crate::config::PgvectorSinkConfig,
 ) -> Result<Vec<VectorTableStatus>, String> {
     let client = connect(&p.url).await?;
     let sources = config.known_sources().unwrap_or_default();
@@ -215,7 +215,7 @@ async fn vector_tables(
         .get(0);
     let mut out = Vec::new();
     for source in sources {
-        let table = target_name(p, &source);
+        let table = p.target_table(&source);
         let qualified = format!("{}.{}", quote_ident(&p.schema), quote_ident(&table));
         let exists: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])

@@ -28,7 +28,7 @@ enum Backend {
 
 impl Backend {
     /// The `[sinks.delta]` section for a fresh root on this backend.
-    fn config(self, extra: &str) -> tributary::config::DeltaSink {
+    fn config(self, extra: &str) -> tributary::config::DeltaSinkConfig {
         let root = unique("bronze");
         let section = match self {
             Backend::Local => {
@@ -54,7 +54,7 @@ impl Backend {
     }
 }
 
-fn parse(section: &str) -> tributary::config::DeltaSink {
+fn parse(section: &str) -> tributary::config::DeltaSinkConfig {
     let text = format!(
         "name = \"t\"\n[sources.kafka]\nbrokers = \"x:1\"\ngroup_id = \"g\"\n\
          [[sources.kafka.topics]]\nname = \"orders\"\n[sinks.delta]\n{section}"

@@ -19,7 +19,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::mpsc::Receiver;
-use tributary::config::KafkaSource;
+use tributary::config::KafkaSourceConfig;
 use tributary::event::{Op, Position, Value};
 use tributary::source::kafka::{self, KafkaEvent, KafkaSourceHandle};
 
@@ -60,7 +60,7 @@ fn order(id: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-fn source_config(topic: &str, group: &str, extra: &str, dlq: &Path) -> KafkaSource {
+fn source_config(topic: &str, group: &str, extra: &str, dlq: &Path) -> KafkaSourceConfig {
     let text = format!(
         r#"
 brokers = "{brokers}"
@@ -88,7 +88,7 @@ struct Events {
     queued: VecDeque<KafkaEvent>,
 }
 
-async fn start(config: &KafkaSource) -> (Events, KafkaSourceHandle) {
+async fn start(config: &KafkaSourceConfig) -> (Events, KafkaSourceHandle) {
     let (rx, handle) = kafka::start(config, 4).await.unwrap();
     let events = Events {
         rx,
@@ -617,7 +617,7 @@ async fn two_consumers_split_partitions_and_one_leaves_without_loss_or_duplicate
 
 #[test]
 fn every_sample_order_decodes_with_the_documented_topic_config() {
-    let config: KafkaSource = toml::from_str(
+    let config: KafkaSourceConfig = toml::from_str(
         r#"
 brokers = "127.0.0.1:9"
 group_id = "g"
@@ -891,7 +891,7 @@ async fn dead_letters_can_go_to_a_kafka_topic() {
     let group = unique("group");
     let dir = tempfile::tempdir().unwrap();
     let mut config = source_config(&topic, &group, "", &dir.path().join("unused.jsonl"));
-    config.dead_letter = Some(tributary::config::KafkaDeadLetter {
+    config.dead_letter = Some(tributary::config::KafkaDeadLetterConfig {
         topic: Some(dlq_topic.clone()),
         path: None,
     });

@@ -11,7 +11,7 @@ use tributary::sink::pgvector::{PgvectorError, PgvectorSink};
 
 const DIM: usize = 8;
 
-fn sink_config(schema: &str, extra: &str) -> tributary::config::PgvectorSink {
+fn sink_config(schema: &str, extra: &str) -> tributary::config::PgvectorSinkConfig {
     let text = format!(
         r#"
 name = "t"

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use tributary::config::PostgresSource;
+use tributary::config::PostgresSourceConfig;
 use tributary::event::{Op, Value};
 use tributary::secret::ConnString;
 use tributary::source::postgres::PostgresSourceReader;
@@ -34,7 +34,7 @@ async fn server_restart_mid_stream_resumes_with_no_gap_and_no_duplicate() {
     };
     let before = started_at(common::pg_connect(&url).await).await;
     let slot = common::unique("slot");
-    let cfg = PostgresSource::new(ConnString::new(url.clone()), "p", &slot, &["t"]);
+    let cfg = PostgresSourceConfig::new(ConnString::new(url.clone()), "p", &slot, &["t"]);
     let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
     assert!(
         src.poll(10, Duration::from_millis(200))

@@ -3,7 +3,7 @@
 
 mod common;
 
-use tributary::config::PostgresSource;
+use tributary::config::PostgresSourceConfig;
 use tributary::event::{ChangeEvent, Op, Position, Value};
 use tributary::secret::ConnString;
 use tributary::source::postgres::PostgresSourceReader;
@@ -36,8 +36,8 @@ impl Db {
         }
     }
 
-    fn config(&self, tables: &[&str]) -> PostgresSource {
-        PostgresSource::new(
+    fn config(&self, tables: &[&str]) -> PostgresSourceConfig {
+        PostgresSourceConfig::new(
             ConnString::new(self.url.clone()),
             "trib pub",
             &self.slot,

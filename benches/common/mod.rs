@@ -4,7 +4,7 @@
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tributary::config::KafkaSource;
+use tributary::config::KafkaSourceConfig;
 
 pub const PARTITIONS: i32 = 3;
 
@@ -73,7 +73,7 @@ pub async fn produce(topic: &str, n: usize) {
     }
 }
 
-pub fn source_config(topic: &str) -> KafkaSource {
+pub fn source_config(topic: &str) -> KafkaSourceConfig {
     let dlq =
         std::env::temp_dir().join(format!("bench-dlq-{}.jsonl", uuid::Uuid::new_v4().simple()));
     toml::from_str(&format!(

@@ -148,3 +148,51 @@ pub(super) fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
         message: e.message().trim().to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn interpolation_expands_defaults_and_escapes() {
+        let env = env_of(&[("A", "1"), ("EMPTY", "")]);
+        assert_eq!(interpolate_str("x${A}y", &env).unwrap(), "x1y");
+        assert_eq!(interpolate_str("${B:-dflt}", &env).unwrap(), "dflt");
+        assert_eq!(interpolate_str("${EMPTY:-d}", &env).unwrap(), "d");
+        assert_eq!(interpolate_str("${EMPTY}", &env).unwrap(), "");
+        assert_eq!(interpolate_str("$${A} $5", &env).unwrap(), "${A} $5");
+        assert_eq!(interpolate_str("${B:-}", &env).unwrap(), "");
+        let err = interpolate_str("${NOPE}", &env).unwrap_err();
+        assert!(err.contains("NOPE") && err.contains("not set"), "{err}");
+        assert!(
+            interpolate_str("${A", &env)
+                .unwrap_err()
+                .contains("unclosed")
+        );
+        assert!(
+            interpolate_str("${1X}", &env)
+                .unwrap_err()
+                .contains("not a valid")
+        );
+    }
+
+    #[test]
+    fn serde_messages_lose_string_values() {
+        assert_eq!(
+            sanitize_serde_message("invalid type: string \"hunter2\", expected u32"),
+            "invalid type: string, expected u32"
+        );
+        assert_eq!(
+            sanitize_serde_message("missing field `x`"),
+            "missing field `x`"
+        );
+    }
+}

@@ -134,3 +134,63 @@ pub fn parse_template(t: &str) -> Result<Vec<TemplatePart>, String> {
     }
     Ok(parts)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_parse_with_quotes() {
+        assert_eq!(
+            parse_table_name("orders").unwrap(),
+            ("public".into(), "orders".into())
+        );
+        assert_eq!(
+            parse_table_name("Sales.Orders").unwrap(),
+            ("sales".into(), "orders".into())
+        );
+        assert_eq!(
+            parse_table_name(r#"public."Order Items""#).unwrap(),
+            ("public".into(), "Order Items".into())
+        );
+        assert_eq!(
+            parse_table_name(r#""we""ird"."a.b""#).unwrap(),
+            (r#"we"ird"#.into(), "a.b".into())
+        );
+        for bad in ["", "a.", ".a", "a.b.c", r#""open"#, r#"a"b"#] {
+            assert!(parse_table_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn templates_parse_and_reject_malformed() {
+        assert_eq!(
+            parse_template("{customer} ordered {{x}}: {note}").unwrap(),
+            vec![
+                TemplatePart::Column("customer".into()),
+                TemplatePart::Literal(" ordered {x}: ".into()),
+                TemplatePart::Column("note".into()),
+            ]
+        );
+        for bad in ["{", "a}", "{}", "no columns", "{a{b}"] {
+            assert!(parse_template(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn properties_files_parse() {
+        let p = parse_properties(
+            "# Required connection configs\nbootstrap.servers=pkc-1.aws.confluent.cloud:9092\n\
+             security.protocol = SASL_SSL\n\nsasl.mechanisms=PLAIN\n! comment\nsasl.password=a=b\n",
+        )
+        .unwrap();
+        assert_eq!(p["bootstrap.servers"], "pkc-1.aws.confluent.cloud:9092");
+        assert_eq!(p["security.protocol"], "SASL_SSL");
+        assert_eq!(p["sasl.password"], "a=b");
+        assert!(
+            parse_properties("novalue\n")
+                .unwrap_err()
+                .contains("line 1")
+        );
+    }
+}

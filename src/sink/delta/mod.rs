@@ -180,7 +180,10 @@ impl std::fmt::Debug for DeltaSink {
 
 impl DeltaSink {
     /// Prepares the sink; tables are opened (or created) on first use.
-    pub fn new(connector_name: &str, cfg: &config::DeltaSink) -> Result<Self, DeltaSinkError> {
+    pub fn new(
+        connector_name: &str,
+        cfg: &config::DeltaSinkConfig,
+    ) -> Result<Self, DeltaSinkError> {
         register_handlers();
         let options: HashMap<String, String> = cfg
             .storage

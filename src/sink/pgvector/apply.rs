@@ -12,7 +12,7 @@ use tokio_postgres::{Client, GenericClient};
 
 use super::table::{Target, key_text, positions_table, quote_ident};
 use super::{PgvectorError, WriteOutcome, load};
-use crate::config::PgvectorSink as Config;
+use crate::config::PgvectorSinkConfig as Config;
 use crate::dead_letter::DeadLetter;
 use crate::event::{ChangeEvent, Op, Position, StreamId, Value};
 

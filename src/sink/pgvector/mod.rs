@@ -30,10 +30,10 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_postgres::{Client, NoTls};
 
 use apply::{apply_row_by_row, apply_source, group_by_source, record_positions};
+pub use table::quote_ident;
 use table::{Target, key_text, positions_table};
-pub use table::{quote_ident, target_name};
 
-use crate::config::PgvectorSink as Config;
+use crate::config::PgvectorSinkConfig as Config;
 use crate::dead_letter::DeadLetter;
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Op, Position, Row, StreamId};
@@ -216,7 +216,7 @@ impl PgvectorSink {
         let table = format!(
             "{}.{}",
             quote_ident(&schema),
-            quote_ident(&target_name(&self.config, source))
+            quote_ident(&self.config.target_table(source))
         );
         let client = self.client().await?;
         let exists: bool = client

@@ -1,36 +1,17 @@
-//! Target tables: naming, quoting, creation, the dimension check and the HNSW index.
+//! Target tables (named by [`Config::target_table`]): quoting, creation, the dimension check and
+//! the HNSW index.
 
 use std::fmt::Write as _;
 
 use tokio_postgres::GenericClient;
 
 use super::PgvectorError;
-use crate::config::{Distance, PgvectorSink as Config};
+use crate::config::{Distance, PgvectorSinkConfig as Config, truncate};
 use crate::event::{Row, Value};
 
 /// Quotes an identifier for PostgreSQL (`Order "Items"` → `"Order ""Items"""`).
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// The target table of a source, unquoted (see [`Config::tables`]).
-pub fn target_name(config: &Config, source: &str) -> String {
-    if let Some(t) = config.tables.get(source) {
-        return t.clone();
-    }
-    let name = source.strip_prefix("public.").unwrap_or(source);
-    // PostgreSQL truncates identifiers at 63 bytes; do it here so the name we query is the name
-    // that exists.
-    truncate(&name.replace('.', "_"), 63).to_owned()
-}
-
-/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// The SQL type a key value is stored as.
@@ -107,7 +88,7 @@ pub async fn ensure(
     source: &str,
     key: &Row,
 ) -> Result<Target, PgvectorError> {
-    let table = target_name(config, source);
+    let table = config.target_table(source);
     let schema = &config.schema;
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(&table));
     let keys: Vec<(String, &'static str)> = key

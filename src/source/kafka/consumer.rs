@@ -21,7 +21,7 @@ use super::KafkaSourceError;
 use super::dead_letters::DeadLetterWriter;
 use super::decode::{DecodeError, Decoded, Decoder, KafkaEvent, RawMessage};
 use super::offsets::{OffsetTracker, Tp};
-use crate::config::KafkaSource as KafkaConfig;
+use crate::config::KafkaSourceConfig as KafkaConfig;
 use crate::dead_letter::DeadLetter;
 use crate::event::Position;
 use crate::secret::SecretMap;

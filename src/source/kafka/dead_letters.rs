@@ -15,7 +15,7 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::KafkaSourceError;
-use crate::config::KafkaDeadLetter;
+use crate::config::KafkaDeadLetterConfig;
 use crate::dead_letter::DeadLetter;
 use crate::secret::SecretMap;
 
@@ -57,7 +57,7 @@ impl DeadLetterWriter {
     /// Opens the configured destination; `props` are the source's librdkafka properties (the
     /// dead-letter topic lives on the same cluster, with the same security settings).
     pub async fn open(
-        config: &KafkaDeadLetter,
+        config: &KafkaDeadLetterConfig,
         props: &SecretMap,
     ) -> Result<Self, KafkaSourceError> {
         if let Some(path) = &config.path {

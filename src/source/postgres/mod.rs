@@ -42,7 +42,7 @@ use chrono::{DateTime, Utc};
 use pg_walstream::{CancellationToken, LogicalReplicationStream, ReplicationError};
 use tokio_postgres::{Client, NoTls};
 
-use crate::config::{PostgresSource, parse_table_name};
+use crate::config::{PostgresSourceConfig, parse_table_name};
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Lsn};
 use decode::Relation;
@@ -194,7 +194,7 @@ struct Replaying {
 
 /// Reads one publication through one logical slot.
 pub struct PostgresSourceReader {
-    cfg: PostgresSource,
+    cfg: PostgresSourceConfig,
     client: Client,
     stream: Option<LogicalReplicationStream>,
     /// `START_REPLICATION` was sent on `stream`.
@@ -237,7 +237,7 @@ impl PostgresSourceReader {
     /// Needs a multi-thread Tokio runtime: there `pg_walstream` drives the replication socket on
     /// the caller's runtime, where a read interrupted by [`poll`](Self::poll)'s wait deadline
     /// keeps what it had buffered (its worker-thread driver would drop it).
-    pub async fn connect(cfg: &PostgresSource) -> Result<Self, PgSourceError> {
+    pub async fn connect(cfg: &PostgresSourceConfig) -> Result<Self, PgSourceError> {
         if tokio::runtime::Handle::current().runtime_flavor()
             != tokio::runtime::RuntimeFlavor::MultiThread
         {

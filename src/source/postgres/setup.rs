@@ -15,7 +15,7 @@ use super::{
     PgSourceError, PostgresSourceReader, SlotHealth, db, quote_ident, repl, replication_url,
     source_name,
 };
-use crate::config::{PostgresSource, SlotLostPolicy, SnapshotMode, parse_table_name};
+use crate::config::{PostgresSourceConfig, SlotLostPolicy, SnapshotMode, parse_table_name};
 use crate::event::Lsn;
 
 impl PostgresSourceReader {
@@ -487,7 +487,7 @@ impl PostgresSourceReader {
 
     pub(super) async fn ensure_publication(
         &self,
-        cfg: &PostgresSource,
+        cfg: &PostgresSourceConfig,
     ) -> Result<(), PgSourceError> {
         let exists = self
             .client
@@ -532,7 +532,7 @@ impl PostgresSourceReader {
     /// Adds the configured tables an existing publication lacks (a table added to
     /// `sources.postgres.tables` after the first run); a publication for all tables or for a
     /// schema is left as it is.
-    async fn add_configured_tables(&self, cfg: &PostgresSource) -> Result<(), PgSourceError> {
+    async fn add_configured_tables(&self, cfg: &PostgresSourceConfig) -> Result<(), PgSourceError> {
         if cfg.tables.is_empty() || cfg.schema.is_some() {
             return Ok(());
         }

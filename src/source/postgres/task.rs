@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::{PgSourceError, PostgresSourceReader};
-use crate::config::PostgresSource;
+use crate::config::PostgresSourceConfig;
 use crate::event::{ChangeEvent, Position};
 use crate::telemetry::health::SourceHealth;
 
@@ -57,7 +57,7 @@ impl PostgresSourceHandle {
 /// Connects (publication, slot, snapshot plan) and starts reading: batches of up to
 /// `max_events`, at most `capacity` queued; every completed poll is reported to `health`.
 pub async fn start(
-    cfg: &PostgresSource,
+    cfg: &PostgresSourceConfig,
     capacity: usize,
     max_events: usize,
     health: Option<SourceHealth>,

@@ -1,0 +1,288 @@
+//! `[sources.kafka]`: the Kafka consumer source (brokers, group, topics and their message
+//! formats and column types, the dead-letter destination), and the librdkafka properties built
+//! from it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{ConfigError, parse_properties};
+use crate::secret::SecretMap;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// `host:port,host:port`; may instead come from `client_properties` (`bootstrap.servers`).
+    pub brokers: Option<String>,
+    /// A Confluent-style `client.properties` file whose keys are librdkafka properties.
+    pub client_properties: Option<PathBuf>,
+    pub group_id: String,
+    #[serde(default)]
+    pub start: StartFrom,
+    pub topics: Vec<TopicConfig>,
+    /// Any librdkafka property; overrides `client_properties`.
+    #[serde(default)]
+    pub properties: SecretMap,
+    /// A message value larger than this goes to the dead-letter destination.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// How long a revoke (or shutdown) waits for in-flight events of the revoked partitions to
+    /// become durable before releasing them; must be shorter than `session.timeout.ms`.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    /// How often acknowledged offsets are committed to the group.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// How many tasks decode messages in parallel (their output is put back in order); default:
+    /// the number of cores, at most 4.
+    #[serde(default)]
+    pub decode_tasks: Option<usize>,
+    /// Where undecodable messages go (until the Delta `_dlq` table takes over).
+    #[serde(default)]
+    pub dead_letter: Option<KafkaDeadLetterConfig>,
+}
+
+fn default_max_message_bytes() -> usize {
+    1024 * 1024
+}
+
+fn default_drain_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_commit_interval_ms() -> u64 {
+    1_000
+}
+
+/// librdkafka's default `session.timeout.ms`.
+const DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
+
+/// The dead-letter destination of the Kafka source: exactly one of `topic` or `path`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaDeadLetterConfig {
+    /// A Kafka topic on the same cluster (same security properties).
+    pub topic: Option<String>,
+    /// A local JSONL file, appended to and fsynced before offsets move past a dead letter.
+    pub path: Option<PathBuf>,
+}
+
+/// The type a JSON topic declares for a column; a value of another JSON type is a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    Bool,
+    Int32,
+    Int64,
+    Float64,
+    /// A decimal kept as exact text (a JSON number or a numeric string).
+    Numeric,
+    Text,
+    Uuid,
+    /// An RFC 3339 timestamp string.
+    Timestamptz,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    pub name: String,
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// Columns of the message value that form the key; empty means the Kafka message key.
+    #[serde(default)]
+    pub key_columns: Vec<String>,
+    /// Declared column types (`json`/`debezium`); undeclared columns are typed from the JSON.
+    #[serde(default)]
+    pub columns: BTreeMap<String, ColumnType>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageFormat {
+    /// A JSON object per message.
+    #[default]
+    Json,
+    /// A Debezium JSON change envelope, with or without the `schema`/`payload` wrapper.
+    Debezium,
+    /// The bytes as they are.
+    Raw,
+}
+
+impl KafkaSourceConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.topics.is_empty() {
+            return Err(ConfigError::invalid(
+                "sources.kafka.topics",
+                "list at least one topic ([[sources.kafka.topics]] name = \"orders\")",
+            ));
+        }
+        if self.group_id.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "sources.kafka.group_id",
+                "must not be empty",
+            ));
+        }
+        for (i, t) in self.topics.iter().enumerate() {
+            let valid = !t.name.is_empty()
+                && t.name.len() <= 249
+                && t.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !valid {
+                return Err(ConfigError::invalid(
+                    format!("sources.kafka.topics[{i}].name"),
+                    format!("{:?} is not a valid Kafka topic name", t.name),
+                ));
+            }
+        }
+        let props = self.client_properties()?;
+        let has_brokers = self
+            .brokers
+            .as_deref()
+            .is_some_and(|b| !b.trim().is_empty())
+            || props.contains_key("bootstrap.servers")
+            || self.properties.get("bootstrap.servers").is_some();
+        if !has_brokers {
+            return Err(ConfigError::invalid(
+                "sources.kafka.brokers",
+                "missing: set `brokers`, or `bootstrap.servers` in `properties` or in the \
+                 `client_properties` file",
+            ));
+        }
+        self.validate_consumer_settings()
+    }
+
+    /// `decode_tasks`, or its default.
+    pub fn decode_tasks(&self) -> usize {
+        self.decode_tasks
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+            .max(1)
+    }
+
+    fn validate_consumer_settings(&self) -> Result<(), ConfigError> {
+        if self.decode_tasks == Some(0) {
+            return Err(ConfigError::invalid(
+                "sources.kafka.decode_tasks",
+                "must be greater than 0",
+            ));
+        }
+        if self.max_message_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "sources.kafka.max_message_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if self.commit_interval_ms == 0 {
+            return Err(ConfigError::invalid(
+                "sources.kafka.commit_interval_ms",
+                "must be greater than 0",
+            ));
+        }
+        let session = self.session_timeout_ms()?;
+        if self.drain_timeout_ms == 0 || self.drain_timeout_ms >= session {
+            return Err(ConfigError::invalid(
+                "sources.kafka.drain_timeout_ms",
+                format!(
+                    "{} must be above 0 and below session.timeout.ms ({session}): a revoke that \
+                     drains longer than the session is expelled from the group",
+                    self.drain_timeout_ms
+                ),
+            ));
+        }
+        for key in ["enable.auto.commit", "enable.auto.offset.store"] {
+            if self.properties.get(key).is_some_and(|v| v.trim() == "true") {
+                return Err(ConfigError::invalid(
+                    format!("sources.kafka.properties.{key:?}"),
+                    "must stay false: offsets are committed only once events are durable",
+                ));
+            }
+        }
+        if let Some(d) = &self.dead_letter {
+            match (&d.topic, &d.path) {
+                (Some(t), None) if !t.trim().is_empty() => {}
+                (None, Some(p)) if !p.as_os_str().is_empty() => {}
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "sources.kafka.dead_letter",
+                        "give exactly one of `topic` or `path`",
+                    ));
+                }
+            }
+        }
+        for (i, t) in self.topics.iter().enumerate() {
+            if t.format == MessageFormat::Raw
+                && (!t.key_columns.is_empty() || !t.columns.is_empty())
+            {
+                return Err(ConfigError::invalid(
+                    format!("sources.kafka.topics[{i}].format"),
+                    "`raw` messages have no columns: remove `key_columns` and `columns`",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `session.timeout.ms` as librdkafka will see it (properties, then the properties file).
+    pub fn session_timeout_ms(&self) -> Result<u64, ConfigError> {
+        let file = self.client_properties()?;
+        let raw = self
+            .properties
+            .get("session.timeout.ms")
+            .or(file.get("session.timeout.ms").map(String::as_str));
+        match raw {
+            None => Ok(DEFAULT_SESSION_TIMEOUT_MS),
+            Some(v) => v.trim().parse().map_err(|_| {
+                ConfigError::invalid(
+                    "sources.kafka.properties.\"session.timeout.ms\"",
+                    format!("{v:?} is not a number of milliseconds"),
+                )
+            }),
+        }
+    }
+
+    /// The librdkafka properties to use: the `client_properties` file, then `properties`, then
+    /// `brokers` and `group_id` on top.
+    pub fn librdkafka_properties(&self) -> Result<SecretMap, ConfigError> {
+        let mut all = self.client_properties()?;
+        all.extend(self.properties.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(b) = &self.brokers {
+            all.insert("bootstrap.servers".into(), b.clone());
+        }
+        all.insert("group.id".into(), self.group_id.clone());
+        // Offsets move only when the pipeline says the events are durable.
+        all.insert("enable.auto.commit".into(), "false".into());
+        all.insert("enable.auto.offset.store".into(), "false".into());
+        all.insert(
+            "auto.offset.reset".into(),
+            match self.start {
+                StartFrom::Earliest => "earliest",
+                StartFrom::Latest => "latest",
+            }
+            .into(),
+        );
+        Ok(SecretMap(all))
+    }
+
+    fn client_properties(&self) -> Result<BTreeMap<String, String>, ConfigError> {
+        let Some(path) = &self.client_properties else {
+            return Ok(BTreeMap::new());
+        };
+        let key = "sources.kafka.client_properties";
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::invalid(key, format!("cannot read {}: {e}", path.display()))
+        })?;
+        parse_properties(&text)
+            .map_err(|m| ConfigError::invalid(key, format!("{}: {m}", path.display())))
+    }
+}
