@@ -1,4 +1,4 @@
-//! Target tables: naming, quoting, creation, the dimension check and the HNSW index.
+//! Target tables: naming, creation, the dimension check and the HNSW index.
 
 use std::fmt::Write as _;
 
@@ -7,11 +7,7 @@ use tokio_postgres::GenericClient;
 use super::PgvectorError;
 use crate::config::{Distance, PgvectorSink as Config};
 use crate::event::{Row, Value};
-
-/// Quotes an identifier for PostgreSQL (`Order "Items"` → `"Order ""Items"""`).
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+use crate::pg::{error_text, quote_ident, quote_qualified};
 
 /// The target table of a source, unquoted (see [`Config::tables`]).
 pub fn target_name(config: &Config, source: &str) -> String {
@@ -109,7 +105,7 @@ pub async fn ensure(
 ) -> Result<Target, PgvectorError> {
     let table = target_name(config, source);
     let schema = &config.schema;
-    let qualified = format!("{}.{}", quote_ident(schema), quote_ident(&table));
+    let qualified = quote_qualified(schema, &table);
     let keys: Vec<(String, &'static str)> = key
         .columns()
         .map(|c| (c.name.to_string(), sql_type(&c.value)))
@@ -199,7 +195,7 @@ async fn create_extension(client: &impl GenericClient) -> Result<(), PgvectorErr
             PgvectorError::Config(format!(
                 "the pgvector extension is not installed and could not be created ({}): install \
                  pgvector on the server, or have a superuser run CREATE EXTENSION vector",
-                crate::check::pg_error_text(&e)
+                error_text(&e)
             ))
         })
 }
@@ -241,7 +237,7 @@ async fn index_exists(
                  JOIN pg_class c ON c.oid = i.indexrelid
                  JOIN pg_am am ON am.oid = c.relam
                 WHERE i.indrelid = to_regclass($1) AND am.amname IN ('hnsw', 'ivfflat'))",
-            &[&format!("{}.{}", quote_ident(schema), quote_ident(table))],
+            &[&quote_qualified(schema, table)],
         )
         .await
         .map_err(PgvectorError::from_pg)?;
