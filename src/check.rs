@@ -11,6 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::{Config, KafkaSourceConfig};
+use crate::pg::{connect, error_text};
 use crate::secret::ConnString;
 
 /// One probe's outcome.
@@ -89,36 +90,6 @@ async fn probe(
     }
 }
 
-/// A PostgreSQL client for probes and `status`; the error names the server, password redacted.
-pub(crate) async fn connect(url: &ConnString) -> Result<tokio_postgres::Client, String> {
-    let (client, connection) = tokio_postgres::connect(url.expose(), tokio_postgres::NoTls)
-        .await
-        .map_err(|e| format!("cannot connect to {url}: {}", pg_error_text(&e)))?;
-    tokio::spawn(async move {
-        // The connection ends when the client is dropped; an error after that is of no interest.
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-/// tokio-postgres's `Display` for a server error is just "db error"; the server's message is in
-/// the source.
-pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.severity(), db.message()),
-        None => {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(e);
-            while let Some(inner) = src {
-                s.push_str(": ");
-                s.push_str(&inner.to_string());
-                src = inner.source();
-            }
-            s
-        }
-    }
-}
-
 async fn postgres_source(url: &ConnString) -> Result<String, String> {
     let client = connect(url).await?;
     let row = client
@@ -128,7 +99,7 @@ async fn postgres_source(url: &ConnString) -> Result<String, String> {
             &[],
         )
         .await
-        .map_err(|e| pg_error_text(&e))?;
+        .map_err(|e| error_text(&e))?;
     let (version, wal_level, can_replicate): (String, String, Option<bool>) =
         (row.get(0), row.get(1), row.get(2));
     if wal_level != "logical" {
@@ -156,7 +127,7 @@ async fn pgvector(url: &ConnString) -> Result<String, String> {
             &[],
         )
         .await
-        .map_err(|e| pg_error_text(&e))?;
+        .map_err(|e| error_text(&e))?;
     match row {
         None => {
             Err("the pgvector extension is not available on this server: install pgvector".into())

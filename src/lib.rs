@@ -13,6 +13,7 @@ pub mod dead_letter;
 pub mod enrich;
 pub mod error;
 pub mod event;
+pub mod pg;
 pub mod pipeline;
 pub mod secret;
 pub mod sink;

@@ -10,9 +10,9 @@ use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::check::connect;
 use crate::config::{Config, KafkaSourceConfig, PostgresSourceConfig};
-use crate::sink::pgvector::quote_ident;
+use crate::pg::{connect, error_text, quote_qualified};
+use crate::sink::pgvector::positions_table;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -135,7 +135,7 @@ async fn slot(pg: &PostgresSourceConfig) -> Result<SlotStatus, String> {
             &[&pg.slot],
         )
         .await
-        .map_err(|e| crate::check::pg_error_text(&e))?;
+        .map_err(|e| error_text(&e))?;
     Ok(match row {
         None => SlotStatus {
             slot: pg.slot.clone(),
@@ -207,20 +207,20 @@ async fn vector_tables(
 ) -> Result<Vec<VectorTableStatus>, String> {
     let client = connect(&p.url).await?;
     let sources = config.known_sources().unwrap_or_default();
-    let positions_table = format!("{}._tributary_positions", quote_ident(&p.schema));
+    let positions_table = positions_table(&p.schema);
     let has_positions: bool = client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&positions_table])
         .await
-        .map_err(|e| crate::check::pg_error_text(&e))?
+        .map_err(|e| error_text(&e))?
         .get(0);
     let mut out = Vec::new();
     for source in sources {
         let table = p.target_table(&source);
-        let qualified = format!("{}.{}", quote_ident(&p.schema), quote_ident(&table));
+        let qualified = quote_qualified(&p.schema, &table);
         let exists: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified])
             .await
-            .map_err(|e| crate::check::pg_error_text(&e))?
+            .map_err(|e| error_text(&e))?
             .get(0);
         let (mut rows, mut hnsw, mut positions) = (None, None, Vec::new());
         if exists {
@@ -228,7 +228,7 @@ async fn vector_tables(
                 client
                     .query_one(&format!("SELECT count(*) FROM {qualified}"), &[])
                     .await
-                    .map_err(|e| crate::check::pg_error_text(&e))?
+                    .map_err(|e| error_text(&e))?
                     .get(0),
             );
             hnsw = Some(
@@ -240,7 +240,7 @@ async fn vector_tables(
                         &[&qualified],
                     )
                     .await
-                    .map_err(|e| crate::check::pg_error_text(&e))?
+                    .map_err(|e| error_text(&e))?
                     .get(0),
             );
         }
@@ -253,7 +253,7 @@ async fn vector_tables(
                     &[&source],
                 )
                 .await
-                .map_err(|e| crate::check::pg_error_text(&e))?
+                .map_err(|e| error_text(&e))?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();

@@ -10,11 +10,12 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient};
 
-use super::table::{Target, key_text, positions_table, quote_ident};
+use super::table::{Target, key_text, positions_table};
 use super::{PgvectorError, WriteOutcome, load};
 use crate::config::PgvectorSinkConfig as Config;
 use crate::dead_letter::DeadLetter;
 use crate::event::{ChangeEvent, Op, Position, StreamId, Value};
+use crate::pg::quote_ident;
 
 pub(super) fn group_by_source<'a>(
     events: &[&'a ChangeEvent],

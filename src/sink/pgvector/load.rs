@@ -13,9 +13,10 @@ use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
 use super::PgvectorError;
 use super::apply::{RowTail, column_types};
-use super::table::{Target, quote_ident, sql_type};
+use super::table::{Target, sql_type};
 use crate::config::PgvectorSinkConfig as Config;
 use crate::event::{ChangeEvent, Op, Value};
+use crate::pg::quote_ident;
 
 /// A key value sent in its own binary form; only for the key types [`supported`] accepts.
 #[derive(Debug)]

@@ -27,16 +27,18 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use apply::{apply_row_by_row, apply_source, group_by_source, record_positions};
 pub use table::quote_ident;
 use table::{Target, key_text, positions_table};
+pub use table::positions_table;
 
 use crate::config::PgvectorSinkConfig as Config;
 use crate::dead_letter::DeadLetter;
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Op, Position, Row, StreamId};
+use crate::pg::{error_text, quote_ident, quote_qualified};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgvectorError {
@@ -63,7 +65,7 @@ impl PgvectorError {
     /// are the row's fault; connection-class and shutdown errors are transient; the rest
     /// (permissions, missing objects) needs the operator.
     fn from_pg(e: tokio_postgres::Error) -> Self {
-        let text = crate::check::pg_error_text(&e);
+        let text = error_text(&e);
         match e.code().map(|c| c.code()) {
             Some(c) if c.starts_with("22") || c.starts_with("23") => PgvectorError::Data(text),
             Some(c)
@@ -159,18 +161,17 @@ impl PgvectorSink {
             if pg.get_application_name().is_none() {
                 pg.application_name("tributary-pgvector");
             }
-            let (client, connection) = pg.connect(NoTls).await.map_err(|e| {
+            let client = crate::pg::open(&pg, |e| {
+                tracing::warn!(error = %error_text(&e), "pgvector connection closed");
+            })
+            .await
+            .map_err(|e| {
                 PgvectorError::Connection(format!(
                     "cannot connect to {}: {}",
                     self.config.url,
-                    crate::check::pg_error_text(&e)
+                    error_text(&e)
                 ))
             })?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::warn!(error = %crate::check::pg_error_text(&e), "pgvector connection closed");
-                }
-            });
             // Target tables may have been dropped or re-created meanwhile: look again.
             self.targets.clear();
             self.client = Some(client);
@@ -213,11 +214,7 @@ impl PgvectorSink {
         key: &Row,
     ) -> Result<Option<u64>, PgvectorError> {
         let schema = self.config.schema.clone();
-        let table = format!(
-            "{}.{}",
-            quote_ident(&schema),
-            quote_ident(&self.config.target_table(source))
-        );
+        let table = quote_qualified(&schema, &self.config.target_table(source));
         let client = self.client().await?;
         let exists: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])

@@ -1,5 +1,4 @@
-//! Target tables (named by [`Config::target_table`]): quoting, creation, the dimension check and
-//! the HNSW index.
+//! Target tables (named by the config's `target_table`): creation, the dimension check and the HNSW index.
 
 use std::fmt::Write as _;
 
@@ -8,11 +7,7 @@ use tokio_postgres::GenericClient;
 use super::PgvectorError;
 use crate::config::{Distance, PgvectorSinkConfig as Config, truncate};
 use crate::event::{Row, Value};
-
-/// Quotes an identifier for PostgreSQL (`Order "Items"` → `"Order ""Items"""`).
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+use crate::pg::{error_text, quote_ident, quote_qualified};
 
 /// The SQL type a key value is stored as.
 pub fn sql_type(v: &Value) -> &'static str {
@@ -90,7 +85,7 @@ pub async fn ensure(
 ) -> Result<Target, PgvectorError> {
     let table = config.target_table(source);
     let schema = &config.schema;
-    let qualified = format!("{}.{}", quote_ident(schema), quote_ident(&table));
+    let qualified = quote_qualified(schema, &table);
     let keys: Vec<(String, &'static str)> = key
         .columns()
         .map(|c| (c.name.to_string(), sql_type(&c.value)))
@@ -180,7 +175,7 @@ async fn create_extension(client: &impl GenericClient) -> Result<(), PgvectorErr
             PgvectorError::Config(format!(
                 "the pgvector extension is not installed and could not be created ({}): install \
                  pgvector on the server, or have a superuser run CREATE EXTENSION vector",
-                crate::check::pg_error_text(&e)
+                error_text(&e)
             ))
         })
 }
@@ -222,7 +217,7 @@ async fn index_exists(
                  JOIN pg_class c ON c.oid = i.indexrelid
                  JOIN pg_am am ON am.oid = c.relam
                 WHERE i.indrelid = to_regclass($1) AND am.amname IN ('hnsw', 'ivfflat'))",
-            &[&format!("{}.{}", quote_ident(schema), quote_ident(table))],
+            &[&quote_qualified(schema, table)],
         )
         .await
         .map_err(PgvectorError::from_pg)?;

@@ -24,11 +24,16 @@
 //! The revoke drain blocks the polling task's thread (librdkafka runs the rebalance callback
 //! inside `recv`), so the source must run on a multi-threaded Tokio runtime, as the pipeline does.
 
+mod chunk;
 pub mod consumer;
 pub mod dead_letters;
 pub mod decode;
+mod handle;
 pub mod offsets;
+mod rebalance;
 mod row_json;
+mod sequencer;
+mod worker;
 
 pub use consumer::{KafkaAcker, KafkaSourceHandle, start, start_with_health};
 pub use decode::{Decoded, KafkaEvent, KafkaMeta};

@@ -40,7 +40,7 @@ const LINGER: Duration = Duration::from_millis(5);
 
 use chrono::{DateTime, Utc};
 use pg_walstream::{CancellationToken, LogicalReplicationStream, ReplicationError};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::{PostgresSourceConfig, parse_table_name};
 use crate::error::{Classify, ErrorKind};
@@ -82,11 +82,6 @@ fn repl(e: ReplicationError) -> PgSourceError {
     PgSourceError::Replication(e.to_string())
 }
 
-/// Quotes an SQL identifier (`"` doubled).
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
 /// Quotes an SQL string literal (`'` doubled).
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -109,12 +104,12 @@ fn replication_url(url: &str) -> String {
 
 /// An ordinary connection with the session settings the text conversions expect.
 async fn sql_connect(url: &str) -> Result<Client, PgSourceError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(db)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "PostgreSQL source connection closed");
-        }
-    });
+    let config: tokio_postgres::Config = url.parse().map_err(db)?;
+    let client = crate::pg::open(&config, |e| {
+        tracing::warn!(error = %e, "PostgreSQL source connection closed");
+    })
+    .await
+    .map_err(db)?;
     client
         .batch_execute(
             "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3",

@@ -12,15 +12,15 @@ use pg_walstream::{
 
 use super::snapshot::{self, Snapshot};
 use super::{
-    PgSourceError, PostgresSourceReader, SlotHealth, db, quote_ident, repl, replication_url,
-    source_name,
+    PgSourceError, PostgresSourceReader, SlotHealth, db, repl, replication_url, source_name,
 };
 use crate::config::{PostgresSourceConfig, SlotLostPolicy, SnapshotMode, parse_table_name};
 use crate::event::Lsn;
+use crate::pg::{error_text, quote_ident, quote_qualified};
 
 impl PostgresSourceReader {
     pub(super) fn qualified(t: &(String, String)) -> String {
-        format!("{}.{}", quote_ident(&t.0), quote_ident(&t.1))
+        quote_qualified(&t.0, &t.1)
     }
 
     pub(super) async fn ensure_state_table(&self) -> Result<(), PgSourceError> {
@@ -37,7 +37,7 @@ impl PostgresSourceReader {
                 PgSourceError::Setup(format!(
                     "creating the snapshot state table {} (sources.postgres.state_table): {}",
                     self.cfg.state_table,
-                    crate::check::pg_error_text(&e)
+                    error_text(&e)
                 ))
             })
     }
@@ -69,7 +69,7 @@ impl PostgresSourceReader {
                 quote_ident(&self.cfg.publication)
             );
             if let Err(e) = self.client.batch_execute(&sql).await {
-                tracing::warn!(error = %crate::check::pg_error_text(&e), table = %h,
+                tracing::warn!(error = %error_text(&e), table = %h,
                     "could not add the heartbeat table to the publication; the slot advances on keepalives only");
             }
         }
@@ -430,7 +430,7 @@ impl PostgresSourceReader {
                 Self::qualified(&t)
             );
             if let Err(e) = self.client.batch_execute(&sql).await {
-                tracing::warn!(error = %crate::check::pg_error_text(&e), "heartbeat write failed");
+                tracing::warn!(error = %error_text(&e), "heartbeat write failed");
             }
         }
         let due = self.last_slot_check.is_none_or(|t| {
@@ -509,7 +509,7 @@ impl PostgresSourceReader {
                 .iter()
                 .map(|t| {
                     let (s, n) = parse_table_name(t).map_err(PgSourceError::Setup)?;
-                    Ok(format!("{}.{}", quote_ident(&s), quote_ident(&n)))
+                    Ok(quote_qualified(&s, &n))
                 })
                 .collect::<Result<Vec<_>, PgSourceError>>()?;
             format!("FOR TABLE {}", names.join(", "))
@@ -556,10 +556,9 @@ impl PostgresSourceReader {
             }
             self.client
                 .batch_execute(&format!(
-                    "ALTER PUBLICATION {} ADD TABLE {}.{}",
+                    "ALTER PUBLICATION {} ADD TABLE {}",
                     quote_ident(&self.cfg.publication),
-                    quote_ident(&schema),
-                    quote_ident(&name)
+                    quote_qualified(&schema, &name)
                 ))
                 .await
                 .map_err(|e| {

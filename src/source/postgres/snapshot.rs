@@ -16,8 +16,9 @@ use std::collections::HashMap;
 use chrono::Utc;
 use tokio_postgres::Client;
 
-use super::{PgSourceError, db, decode, quote_ident};
+use super::{PgSourceError, db, decode};
 use crate::event::{ChangeEvent, Lsn, Op, Position, Row, Value};
+use crate::pg::{quote_ident, quote_qualified};
 
 /// Snapshot ordinals carry the attempt number in their high bits, so rows of a resumed snapshot
 /// always sort after anything an interrupted attempt could have made durable.
@@ -73,10 +74,7 @@ impl Snapshot {
         // for the snapshot instead of breaking it (the table's current definition is what a
         // query parses against, whatever the snapshot).
         if !tables.is_empty() {
-            let list: Vec<String> = tables
-                .iter()
-                .map(|(s, n)| format!("{}.{}", quote_ident(s), quote_ident(n)))
-                .collect();
+            let list: Vec<String> = tables.iter().map(|(s, n)| quote_qualified(s, n)).collect();
             client
                 .batch_execute(&format!(
                     "LOCK TABLE {} IN ACCESS SHARE MODE",
@@ -140,10 +138,13 @@ impl Snapshot {
                 };
                 self.client
                     .batch_execute(&format!(
-                        "DECLARE tributary_snap NO SCROLL CURSOR FOR SELECT {} FROM {}.{} ORDER BY {}",
-                        if cols.is_empty() { "1".to_string() } else { cols.join(", ") },
-                        quote_ident(&t.schema),
-                        quote_ident(&t.name),
+                        "DECLARE tributary_snap NO SCROLL CURSOR FOR SELECT {} FROM {} ORDER BY {}",
+                        if cols.is_empty() {
+                            "1".to_string()
+                        } else {
+                            cols.join(", ")
+                        },
+                        quote_qualified(&t.schema, &t.name),
                         order.join(", ")
                     ))
                     .await
@@ -238,7 +239,7 @@ async fn plan_table(
     schema: String,
     name: String,
 ) -> Result<SnapTable, PgSourceError> {
-    let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
+    let qualified = quote_qualified(&schema, &name);
     let cols = client
         .query(
             "SELECT a.attname::text, a.atttypid::int8,
