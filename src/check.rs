@@ -100,8 +100,12 @@ async fn postgres_source(url: &ConnString) -> Result<String, String> {
         )
         .await
         .map_err(|e| error_text(&e))?;
-    let (version, wal_level, can_replicate): (String, String, Option<bool>) =
-        (row.get(0), row.get(1), row.get(2));
+    let column_err = |e: tokio_postgres::Error| error_text(&e);
+    let (version, wal_level, can_replicate): (String, String, Option<bool>) = (
+        row.try_get(0).map_err(column_err)?,
+        row.try_get(1).map_err(column_err)?,
+        row.try_get(2).map_err(column_err)?,
+    );
     if wal_level != "logical" {
         return Err(format!(
             "wal_level is {wal_level:?}: set wal_level = logical in postgresql.conf and restart \

@@ -4,15 +4,17 @@
 //! has durably committed everything up to it. Sinks commit independently and at different
 //! paces (a Delta commit every few seconds, a pgvector transaction per batch), so per source
 //! stream the coordinator keeps each sink's durable position and acknowledges their minimum.
-//! Dead letters count as one more "sink": a rejected event's position is durable once its dead
-//! letter is.
+//! Sinks are known by their index in the pipeline's list, never by name or kind. A rejected
+//! event's dead letter is made durable before any sink flushes the batch holding it, so dead
+//! letters need no slot of their own.
 //!
-//! On start, each sink reports the positions it already holds (Delta `txn` versions, pgvector's
-//! `_tributary_positions`); a stream resumes after the lowest of them, so a sink that fell behind
-//! before a crash is caught up and the others skip what they already have.
+//! Where a stream resumes after a restart is the source's own durable marker (the slot's flush
+//! LSN, the group's committed offsets), which only moves on these acknowledgements; each sink
+//! skips what it already holds (Delta `txn` versions, pgvector's `_tributary_positions`), so a
+//! sink that fell behind before a crash is caught up and the others write nothing twice.
 //!
-//! Postgres positions must be acknowledged at transaction boundaries; the pipeline only cuts
-//! batches there, so every durable position it reports ends a transaction.
+//! PostgreSQL positions are acknowledged at transaction boundaries: the source hands over whole
+//! transactions, and moves the slot only over transactions wholly acknowledged.
 
 use std::collections::HashMap;
 
@@ -20,7 +22,7 @@ use crate::event::{Position, StreamId};
 
 #[derive(Debug)]
 pub struct Checkpoints {
-    sinks: Vec<String>,
+    sinks: usize,
     /// Per (source, stream): each sink's durable position, by sink index.
     durable: HashMap<(String, StreamId), Vec<Option<Position>>>,
     /// Per (source, stream): the last position handed out for acknowledgement.
@@ -28,37 +30,32 @@ pub struct Checkpoints {
 }
 
 impl Checkpoints {
-    /// `sinks` names every participant whose durability gates acknowledgements.
-    pub fn new<S: Into<String>>(sinks: impl IntoIterator<Item = S>) -> Self {
+    /// `sinks`: how many sinks gate acknowledgements (indexes `0..sinks`).
+    pub fn new(sinks: usize) -> Self {
         Checkpoints {
-            sinks: sinks.into_iter().map(Into::into).collect(),
+            sinks,
             durable: HashMap::new(),
             acked: HashMap::new(),
         }
     }
 
-    fn index(&self, sink: &str) -> usize {
-        self.sinks
-            .iter()
-            .position(|s| s == sink)
-            .unwrap_or_else(|| panic!("sink {sink:?} was not registered with the coordinator"))
-    }
-
-    /// Records that `sink` has durably committed `stream` of `source` up to `position`. Returns
-    /// the position to acknowledge to the source when the acknowledgeable position advanced.
-    pub fn durable(&mut self, sink: &str, source: &str, position: &Position) -> Option<Position> {
-        let i = self.index(sink);
+    /// Records that sink `sink` has durably committed `stream` of `source` up to `position`.
+    /// Returns the position to acknowledge to the source when the acknowledgeable position
+    /// advanced. An index out of range is ignored (it gates nothing).
+    pub fn durable(&mut self, sink: usize, source: &str, position: &Position) -> Option<Position> {
+        if sink >= self.sinks {
+            return None;
+        }
         let key = (source.to_owned(), position.stream());
-        let n = self.sinks.len();
         let slots = self
             .durable
             .entry(key.clone())
-            .or_insert_with(|| vec![None; n]);
-        let newer = slots[i]
+            .or_insert_with(|| vec![None; self.sinks]);
+        let newer = slots[sink]
             .as_ref()
             .is_none_or(|p| position.partial_cmp(p) == Some(std::cmp::Ordering::Greater));
         if newer {
-            slots[i] = Some(position.clone());
+            slots[sink] = Some(position.clone());
         }
         let low = lowest(slots)?;
         let advanced = self
@@ -71,14 +68,6 @@ impl Checkpoints {
         } else {
             None
         }
-    }
-
-    /// Where `stream` of `source` resumes: the lowest position every sink holds, or `None` when
-    /// some sink holds nothing for it (then from the source's own committed position).
-    pub fn resume_from(&self, source: &str, stream: &StreamId) -> Option<Position> {
-        self.durable
-            .get(&(source.to_owned(), stream.clone()))
-            .and_then(|slots| lowest(slots))
     }
 
     /// Every (source, stream) with its acknowledgeable position.
@@ -119,44 +108,43 @@ mod tests {
         }
     }
 
+    const DELTA: usize = 0;
+    const PGVECTOR: usize = 1;
+
     #[test]
     fn acknowledges_only_what_every_sink_has() {
-        let mut c = Checkpoints::new(["delta", "pgvector"]);
-        assert_eq!(c.durable("pgvector", "public.orders", &lsn(10)), None);
-        assert_eq!(c.durable("pgvector", "public.orders", &lsn(20)), None);
+        let mut c = Checkpoints::new(2);
+        assert_eq!(c.durable(PGVECTOR, "public.orders", &lsn(10)), None);
+        assert_eq!(c.durable(PGVECTOR, "public.orders", &lsn(20)), None);
         // Delta catches up to 10: 10 is durable everywhere.
-        assert_eq!(c.durable("delta", "public.orders", &lsn(10)), Some(lsn(10)));
-        assert_eq!(c.durable("delta", "public.orders", &lsn(30)), Some(lsn(20)));
+        assert_eq!(c.durable(DELTA, "public.orders", &lsn(10)), Some(lsn(10)));
+        assert_eq!(c.durable(DELTA, "public.orders", &lsn(30)), Some(lsn(20)));
         // Nothing new below the minimum: no repeated acknowledgement.
-        assert_eq!(c.durable("delta", "public.orders", &lsn(30)), None);
+        assert_eq!(c.durable(DELTA, "public.orders", &lsn(30)), None);
         // A stale report never moves a sink backwards.
-        assert_eq!(c.durable("pgvector", "public.orders", &lsn(5)), None);
+        assert_eq!(c.durable(PGVECTOR, "public.orders", &lsn(5)), None);
         assert_eq!(
-            c.durable("pgvector", "public.orders", &lsn(30)),
+            c.durable(PGVECTOR, "public.orders", &lsn(30)),
             Some(lsn(30))
         );
     }
 
     #[test]
     fn kafka_partitions_are_independent_streams() {
-        let mut c = Checkpoints::new(["delta", "dead_letters"]);
-        c.durable("dead_letters", "orders", &off(0, 5));
-        c.durable("dead_letters", "orders", &off(1, 7));
-        assert_eq!(c.durable("delta", "orders", &off(1, 9)), Some(off(1, 7)));
-        assert_eq!(c.durable("delta", "orders", &off(0, 3)), Some(off(0, 3)));
-        assert_eq!(
-            c.resume_from("orders", &off(0, 0).stream()),
-            Some(off(0, 3))
-        );
+        let mut c = Checkpoints::new(2);
+        c.durable(PGVECTOR, "orders", &off(0, 5));
+        c.durable(PGVECTOR, "orders", &off(1, 7));
+        assert_eq!(c.durable(DELTA, "orders", &off(1, 9)), Some(off(1, 7)));
+        assert_eq!(c.durable(DELTA, "orders", &off(0, 3)), Some(off(0, 3)));
         assert_eq!(c.acknowledged().count(), 2);
     }
 
     #[test]
-    fn resume_needs_every_sink() {
-        let mut c = Checkpoints::new(["delta", "pgvector"]);
-        c.durable("delta", "t", &lsn(100));
-        assert_eq!(c.resume_from("t", &StreamId::Postgres), None);
-        c.durable("pgvector", "t", &lsn(90));
-        assert_eq!(c.resume_from("t", &StreamId::Postgres), Some(lsn(90)));
+    fn one_sink_acknowledges_alone_and_unknown_indexes_gate_nothing() {
+        let mut c = Checkpoints::new(1);
+        assert_eq!(c.durable(0, "t", &lsn(100)), Some(lsn(100)));
+        assert_eq!(c.durable(3, "t", &lsn(200)), None);
+        let mut none = Checkpoints::new(0);
+        assert_eq!(none.durable(0, "t", &lsn(1)), None);
     }
 }

@@ -1,8 +1,9 @@
 //! `tributary status`: where the connector stands, read from the systems themselves (not from a
 //! running process, which may be down): the replication slot's acknowledged position, lag and WAL
 //! status; the consumer group's committed offsets and lag per partition; each Bronze table's
-//! version, files, rows and last commit (the `_dlq` table counts dead letters); each pgvector
-//! table's rows, index and last applied positions.
+//! version, files, rows and last commit; each pgvector table's rows, index and last applied
+//! positions; and how many dead letters the run's destination holds (JSONL lines, topic
+//! messages or `_dlq` rows, whichever is configured).
 
 use std::time::Duration;
 
@@ -24,6 +25,17 @@ pub struct Status {
     pub bronze: Option<Section<Vec<crate::sink::delta::BronzeTableSummary>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pgvector: Option<Section<Vec<VectorTableStatus>>>,
+    /// The run's dead-letter destination and how many letters it holds.
+    pub dead_letters: Section<DeadLetterStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeadLetterStatus {
+    /// `file PATH`, `topic NAME`, `Delta table URI`, or `none`.
+    pub destination: String,
+    /// Letters held: lines of the file, messages in the topic (high − low watermark, summed
+    /// over partitions), rows of the `_dlq` table; `None` when there is no destination.
+    pub count: Option<u64>,
 }
 
 /// A section's value, or why it could not be read.
@@ -96,11 +108,89 @@ pub async fn collect(config: &Config, timeout: Duration) -> Status {
         Some(p) => Some(bounded(timeout, vector_tables(config, p)).await.into()),
         None => None,
     };
+    let dead_letters = bounded(timeout, dead_letters(config, timeout)).await.into();
     Status {
         postgres,
         kafka,
         bronze,
         pgvector,
+        dead_letters,
+    }
+}
+
+/// Counts the letters in whichever destination the run writes them to.
+async fn dead_letters(config: &Config, timeout: Duration) -> Result<DeadLetterStatus, String> {
+    match config.dead_letter_config() {
+        Some((_, d)) => match (&d.path, &d.topic) {
+            (Some(path), _) => {
+                let count = match std::fs::read(path) {
+                    Ok(bytes) => bytes.iter().filter(|b| **b == b'\n').count() as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                    Err(e) => return Err(format!("{}: {e}", path.display())),
+                };
+                Ok(DeadLetterStatus {
+                    destination: format!("file {}", path.display()),
+                    count: Some(count),
+                })
+            }
+            (None, Some(topic)) => {
+                let k = config
+                    .sources
+                    .kafka
+                    .as_ref()
+                    .ok_or("dead_letter.topic needs [sources.kafka]")?;
+                let props = k.librdkafka_properties().map_err(|e| e.to_string())?;
+                let topic = topic.clone();
+                let count = tokio::task::spawn_blocking(move || {
+                    let consumer = crate::check::kafka_consumer(&props)?;
+                    let md = consumer
+                        .fetch_metadata(Some(&topic), timeout)
+                        .map_err(|e| format!("cannot fetch metadata: {e}"))?;
+                    let mut count = 0u64;
+                    for t in md.topics().iter().filter(|t| t.name() == topic) {
+                        for p in t.partitions() {
+                            let (low, high) = consumer
+                                .fetch_watermarks(&topic, p.id(), timeout)
+                                .map_err(|e| format!("topic {topic}: {e}"))?;
+                            count += u64::try_from(high - low).unwrap_or(0);
+                        }
+                    }
+                    Ok::<_, String>((topic, count))
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+                Ok(DeadLetterStatus {
+                    destination: format!("topic {}", count.0),
+                    count: Some(count.1),
+                })
+            }
+            (None, None) => Err("dead_letter: give `path` or `topic`".into()),
+        },
+        None => match &config.sinks.delta {
+            Some(d) => {
+                let sink = crate::sink::delta::DeltaSink::new(&config.name, d)
+                    .map_err(|e| e.to_string())?;
+                let dlq = crate::sink::delta::DLQ_TABLE;
+                let exists = sink
+                    .existing_tables()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .iter()
+                    .any(|t| t == dlq);
+                let count = match exists {
+                    true => sink.summary(dlq).await.map_err(|e| e.to_string())?.rows,
+                    false => 0,
+                };
+                Ok(DeadLetterStatus {
+                    destination: format!("Delta table {}", sink.table_uri(dlq)),
+                    count: Some(count),
+                })
+            }
+            None => Ok(DeadLetterStatus {
+                destination: "none".into(),
+                count: None,
+            }),
+        },
     }
 }
 
@@ -255,8 +345,8 @@ async fn vector_tables(
                 .await
                 .map_err(|e| error_text(&e))?
                 .iter()
-                .map(|r| r.get(0))
-                .collect();
+                .map(|r| r.try_get(0).map_err(|e| error_text(&e)))
+                .collect::<Result<_, _>>()?;
         }
         out.push(VectorTableStatus {
             source,
@@ -369,6 +459,14 @@ pub fn render(s: &Status) -> String {
         }
         Some(Section::Error(e)) => line(format!("pgvector  error: {e}")),
         None => {}
+    }
+    match &s.dead_letters {
+        Section::Ok(d) => line(format!(
+            "dead letters  {}  {}",
+            d.destination,
+            d.count.map_or("-".into(), |c| c.to_string())
+        )),
+        Section::Error(e) => line(format!("dead letters  error: {e}")),
     }
     out
 }

@@ -297,3 +297,59 @@ fn every_shipped_connector_config_is_valid() {
     }
     assert!(checked >= 4, "only {checked} connector files found");
 }
+
+#[test]
+fn one_dead_letter_destination_for_the_run() {
+    // `[dead_letter]` with a relative path: resolved against the config's folder.
+    let text = format!("{GOOD}\n[dead_letter]\npath = \"letters.jsonl\"\n");
+    let config = Config::parse(&text, Path::new("/etc/tributary"), env).unwrap();
+    let (key, d) = config.dead_letter_config().unwrap();
+    assert_eq!(key, "dead_letter");
+    assert_eq!(
+        d.path.as_deref(),
+        Some(Path::new("/etc/tributary/letters.jsonl"))
+    );
+    // Its older place still works, and says so.
+    let text = GOOD.replace(
+        "group_id = \"tributary\"",
+        "group_id = \"tributary\"\ndead_letter = { topic = \"orders.dlq\" }",
+    );
+    let config = parse(&text).unwrap();
+    let (key, d) = config.dead_letter_config().unwrap();
+    assert_eq!(key, "sources.kafka.dead_letter");
+    assert_eq!(d.topic.as_deref(), Some("orders.dlq"));
+    // Nothing given: the Delta `_dlq` table is the default (no explicit destination).
+    assert!(parse(GOOD).unwrap().dead_letter_config().is_none());
+}
+
+#[test]
+fn dead_letter_mistakes_are_named() {
+    let both = GOOD.replace(
+        "group_id = \"tributary\"",
+        "group_id = \"tributary\"\ndead_letter = { path = \"a.jsonl\" }",
+    ) + "\n[dead_letter]\npath = \"b.jsonl\"\n";
+    assert_key(&parse(&both).unwrap_err(), "dead_letter", "keep one");
+    let two_kinds = format!("{GOOD}\n[dead_letter]\npath = \"a.jsonl\"\ntopic = \"t\"\n");
+    assert_key(
+        &parse(&two_kinds).unwrap_err(),
+        "dead_letter",
+        "exactly one",
+    );
+    let without_kafka = r#"
+name = "n"
+[sources.postgres]
+url = "postgres://u@h/db"
+publication = "p"
+slot = "s"
+tables = ["t"]
+[sinks.delta]
+uri = "/tmp/lake"
+[dead_letter]
+topic = "letters"
+"#;
+    assert_key(
+        &parse(without_kafka).unwrap_err(),
+        "dead_letter.topic",
+        "needs [sources.kafka]",
+    );
+}

@@ -137,7 +137,7 @@ listen = ""
         let after = Duration::from_millis(150 + (x >> 33) % 750);
         let point = (cfg!(feature = "failpoints") && (kills + aborts) % 3 == 2).then(|| {
             if (x >> 20).is_multiple_of(2) {
-                "pipeline::after-delta-commit"
+                "pipeline::after-sink-flush"
             } else {
                 "pipeline::before-ack"
             }
@@ -352,6 +352,159 @@ listen = ""
         (peak - baseline) / 1024,
         baseline / 1024
     );
+
+    drop(src);
+    common::drop_source_db(&admin, &dbname, &slot).await;
+}
+
+/// Waits (up to 60 s) for a run to end by itself; its exit code and log.
+#[cfg(feature = "failpoints")]
+async fn wait_exit(mut run: Running, config: &std::path::Path) -> (Option<i32>, String) {
+    let started = Instant::now();
+    while run.0.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = run.0.try_wait().unwrap();
+    let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+    assert!(status.is_some(), "the run must stop by itself: {log}");
+    (status.and_then(|s| s.code()), log)
+}
+
+/// A stage that panics (the enrichment's model, a sink) stops the run with a non-zero exit and a
+/// log line naming it; nothing it had in flight was acknowledged, so restarts deliver it again
+/// and Bronze and pgvector end up exactly once.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_stage_fails_the_run_and_a_restart_is_exact() {
+    let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let (dbname, src_url, src) = common::create_source_db(
+        &admin,
+        "panicsrc",
+        "CREATE TABLE items (id int PRIMARY KEY, note text NOT NULL);
+         INSERT INTO items SELECT g, 'note ' || g FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let slot = unique("slot");
+    let schema = unique("panic");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "panic-test"
+[sources.postgres]
+url = "{src_url}"
+publication = "items_pub"
+slot = "{slot}"
+tables = ["items"]
+[embedding]
+model_dir = "{model}"
+[embedding.templates]
+"public.items" = "{{note}}"
+[sinks.delta]
+uri = "{lake}"
+flush_interval_ms = 200
+[sinks.pgvector]
+url = "{pg}"
+schema = "{schema}"
+[pipeline]
+batch_max_events = 10
+batch_max_wait_ms = 20
+[telemetry]
+listen = ""
+"#,
+            model = env("TRIBUTARY_MODEL_DIR"),
+            pg = env("TRIBUTARY_PG_URL"),
+            lake = dir.path().join("lake").display(),
+        ),
+    )
+    .unwrap();
+    let pg = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let table = format!("\"{schema}\".\"items\"");
+    let count = |sql: String| {
+        let pg = &pg;
+        async move {
+            pg.query_one(&sql, &[])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(-1)
+        }
+    };
+    // A clean first run takes the snapshot.
+    let run = start(&config);
+    wait_for("the snapshot in pgvector", async || {
+        count(format!(
+            "SELECT count(*) FROM {table} WHERE embedding IS NOT NULL"
+        ))
+        .await
+            == 100
+    })
+    .await;
+    let (code, log) = stop(run, &config);
+    assert_eq!(code, 0, "{log}");
+
+    // 60 changes wait in the slot, one transaction each.
+    for id in 101..=160 {
+        src.execute(
+            "INSERT INTO items VALUES ($1, $2)",
+            &[&id, &format!("note {id}")],
+        )
+        .await
+        .unwrap();
+    }
+    // The model panics on its second batch (the 60 changes make two).
+    let run = common::run::start_with_env(&config, &[("FAILPOINTS", "enrich::embed=1*off->panic")]);
+    let (code, log) = wait_exit(run, &config).await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("enrich") && l.contains("panicked")),
+        "a log line names the stage: {log}"
+    );
+    // The pgvector sink panics on its first write (what the model did not embed is left).
+    let run = common::run::start_with_env(&config, &[("FAILPOINTS", "pgvector::write=panic")]);
+    let (code, log) = wait_exit(run, &config).await;
+    assert_ne!(code, Some(0), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("sinks.pgvector") && l.contains("panicked")),
+        "a log line names the sink: {log}"
+    );
+
+    // A clean restart catches up: pgvector equals the source, Bronze holds each change once.
+    let run = start(&config);
+    wait_for("pgvector to catch up", async || {
+        count(format!(
+            "SELECT count(*) FROM {table} WHERE embedding IS NOT NULL"
+        ))
+        .await
+            == 160
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, log) = stop(run, &config);
+    assert_eq!(code, 0, "{log}");
+    let expected: Vec<(i32, String)> = src
+        .query("SELECT id, note FROM items ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let got: Vec<(i32, String)> = pg
+        .query(
+            &format!("SELECT id, payload->>'note' FROM {table} ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(got, expected);
+    let bronze = dir.path().join("lake").join("public.items");
+    assert_eq!(common::bronze_positions(&bronze), (160, 160));
 
     drop(src);
     common::drop_source_db(&admin, &dbname, &slot).await;

@@ -394,3 +394,51 @@ async fn with_the_pgvector_sink_an_unchanged_text_after_restart_keeps_the_stored
         "the payload was not updated"
     );
 }
+
+/// A model that answers a batch with fewer rows than it was given (here: always the first row
+/// only) is an error naming the shapes, never a panic on the slice.
+#[test]
+fn a_model_returning_fewer_rows_than_texts_is_an_error() {
+    let model = PathBuf::from(env("TRIBUTARY_MODEL_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        model.join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let script = format!(
+        "import onnx\nfrom onnx import helper, TensorProto\n\
+         ids = helper.make_tensor_value_info('input_ids', TensorProto.INT64, ['b', 's'])\n\
+         mask = helper.make_tensor_value_info('attention_mask', TensorProto.INT64, ['b', 's'])\n\
+         out = helper.make_tensor_value_info('last_hidden_state', TensorProto.FLOAT, ['one', 's', 4])\n\
+         c = lambda n, v: helper.make_tensor(n, TensorProto.INT64, [len(v)], v)\n\
+         nodes = [\n\
+           helper.make_node('Cast', ['input_ids'], ['f'], to=TensorProto.FLOAT),\n\
+           helper.make_node('Slice', ['f', 'starts', 'ends', 'axes'], ['first']),\n\
+           helper.make_node('Unsqueeze', ['first', 'ax2'], ['col']),\n\
+           helper.make_node('Expand', ['col', 'shape'], ['last_hidden_state']),\n\
+         ]\n\
+         inits = [c('starts', [0]), c('ends', [1]), c('axes', [0]), c('ax2', [2]), c('shape', [1, 1, 4])]\n\
+         g = helper.make_graph(nodes, 'g', [ids, mask], [out], initializer=inits)\n\
+         onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid('', 17)]), '{}')\n",
+        dir.path().join("model.onnx").display()
+    );
+    let status = Command::new(env("TRIBUTARY_PYTHON"))
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut embedder = Embedder::load(&EmbeddingConfig::for_model(dir.path().to_owned())).unwrap();
+    // One text: the model's one row is right.
+    let one = embedder.embed(&["a single text"]).unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].len(), 4);
+    // Three texts, one row back: a clear error with both shapes.
+    let err = embedder
+        .embed(&["first text", "second", "the third text"])
+        .unwrap_err();
+    assert!(
+        err.contains("model output has shape") && err.contains("expected [3,"),
+        "{err}"
+    );
+}

@@ -891,7 +891,7 @@ async fn dead_letters_can_go_to_a_kafka_topic() {
     let group = unique("group");
     let dir = tempfile::tempdir().unwrap();
     let mut config = source_config(&topic, &group, "", &dir.path().join("unused.jsonl"));
-    config.dead_letter = Some(tributary::config::KafkaDeadLetterConfig {
+    config.dead_letter = Some(tributary::config::DeadLetterConfig {
         topic: Some(dlq_topic.clone()),
         path: None,
     });

@@ -448,3 +448,79 @@ async fn halfvec_storage_with_an_l2_index() {
         .get(0);
     assert_eq!(nearest, 3);
 }
+
+fn truncate_at(position: Position) -> ChangeEvent {
+    ChangeEvent {
+        key: Row::new(),
+        after: None,
+        embedding: None,
+        text_hash: None,
+        ..event(Op::Truncate, 0, None, position)
+    }
+}
+
+/// After a restart nothing is cached: a batch whose only event for a source is a TRUNCATE must
+/// still truncate its table (it used to panic, and every restart re-read the same TRUNCATE).
+#[tokio::test]
+async fn a_truncate_alone_after_a_restart_empties_the_table() {
+    let schema = unique("pgv");
+    let client = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    {
+        let mut before = PgvectorSink::connect(sink_config(&schema, ""))
+            .await
+            .unwrap();
+        let snapshot: Vec<_> = (1..=3)
+            .map(|i| {
+                event(
+                    Op::Snapshot,
+                    i,
+                    Some(&format!("row {i}")),
+                    pos(100, i as u64),
+                )
+            })
+            .collect();
+        before.write(&snapshot).await.unwrap();
+    }
+    assert_eq!(contents(&client, &schema).await.len(), 3);
+
+    // "Restart": a new sink, then the TRUNCATE the source sent while it was stopped.
+    let mut sink = PgvectorSink::connect(sink_config(&schema, ""))
+        .await
+        .unwrap();
+    let out = sink.write(&[truncate_at(pos(200, 0))]).await.unwrap();
+    assert!(out.dead_letters.is_empty());
+    assert_eq!(contents(&client, &schema).await, vec![]);
+    // Replayed (the acknowledgement was lost): nothing changes, nothing fails.
+    let out = sink.write(&[truncate_at(pos(200, 0))]).await.unwrap();
+    assert_eq!(out.skipped, 1);
+    // The table found for the truncate serves the next changes with the right key.
+    sink.write(&[
+        event(Op::Insert, 4, Some("row 4"), pos(300, 0)),
+        event(Op::Update, 4, Some("row 4 v2"), pos(300, 1)),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        contents(&client, &schema).await,
+        vec![(4, "row 4 v2".into(), true)]
+    );
+
+    // A truncate of a source whose table was never created: nothing to do, no table made.
+    let mut fresh = PgvectorSink::connect(sink_config(&schema, ""))
+        .await
+        .unwrap();
+    let never = ChangeEvent {
+        source: "public.never_written".into(),
+        ..truncate_at(pos(400, 0))
+    };
+    fresh.write(&[never]).await.unwrap();
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("\"{schema}\".never_written")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists);
+}

@@ -292,6 +292,25 @@ listen = ""
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(common::bronze_positions(&bronze), (205, 205));
 
+    // A TRUNCATE while the connector is stopped: the next start applies it (it used to panic in
+    // the pgvector sink, and every restart re-read the same TRUNCATE).
+    src.batch_execute("TRUNCATE orders").await.unwrap();
+    let run = start(&config);
+    wait_for("the truncate in pgvector", async || {
+        count(format!("SELECT count(*) FROM {table}")).await == 0
+    })
+    .await;
+    src.batch_execute("INSERT INTO orders VALUES (300, 'Customer 3', 'after the truncate')")
+        .await
+        .unwrap();
+    wait_for("a row after the truncate", async || {
+        count(format!("SELECT count(*) FROM {table} WHERE id = 300")).await == 1
+    })
+    .await;
+    let (code, stderr) = stop(run, &config);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(common::bronze_positions(&bronze), (207, 207));
+
     drop(src);
     admin
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::DeadLetterConfig;
 use super::{ConfigError, parse_properties};
 use crate::secret::SecretMap;
 
@@ -40,7 +41,8 @@ pub struct KafkaSourceConfig {
     pub decode_tasks: Option<usize>,
     /// Where undecodable messages go (until the Delta `_dlq` table takes over).
     #[serde(default)]
-    pub dead_letter: Option<KafkaDeadLetterConfig>,
+    /// The run's dead-letter destination in its older place (see [`super::DeadLetterConfig`]).
+    pub dead_letter: Option<DeadLetterConfig>,
 }
 
 fn default_max_message_bytes() -> usize {
@@ -57,16 +59,6 @@ fn default_commit_interval_ms() -> u64 {
 
 /// librdkafka's default `session.timeout.ms`.
 const DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
-
-/// The dead-letter destination of the Kafka source: exactly one of `topic` or `path`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaDeadLetterConfig {
-    /// A Kafka topic on the same cluster (same security properties).
-    pub topic: Option<String>,
-    /// A local JSONL file, appended to and fsynced before offsets move past a dead letter.
-    pub path: Option<PathBuf>,
-}
 
 /// The type a JSON topic declares for a column; a value of another JSON type is a dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -209,16 +201,7 @@ impl KafkaSourceConfig {
             }
         }
         if let Some(d) = &self.dead_letter {
-            match (&d.topic, &d.path) {
-                (Some(t), None) if !t.trim().is_empty() => {}
-                (None, Some(p)) if !p.as_os_str().is_empty() => {}
-                _ => {
-                    return Err(ConfigError::invalid(
-                        "sources.kafka.dead_letter",
-                        "give exactly one of `topic` or `path`",
-                    ));
-                }
-            }
+            d.validate("sources.kafka.dead_letter")?;
         }
         for (i, t) in self.topics.iter().enumerate() {
             if t.format == MessageFormat::Raw

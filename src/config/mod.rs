@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod dead_letter;
 mod delta;
 mod embedding;
 mod kafka;
@@ -29,11 +30,10 @@ mod syntax;
 mod telemetry;
 mod validate;
 
+pub use dead_letter::DeadLetterConfig;
 pub use delta::{DELTA_SCHEMES, DeltaSinkConfig};
 pub use embedding::{EmbeddingConfig, Pooling};
-pub use kafka::{
-    ColumnType, KafkaDeadLetterConfig, KafkaSourceConfig, MessageFormat, StartFrom, TopicConfig,
-};
+pub use kafka::{ColumnType, KafkaSourceConfig, MessageFormat, StartFrom, TopicConfig};
 pub(crate) use pgvector::truncate;
 pub use pgvector::{Distance, PgvectorSinkConfig, VectorIndexConfig};
 pub use pipeline::PipelineConfig;
@@ -93,6 +93,9 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Where everything the run cannot process goes (see [`DeadLetterConfig`]).
+    #[serde(default)]
+    pub dead_letter: Option<DeadLetterConfig>,
 }
 
 /// `[sources]`: at least one of `postgres` and `kafka`.
@@ -150,7 +153,23 @@ impl Config {
         Ok(config)
     }
 
+    /// The configured dead-letter destination and the key it was given at: `[dead_letter]`, or
+    /// its older place `sources.kafka.dead_letter`; `None` means the Delta `_dlq` table (or,
+    /// without `[sinks.delta]`, nowhere).
+    pub fn dead_letter_config(&self) -> Option<(&'static str, &DeadLetterConfig)> {
+        if let Some(d) = &self.dead_letter {
+            return Some(("dead_letter", d));
+        }
+        let legacy = self.sources.kafka.as_ref()?.dead_letter.as_ref()?;
+        Some(("sources.kafka.dead_letter", legacy))
+    }
+
     fn resolve_paths(&mut self, base: &Path) {
+        if let Some(p) = self.dead_letter.as_mut().and_then(|d| d.path.as_mut())
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
+        }
         if let Some(k) = &mut self.sources.kafka {
             if let Some(p) = &mut k.client_properties
                 && p.is_relative()
@@ -210,6 +229,26 @@ impl Config {
         }
         if let Some(k) = &self.sources.kafka {
             k.validate()?;
+        }
+        if let Some(d) = &self.dead_letter {
+            d.validate("dead_letter")?;
+            if self
+                .sources
+                .kafka
+                .as_ref()
+                .is_some_and(|k| k.dead_letter.is_some())
+            {
+                return Err(ConfigError::invalid(
+                    "dead_letter",
+                    "also given as sources.kafka.dead_letter (its older place): keep one",
+                ));
+            }
+            if d.topic.is_some() && self.sources.kafka.is_none() {
+                return Err(ConfigError::invalid(
+                    "dead_letter.topic",
+                    "needs [sources.kafka]: the topic lives on its cluster, with its settings",
+                ));
+            }
         }
         // Templates and pgvector tables are checked against the sources configured above.
         let known = self.known_sources();

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use model::{Embedder, EnrichError};
-pub use stage::{Enriched, spawn};
+pub use stage::{Enriched, run, spawn};
 
 use crate::config::{EmbeddingConfig, TemplatePart, parse_template};
 use crate::dead_letter::DeadLetter;

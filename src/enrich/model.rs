@@ -172,7 +172,10 @@ impl Embedder {
             .try_extract_tensor::<f32>()
             .map_err(|e| format!("model output: {e}"))?;
         let dim = self.dimension;
-        if out_shape.len() != 3 || out_shape[2] as usize != dim || out_shape[1] as usize != seq {
+        // The model comes from outside: every dimension is checked before the output is sliced
+        // (a model that returns fewer rows than it was given must be an error, not a panic).
+        let expected = [batch as i64, seq as i64, dim as i64];
+        if out_shape[..] != expected[..] || hidden.len() != batch * seq * dim {
             return Err(format!(
                 "model output has shape {out_shape:?}, expected [{batch}, {seq}, {dim}]"
             ));

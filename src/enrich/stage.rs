@@ -20,16 +20,28 @@ pub struct Enriched {
     pub dead_letters: Vec<DeadLetter>,
 }
 
-/// Runs `enricher` over batches from `input` until it closes; returns the enricher (with its
-/// stats) at the end. Partial batches wait at most `max_wait` for more texts.
+/// [`run`] as a task of its own.
 pub fn spawn<S: StoredHashes + Send + 'static>(
+    enricher: Enricher,
+    stored: Option<S>,
+    input: mpsc::Receiver<Vec<ChangeEvent>>,
+    output: mpsc::Sender<Enriched>,
+    max_wait: Duration,
+) -> JoinHandle<Enricher> {
+    tokio::spawn(run(enricher, stored, input, output, max_wait))
+}
+
+/// Runs `enricher` over batches from `input` until it closes; returns the enricher (with its
+/// stats) at the end. Partial batches wait at most `max_wait` for more texts. A panic of the
+/// model is raised again here, so whoever supervises this task sees it.
+pub async fn run<S: StoredHashes + Send + 'static>(
     mut enricher: Enricher,
     mut stored: Option<S>,
     mut input: mpsc::Receiver<Vec<ChangeEvent>>,
     output: mpsc::Sender<Enriched>,
     max_wait: Duration,
-) -> JoinHandle<Enricher> {
-    tokio::spawn(async move {
+) -> Enricher {
+    {
         while let Some(first) = input.recv().await {
             let mut events = first;
             let texts = |evs: &[ChangeEvent], en: &Enricher| {
@@ -64,6 +76,8 @@ pub fn spawn<S: StoredHashes + Send + 'static>(
                 }
             }
             let joined = tokio::task::spawn_blocking(move || {
+                // Fault injection for the supervision tests (no-op unless built with `failpoints`).
+                fail::fail_point!("enrich::embed");
                 let dead = enricher.enrich(&mut events, &known);
                 (enricher, events, dead)
             })
@@ -87,5 +101,5 @@ pub fn spawn<S: StoredHashes + Send + 'static>(
             }
         }
         enricher
-    })
+    }
 }

@@ -7,8 +7,6 @@
 //! whose response was lost, or a concurrent writer of the same stream), and re-uses the files an
 //! earlier attempt uploaded as long as the rows did not change; so retrying never duplicates rows.
 
-use std::time::Duration;
-
 use arrow::array::RecordBatch;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, Transaction, Version};
@@ -20,57 +18,35 @@ use super::buffer::Buffer;
 use super::schema::add_missing_columns;
 use super::txn::{committed_in, txn_actions};
 use super::{DeltaSink, DeltaSinkError, bronze};
-use crate::error::Classify as _;
-
-/// Backoff for an unavailable store: 200 ms doubling to 30 s, for about 15 minutes in all
-/// (object_store retries each request for a few seconds underneath); then the error stops the
-/// run, and a restart resumes from what is committed.
-pub(super) fn retry_policy() -> impl Iterator<Item = Duration> {
-    use backon::BackoffBuilder as _;
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
-        .with_max_times(36)
-        .with_jitter()
-        .build()
-}
+use crate::retry::{Patience, Retry};
 
 impl DeltaSink {
-    /// Between two commit attempts on `table`: reports the failure (readiness turns red), forgets
-    /// the cached table so the next attempt opens it afresh, and waits `delay`.
-    pub(super) async fn pause_before_retry(
-        &mut self,
-        table: &str,
-        error: &DeltaSinkError,
-        delay: Duration,
-    ) {
-        tracing::warn!(table = %table, %error, ?delay, "delta commit failed, retrying");
-        if let Some(h) = &self.health {
-            h.commit_failed(error);
-        }
-        self.tables.remove(table);
-        tokio::time::sleep(delay).await;
+    /// A retry loop for commits to the store: the bounded patience of [`crate::retry`]
+    /// (about 15 minutes; object_store retries each request for a few seconds underneath),
+    /// reporting every failure to readiness. Then the error stops the run, and a restart
+    /// resumes from what is committed.
+    pub(super) fn commit_retry(&self, what: &'static str) -> Retry {
+        Retry::new(what, Patience::Bounded).with_health(self.health.as_ref())
     }
 
-    /// Commits `buffer` to the table of `source`, retrying a retryable error with
-    /// [`retry_policy`]; `None` when a retry found every row already committed.
+    /// Commits `buffer` to the table of `source`, retrying connection errors (each retry opens
+    /// the table afresh and first drops the rows a lost-response commit already holds); `None`
+    /// when a retry found every row already committed.
     pub(super) async fn commit_retrying(
         &mut self,
         source: &str,
         buffer: &mut Buffer,
     ) -> Result<Option<Version>, DeltaSinkError> {
-        let mut backoff = retry_policy();
+        let mut retry = self.commit_retry("Delta commit");
         let mut recheck = false;
         loop {
             match self.commit_buffer(source, buffer, recheck).await {
-                Err(e) if e.is_retryable() => match backoff.next() {
-                    Some(delay) => {
-                        self.pause_before_retry(source, &e, delay).await;
-                        recheck = true;
-                    }
-                    None => return Err(e),
-                },
-                other => return other,
+                Err(e) => {
+                    retry.after(e).await?;
+                    self.tables.remove(source);
+                    recheck = true;
+                }
+                ok => return ok,
             }
         }
     }

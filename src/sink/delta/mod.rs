@@ -43,6 +43,7 @@ mod compact;
 mod dlq;
 mod maintenance;
 mod schema;
+mod sink;
 mod tables;
 mod txn;
 
@@ -63,7 +64,6 @@ use crate::dead_letter::DeadLetter;
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Position, StreamId};
 use buffer::{Buffer, Encoder};
-use commit::retry_policy;
 use schema::{evolve, table_arrow_schema};
 use tables::register_handlers;
 use txn::committed_in;
@@ -433,14 +433,14 @@ impl DeltaSink {
         &mut self,
         letters: &[DeadLetter],
     ) -> Result<WriteOutcome, DeltaSinkError> {
-        let mut backoff = retry_policy();
+        let mut retry = self.commit_retry("Delta dead-letter commit");
         loop {
             match self.write_dead_letters_once(letters).await {
-                Err(e) if e.is_retryable() => match backoff.next() {
-                    Some(delay) => self.pause_before_retry(DLQ_TABLE, &e, delay).await,
-                    None => return Err(e),
-                },
-                other => return other,
+                Err(e) => {
+                    retry.after(e).await?;
+                    self.tables.remove(DLQ_TABLE);
+                }
+                ok => return ok,
             }
         }
     }

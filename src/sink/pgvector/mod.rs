@@ -21,24 +21,25 @@
 
 mod apply;
 mod load;
+mod sink;
 mod table;
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_postgres::Client;
 
 use apply::{apply_row_by_row, apply_source, group_by_source, record_positions};
-pub use table::quote_ident;
-use table::{Target, key_text, positions_table};
 pub use table::positions_table;
+use table::{Target, key_text};
 
 use crate::config::PgvectorSinkConfig as Config;
 use crate::dead_letter::DeadLetter;
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Op, Position, Row, StreamId};
 use crate::pg::{error_text, quote_ident, quote_qualified};
+use crate::retry::{Patience, Retry};
+use crate::telemetry::health::SinkHealth;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgvectorError {
@@ -104,6 +105,8 @@ pub struct PgvectorSink {
     targets: HashMap<String, Target>,
     positions: HashMap<(String, StreamId), Position>,
     stage_seq: u64,
+    /// Told about every failed attempt, so readiness turns red while the database is away.
+    health: Option<SinkHealth>,
 }
 
 impl std::fmt::Debug for PgvectorSink {
@@ -116,19 +119,6 @@ impl std::fmt::Debug for PgvectorSink {
     }
 }
 
-/// How many times a batch is retried over lost connections before the error goes up.
-const MAX_RETRIES: usize = 8;
-
-/// Exponential backoff with jitter for work lost with a connection.
-fn retry_policy() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
-        .with_max_times(MAX_RETRIES)
-        .with_jitter()
-        .build()
-}
-
 impl PgvectorSink {
     /// Connects and loads the positions already applied (see [`PgvectorSink::positions`]).
     pub async fn connect(config: Config) -> Result<Self, PgvectorError> {
@@ -138,10 +128,17 @@ impl PgvectorSink {
             targets: HashMap::new(),
             positions: HashMap::new(),
             stage_seq: 0,
+            health: None,
         };
         sink.client().await?;
         sink.load_positions().await?;
         Ok(sink)
+    }
+
+    /// Reports failed attempts to readiness.
+    pub fn with_health(mut self, health: SinkHealth) -> Self {
+        self.health = Some(health);
+        self
     }
 
     /// Per source and stream, the last position this sink durably applied: where the pipeline
@@ -197,8 +194,8 @@ impl PgvectorSink {
             .await
             .map_err(PgvectorError::from_pg)?;
         for row in rows {
-            let source: String = row.get(0);
-            let json: serde_json::Value = row.get(1);
+            let source: String = row.try_get(0).map_err(PgvectorError::from_pg)?;
+            let json: serde_json::Value = row.try_get(1).map_err(PgvectorError::from_pg)?;
             let position: Position = serde_json::from_value(json).map_err(|e| {
                 PgvectorError::Config(format!("{table}: unreadable position for {source}: {e}"))
             })?;
@@ -261,27 +258,21 @@ impl PgvectorSink {
                 ..WriteOutcome::default()
             });
         }
-        let mut backoff = retry_policy();
-        let started = Instant::now();
+        // Fault injection for the supervision tests (no-op unless built with `failpoints`).
+        fail::fail_point!("pgvector::write");
+        let mut retry =
+            Retry::new("pgvector batch", Patience::Bounded).with_health(self.health.as_ref());
         let mut outcome = loop {
             match self.apply(&fresh).await {
                 Ok(o) => break o,
-                Err(PgvectorError::Connection(msg)) => match backoff.next() {
-                    Some(delay) => {
-                        tracing::warn!(error = %msg, retry_in = ?delay, "pgvector batch failed; retrying");
-                        self.client = None;
-                        tokio::time::sleep(delay).await;
-                    }
-                    None => return Err(PgvectorError::Connection(msg)),
-                },
-                Err(e) => return Err(e),
+                Err(e) => {
+                    retry.after(e).await?;
+                    // Replayed whole on a new connection: the transaction never committed.
+                    self.client = None;
+                }
             }
         };
         outcome.skipped = skipped;
-        metrics::histogram!("tributary_sink_commit_seconds", "sink" => "pgvector")
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("tributary_sink_rows_total", "sink" => "pgvector")
-            .increment(outcome.applied as u64);
         for e in &fresh {
             let key = (e.source.clone(), e.position.stream());
             let newer = self
@@ -317,20 +308,16 @@ impl PgvectorSink {
         }
         let config = self.config.clone();
         let started = Instant::now();
-        let mut backoff = retry_policy();
+        let mut retry =
+            Retry::new("HNSW index build", Patience::Bounded).with_health(self.health.as_ref());
         loop {
             let client = self.client().await?;
             match table::build_index(&*client, &config, &target).await {
                 Ok(()) => break,
-                Err(PgvectorError::Connection(msg)) => match backoff.next() {
-                    Some(delay) => {
-                        tracing::warn!(error = %msg, retry_in = ?delay, "HNSW index build failed; retrying");
-                        self.client = None;
-                        tokio::time::sleep(delay).await;
-                    }
-                    None => return Err(PgvectorError::Connection(msg)),
-                },
-                Err(e) => return Err(e),
+                Err(e) => {
+                    retry.after(e).await?;
+                    self.client = None;
+                }
             }
         }
         tracing::info!(table = %target.qualified, seconds = started.elapsed().as_secs_f64(), "HNSW index built");
@@ -363,7 +350,10 @@ impl PgvectorSink {
             let mut applied = 0;
             let mut first_error = None;
             for (source, group) in group_by_source(events) {
-                let target = &targets[source];
+                let Some(target) = targets.get(source) else {
+                    // Only truncates of a table that does not exist: nothing to do.
+                    continue;
+                };
                 match apply_source(&mut tx, &config, target, &group, &mut seq).await {
                     Ok(n) => applied += n,
                     Err(PgvectorError::Data(msg)) => {
@@ -397,18 +387,39 @@ impl PgvectorSink {
         Ok(outcome)
     }
 
+    /// Makes sure every source in `events` whose table exists or must exist has its target
+    /// cached. A source seen only through truncates gets its table looked up, never created
+    /// (a truncate carries no key to create it from): there is nothing to truncate without one.
     async fn prepare_targets(&mut self, events: &[&ChangeEvent]) -> Result<(), PgvectorError> {
+        // (Re)connect first: a new connection forgets the cached targets, and every target
+        // found below must belong to the connection the batch then runs on.
+        self.client().await?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| PgvectorError::Connection("no connection".into()))?;
+        let mut truncated_only: Vec<&str> = Vec::new();
         for e in events {
-            if self.targets.contains_key(&e.source) || e.op == Op::Truncate {
+            if self.targets.contains_key(&e.source) {
                 continue;
             }
-            let config = self.config.clone();
-            let client = self.client().await?;
-            let target = table::ensure(&*client, &config, &e.source, &e.key).await?;
+            if e.op == Op::Truncate {
+                if !truncated_only.contains(&e.source.as_str()) {
+                    truncated_only.push(&e.source);
+                }
+                continue;
+            }
+            let target = table::ensure(client, &self.config, &e.source, &e.key).await?;
             self.targets.insert(e.source.clone(), target);
         }
-        // A source whose only events are truncates and whose table does not exist yet has
-        // nothing to truncate.
+        for source in truncated_only {
+            if self.targets.contains_key(source) {
+                continue;
+            }
+            if let Some(target) = table::existing(client, &self.config, source).await? {
+                self.targets.insert(source.to_owned(), target);
+            }
+        }
         Ok(())
     }
 }

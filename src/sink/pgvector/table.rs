@@ -159,6 +159,78 @@ pub async fn ensure(
     })
 }
 
+/// The target table of `source` as it already exists, or `None` when there is none: for a batch
+/// that only truncates a source (after a restart nothing is cached yet, and a truncate carries
+/// no key to create the table from). Key columns and their types come from the primary key.
+pub async fn existing(
+    client: &impl GenericClient,
+    config: &Config,
+    source: &str,
+) -> Result<Option<Target>, PgvectorError> {
+    let table = config.target_table(source);
+    let qualified = format!("{}.{}", quote_ident(&config.schema), quote_ident(&table));
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, NULL)
+               FROM pg_index i
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+              WHERE i.indrelid = to_regclass($1) AND i.indisprimary
+              ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            &[&qualified],
+        )
+        .await
+        .map_err(PgvectorError::from_pg)?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let mut keys = Vec::with_capacity(rows.len());
+    for row in rows {
+        let name: String = row.try_get(0).map_err(PgvectorError::from_pg)?;
+        let ty: String = row.try_get(1).map_err(PgvectorError::from_pg)?;
+        let Some(ty) = KEY_TYPES.iter().copied().find(|t| sql_type_name(t) == ty) else {
+            return Err(PgvectorError::Config(format!(
+                "{qualified}: key column {name} has type {ty}, which this sink does not write \
+                 (drop the table to let the sink create it)"
+            )));
+        };
+        keys.push((name, ty));
+    }
+    let has_index = index_exists(client, &config.schema, &table).await?;
+    Ok(Some(Target {
+        qualified,
+        table,
+        keys,
+        has_index,
+    }))
+}
+
+/// Every type [`sql_type`] gives a key column.
+const KEY_TYPES: [&str; 14] = [
+    "boolean",
+    "smallint",
+    "integer",
+    "bigint",
+    "real",
+    "double precision",
+    "numeric",
+    "uuid",
+    "date",
+    "timestamp",
+    "timestamptz",
+    "bytea",
+    "jsonb",
+    "text",
+];
+
+/// How `format_type` spells a type of [`KEY_TYPES`].
+fn sql_type_name(ty: &str) -> &str {
+    match ty {
+        "timestamp" => "timestamp without time zone",
+        "timestamptz" => "timestamp with time zone",
+        other => other,
+    }
+}
+
 async fn create_extension(client: &impl GenericClient) -> Result<(), PgvectorError> {
     let installed = client
         .query_opt("SELECT 1 FROM pg_extension WHERE extname = 'vector'", &[])

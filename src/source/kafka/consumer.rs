@@ -15,7 +15,6 @@ pub use super::handle::{KafkaAcker, KafkaSourceHandle};
 
 use super::KafkaSourceError;
 use super::chunk::Chunk;
-use super::dead_letters::DeadLetterWriter;
 use super::decode::{Decoder, KafkaEvent};
 use super::handle::Shared;
 use super::offsets::OffsetTracker;
@@ -23,6 +22,7 @@ use super::rebalance::SourceContext;
 use super::sequencer::{self, TopicState};
 use super::worker::Worker;
 use crate::config::KafkaSourceConfig as KafkaConfig;
+use crate::dead_letter::{DeadLetterWriter, DeadLetters};
 use crate::telemetry::health::SourceHealth;
 
 /// Starts the consumer group on the configured topics. Events arrive on the returned receiver in
@@ -37,6 +37,8 @@ pub async fn start(
 
 /// [`start`], reporting liveness to `health`: every message received, and every commit tick
 /// while the consumer has no errors (an idle topic is alive; a broker out of reach is not).
+/// Undecodable messages go to the section's own `dead_letter` destination (a Kafka source
+/// started outside a pipeline, as in tests and benchmarks).
 pub async fn start_with_health(
     config: &KafkaConfig,
     capacity: usize,
@@ -51,7 +53,27 @@ pub async fn start_with_health(
                 .into(),
         )
     })?;
-    let dead_letters = DeadLetterWriter::open(dlq_config, &props).await?;
+    let writer = DeadLetterWriter::open(dlq_config, &props)
+        .map_err(|e| KafkaSourceError::DeadLetter(e.to_string()))?;
+    start_with(
+        config,
+        capacity,
+        health,
+        DeadLetters::from_writer(writer, "sources.kafka.dead_letter"),
+    )
+    .await
+}
+
+/// [`start_with_health`], writing undecodable messages to the run's `dead_letters`.
+pub async fn start_with(
+    config: &KafkaConfig,
+    capacity: usize,
+    health: Option<SourceHealth>,
+    dead_letters: DeadLetters,
+) -> Result<(mpsc::Receiver<Vec<KafkaEvent>>, KafkaSourceHandle), KafkaSourceError> {
+    let props = config
+        .librdkafka_properties()
+        .map_err(|e| KafkaSourceError::Config(e.to_string()))?;
     let shared = Arc::new(Shared {
         tracker: Mutex::new(OffsetTracker::default()),
         acked: Condvar::new(),

@@ -26,17 +26,18 @@
 
 mod chunk;
 pub mod consumer;
-pub mod dead_letters;
 pub mod decode;
 mod handle;
 pub mod offsets;
 mod rebalance;
 mod row_json;
 mod sequencer;
+mod source;
 mod worker;
 
-pub use consumer::{KafkaAcker, KafkaSourceHandle, start, start_with_health};
+pub use consumer::{KafkaAcker, KafkaSourceHandle, start, start_with, start_with_health};
 pub use decode::{Decoded, KafkaEvent, KafkaMeta};
+pub use source::KafkaSource;
 
 use crate::error::{Classify, ErrorKind};
 use crate::secret::{SecretMap, is_sensitive_key};

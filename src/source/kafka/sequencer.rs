@@ -16,10 +16,10 @@ use tokio::task::JoinHandle;
 
 use super::KafkaSourceError;
 use super::chunk::{Chunk, Copied};
-use super::dead_letters::DeadLetterWriter;
 use super::decode::{DecodeError, Decoded, Decoder, KafkaEvent, RawMessage};
 use super::handle::Shared;
 use crate::dead_letter::DeadLetter;
+use crate::dead_letter::DeadLetters;
 use crate::event::Position;
 
 /// A subscribed topic: its decoder and its events counter.
@@ -36,7 +36,7 @@ pub(super) fn spawn(
     tasks: usize,
     shared: Arc<Shared>,
     topics: Arc<Vec<TopicState>>,
-    dead_letters: DeadLetterWriter,
+    dead_letters: DeadLetters,
     tx: mpsc::Sender<Vec<KafkaEvent>>,
     stopped: watch::Receiver<bool>,
 ) -> (
@@ -100,7 +100,7 @@ async fn decode_chunks(
 struct Sequencer {
     shared: Arc<Shared>,
     topics: Arc<Vec<TopicState>>,
-    dead_letters: DeadLetterWriter,
+    dead_letters: DeadLetters,
     tx: mpsc::Sender<Vec<KafkaEvent>>,
 }
 
@@ -214,7 +214,10 @@ impl Sequencer {
                     error.to_string(),
                 );
                 tracing::warn!(%topic, partition, offset, %error, "message dead-lettered");
-                self.dead_letters.write(&letter).await?;
+                self.dead_letters
+                    .write(std::slice::from_ref(&letter))
+                    .await
+                    .map_err(|e| KafkaSourceError::DeadLetter(e.to_string()))?;
                 metrics::counter!(
                     "tributary_dead_letters_total",
                     "source" => topic.to_owned(),

@@ -250,11 +250,12 @@ impl PostgresSourceReader {
         let mut pending = Vec::new();
         let mut planned = std::collections::HashSet::new();
         for r in &state_rows {
-            let t: (String, String) = (r.get(0), r.get(1));
-            let lsn = Lsn(r.get::<_, i64>(2) as u64);
-            epoch = epoch.max(r.get::<_, i64>(3) as u64);
+            // The state table is ours, but anyone may edit it: a NULL is an error, not a panic.
+            let t: (String, String) = (r.try_get(0).map_err(db)?, r.try_get(1).map_err(db)?);
+            let lsn = Lsn(r.try_get::<_, i64>(2).map_err(db)? as u64);
+            epoch = epoch.max(r.try_get::<_, i64>(3).map_err(db)? as u64);
             planned.insert(t.clone());
-            if r.get::<_, bool>(4) {
+            if r.try_get::<_, bool>(4).map_err(db)? {
                 self.snapshot_lsn.insert(source_name(&t), lsn);
             } else {
                 pending.push(t);

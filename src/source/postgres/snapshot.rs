@@ -253,15 +253,15 @@ async fn plan_table(
         )
         .await
         .map_err(db)?;
-    let columns: Vec<(String, u32)> = cols
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u32))
-        .collect();
-    let key = cols
-        .iter()
-        .filter(|r| r.get::<_, bool>(2))
-        .map(|r| r.get::<_, String>(0))
-        .collect();
+    let mut columns: Vec<(String, u32)> = Vec::with_capacity(cols.len());
+    let mut key = Vec::new();
+    for r in &cols {
+        let name: String = r.try_get(0).map_err(db)?;
+        if r.try_get::<_, bool>(2).map_err(db)? {
+            key.push(name.clone());
+        }
+        columns.push((name, r.try_get::<_, i64>(1).map_err(db)? as u32));
+    }
     let est = client
         .query_one(
             "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::text::regclass",

@@ -3,8 +3,6 @@
 //! changes out as positioned events, and moving the slot's flush position only over what the
 //! pipeline acknowledged (or, while nothing is in flight, to the server's reported position).
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use pg_walstream::{LogicalReplicationStream, ReplicationError};
 
@@ -16,6 +14,7 @@ use super::{
 };
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Lsn, Op, Position, Row};
+use crate::retry::{Patience, backoff};
 
 impl PostgresSourceReader {
     /// Starts (or restarts, after a lost connection) streaming from the slot's confirmed
@@ -37,7 +36,7 @@ impl PostgresSourceReader {
         let Some((_, _, before)) = self.slot_row().await? else {
             return Err(dropped());
         };
-        use backon::{ExponentialBuilder, Retryable};
+        use backon::Retryable;
         let url = replication_url(self.cfg.url.expose());
         let config = self.stream_config(&self.cfg.slot, "nothing", false);
         // The first attempt starts the connection that created the slot, if there is one.
@@ -59,13 +58,7 @@ impl PostgresSourceReader {
         // being away (restart, failover, connections refused): retry until it is back, except
         // for what no retry can fix.
         let stream = start
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(10))
-                    .without_max_times()
-                    .with_jitter(),
-            )
+            .retry(backoff(Patience::Unbounded))
             .when(|e: &ReplicationError| e.is_transient() || !is_permanent_start_error(e))
             .notify(|e, after| {
                 tracing::warn!(error = %e, retry_in = ?after, "PostgreSQL replication connection failed; retrying");
@@ -378,16 +371,10 @@ impl PostgresSourceReader {
         if !self.client.is_closed() {
             return Ok(());
         }
-        use backon::{ExponentialBuilder, Retryable};
+        use backon::Retryable;
         let url = self.cfg.url.expose().to_string();
         self.client = (|| sql_connect(&url))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(10))
-                    .without_max_times()
-                    .with_jitter(),
-            )
+            .retry(backoff(Patience::Unbounded))
             .when(|e: &PgSourceError| e.kind() == ErrorKind::Connection || is_refused(e))
             .notify(|e, after| {
                 tracing::warn!(error = %e, retry_in = ?after, "PostgreSQL connection failed; retrying");

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use super::{PgSourceError, PostgresSourceReader};
 use crate::config::PostgresSourceConfig;
 use crate::event::{ChangeEvent, Position};
+use crate::source::{SourceError, StartContext, Started};
 use crate::telemetry::health::SourceHealth;
 
 /// How long a poll waits for new changes before acknowledgements are applied.
@@ -121,5 +122,56 @@ async fn apply_acks(
     match best {
         Some(p) => reader.ack(&p).await,
         None => Ok(()),
+    }
+}
+
+/// The PostgreSQL source behind the pipeline's [`crate::source::Source`] contract.
+pub struct PostgresSource {
+    config: PostgresSourceConfig,
+}
+
+impl PostgresSource {
+    pub fn new(config: PostgresSourceConfig) -> Self {
+        PostgresSource { config }
+    }
+}
+
+impl crate::source::Acknowledge for PostgresAcker {
+    fn ack(&self, position: &Position) {
+        PostgresAcker::ack(self, position);
+    }
+}
+
+impl crate::source::Stop for PostgresSourceHandle {
+    fn shutdown(self: Box<Self>) -> crate::source::SourceFuture<()> {
+        Box::pin(async move {
+            PostgresSourceHandle::shutdown(*self)
+                .await
+                .map_err(|e| SourceError::from_stage(&e))
+        })
+    }
+}
+
+impl crate::source::Source for PostgresSource {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn start(self: Box<Self>, context: StartContext) -> crate::source::SourceFuture<Started> {
+        Box::pin(async move {
+            let batch = context.batch_max_events.max(1);
+            let capacity = (context.capacity_events / batch).max(1);
+            let (rx, handle) = start(&self.config, capacity, batch, Some(context.health))
+                .await
+                .map_err(|e| SourceError::from_stage(&e))?;
+            let batches = futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|events| (events, rx))
+            });
+            Ok(Started {
+                batches: Box::pin(batches),
+                acker: std::sync::Arc::new(handle.acker()),
+                stop: Box::new(handle),
+            })
+        })
     }
 }

@@ -1,23 +1,25 @@
-//! Writing dead letters of the Kafka source durably.
+//! Dead letters to a JSONL file or a Kafka topic.
 //!
 //! [`DeadLetterWriter::write`] returns only once the dead letter is durable (the JSONL file
-//! fsynced, or the Kafka dead-letter topic's delivery acknowledged with `acks=all`), so the consumer
-//! may then treat the message's offset as done. Failures are retried with exponential backoff;
-//! if they persist the source stops rather than commit past a message it could not keep.
+//! fsynced, or the dead-letter topic's delivery acknowledged with `acks=all`), so the position
+//! behind it may then be acknowledged. Failures are retried with the bounded patience of
+//! [`crate::retry`]; if they persist the run stops rather than move past a letter it could not
+//! keep.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use super::KafkaSourceError;
-use crate::config::KafkaDeadLetterConfig;
-use crate::dead_letter::DeadLetter;
-use crate::secret::SecretMap;
+use super::{DeadLetter, DeadLetterError};
+use crate::config::DeadLetterConfig;
+use crate::error::ErrorKind;
+use crate::retry::{Patience, backoff};
+use crate::secret::{SecretMap, is_sensitive_key};
 
 /// Consumer-only librdkafka properties that must not reach the dead-letter producer.
 const CONSUMER_ONLY: &[&str] = &[
@@ -56,16 +58,14 @@ pub enum DeadLetterWriter {
 impl DeadLetterWriter {
     /// Opens the configured destination; `props` are the source's librdkafka properties (the
     /// dead-letter topic lives on the same cluster, with the same security settings).
-    pub async fn open(
-        config: &KafkaDeadLetterConfig,
-        props: &SecretMap,
-    ) -> Result<Self, KafkaSourceError> {
+    pub fn open(config: &DeadLetterConfig, props: &SecretMap) -> Result<Self, DeadLetterError> {
         if let Some(path) = &config.path {
             return Self::open_file(path);
         }
-        let topic = config.topic.clone().ok_or_else(|| {
-            KafkaSourceError::Config("sources.kafka.dead_letter: give `topic` or `path`".into())
-        })?;
+        let topic = config
+            .topic
+            .clone()
+            .ok_or_else(|| DeadLetterError::config("dead_letter: give `topic` or `path`".into()))?;
         let mut cc = ClientConfig::new();
         for (k, v) in props.iter() {
             if !CONSUMER_ONLY.contains(&k.as_str()) {
@@ -74,18 +74,25 @@ impl DeadLetterWriter {
         }
         cc.set("acks", "all");
         cc.set("message.timeout.ms", "30000");
-        let producer = cc
-            .create()
-            .map_err(|e| KafkaSourceError::client(e, props))?;
+        let producer = cc.create().map_err(|e| {
+            // librdkafka quotes offending values in configuration errors.
+            let mut text = e.to_string();
+            for (k, v) in props.iter() {
+                if is_sensitive_key(k) && !v.is_empty() {
+                    text = text.replace(v.as_str(), "***");
+                }
+            }
+            DeadLetterError::config(format!("dead_letter.topic {topic}: {text}"))
+        })?;
         Ok(DeadLetterWriter::Kafka { topic, producer })
     }
 
-    fn open_file(path: &Path) -> Result<Self, KafkaSourceError> {
+    fn open_file(path: &Path) -> Result<Self, DeadLetterError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| KafkaSourceError::DeadLetter(format!("{}: {e}", path.display())))?;
+            .map_err(|e| DeadLetterError::config(format!("{}: {e}", path.display())))?;
         Ok(DeadLetterWriter::Jsonl {
             path: path.to_owned(),
             file: Arc::new(file),
@@ -93,13 +100,12 @@ impl DeadLetterWriter {
     }
 
     /// Writes one dead letter; returns once it is durable.
-    pub async fn write(&mut self, letter: &DeadLetter) -> Result<(), KafkaSourceError> {
-        let line = serde_json::to_string(letter)
-            .map_err(|e| KafkaSourceError::DeadLetter(format!("cannot serialise: {e}")))?;
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_max_times(8);
+    pub async fn write(&mut self, letter: &DeadLetter) -> Result<(), DeadLetterError> {
+        let line = serde_json::to_string(letter).map_err(|e| DeadLetterError {
+            kind: ErrorKind::Data,
+            message: format!("dead letter: cannot serialise: {e}"),
+        })?;
+        let backoff = backoff(Patience::Bounded);
         match self {
             DeadLetterWriter::Jsonl { path, file } => {
                 let mut bytes = line.into_bytes();
@@ -120,7 +126,7 @@ impl DeadLetterWriter {
                     .retry(backoff)
                     .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "dead-letter file write failed"))
                     .await
-                    .map_err(|e| KafkaSourceError::DeadLetter(format!("{}: {e}", path.display())))
+                    .map_err(|e| DeadLetterError::connection(format!("{}: {e}", path.display())))
             }
             DeadLetterWriter::Kafka { topic, producer } => {
                 let key = letter.key.clone().unwrap_or_default();
@@ -137,7 +143,7 @@ impl DeadLetterWriter {
                 send.retry(backoff)
                     .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "dead-letter topic write failed"))
                     .await
-                    .map_err(|e| KafkaSourceError::DeadLetter(format!("topic {topic}: {e}")))
+                    .map_err(|e| DeadLetterError::connection(format!("topic {topic}: {e}")))
             }
         }
     }
