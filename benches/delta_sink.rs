@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tributary::config::Config;
-use tributary::event::{ChangeEvent, Lsn, Op, Position, Row, RowSchema, Value, ValueType};
+use tributary::event::{ChangeEvent, Lsn, Op, Row, RowSchema, Value, ValueType};
 use tributary::sink::delta::{DeltaSink, bronze};
 
 const BATCH: usize = 10_000;
@@ -60,10 +60,7 @@ fn events(start: usize, with_embedding: bool) -> Vec<ChangeEvent> {
                 before: None,
                 after: Some(after),
                 schema_version: 1,
-                position: Position::Lsn {
-                    commit_lsn: Lsn(1_000 + i as u64),
-                    tx_ordinal: 0,
-                },
+                position: tributary::source::postgres::position(Lsn(1_000 + i as u64), 0),
                 source_ts: Some(Utc::now()),
                 embedding: with_embedding
                     .then(|| (0..DIM).map(|d| ((i + d) % 97) as f32 / 97.0).collect()),

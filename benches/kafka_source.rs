@@ -67,8 +67,8 @@ async fn source(topic: &str, n: usize) -> f64 {
     let ack_batch = |batch: &[KafkaEvent]| {
         let mut last: [Option<&Position>; PARTITIONS as usize] = [None; PARTITIONS as usize];
         for e in batch {
-            if let Position::Kafka { partition, .. } = &e.event.position {
-                last[*partition as usize] = Some(&e.event.position);
+            if let Some(partition) = e.event.position.stream.partition() {
+                last[partition as usize] = Some(&e.event.position);
             }
         }
         for p in last.into_iter().flatten() {

@@ -15,7 +15,7 @@ use futures::pin_mut;
 use tokio_postgres::NoTls;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tributary::config::Config;
-use tributary::event::{ChangeEvent, Lsn, Op, Position, Row, Value};
+use tributary::event::{ChangeEvent, Lsn, Op, Row, Value};
 use tributary::sink::pgvector::PgvectorSink;
 
 const DIM: usize = 384;
@@ -51,10 +51,7 @@ fn event(i: usize, op: Op, lsn: u64, seed: usize) -> ChangeEvent {
             ("note", Value::Text(note.into())),
         ])),
         schema_version: 1,
-        position: Position::Lsn {
-            commit_lsn: Lsn(lsn),
-            tx_ordinal: i as u64,
-        },
+        position: tributary::source::postgres::position(Lsn(lsn), i as u64),
         source_ts: None,
         embedding: Some(vector(seed)),
         text_hash: Some(seed as u64),

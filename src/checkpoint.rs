@@ -94,18 +94,11 @@ mod tests {
     use crate::event::Lsn;
 
     fn lsn(n: u64) -> Position {
-        Position::Lsn {
-            commit_lsn: Lsn(n),
-            tx_ordinal: 0,
-        }
+        crate::source::postgres::position(Lsn(n), 0)
     }
 
     fn off(p: i32, o: i64) -> Position {
-        Position::Kafka {
-            topic: "orders".into(),
-            partition: p,
-            offset: o,
-        }
+        crate::source::kafka::position("orders".into(), p, o)
     }
 
     const DELTA: usize = 0;

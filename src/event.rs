@@ -4,13 +4,15 @@
 //! both sinks consume it. The types say what the sources really deliver:
 //! - a column value is typed ([`Value`]), and a TOASTed column that an update did not touch is
 //!   [`Value::UnchangedToast`], never a silent NULL;
-//! - a position is a [`Position`], comparable only within one stream (one replication slot, or one
-//!   Kafka topic-partition): positions of different streams have no order, so `partial_cmp` says
-//!   `None` rather than inventing one.
+//! - a position is a [`Position`]: a [`StreamId`] and two integers, comparable only within one
+//!   stream (one replication slot, or one Kafka topic-partition): positions of different streams
+//!   have no order, so `partial_cmp` says `None` rather than inventing one. Sinks never ask which
+//!   source a position came from.
 
 use std::cmp::Ordering;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -92,100 +94,190 @@ impl<'de> Deserialize<'de> for Lsn {
     }
 }
 
-/// Where an event sits in its source. Ordered only within one [`StreamId`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Position {
-    /// A change inside a PostgreSQL transaction: the transaction's commit LSN, then the change's
-    /// ordinal within the transaction (so a transaction's changes keep their order).
-    Lsn { commit_lsn: Lsn, tx_ordinal: u64 },
-    /// A Kafka message.
-    Kafka {
-        topic: String,
-        partition: i32,
-        offset: i64,
-    },
+/// The stream a position belongs to: positions are totally ordered within one stream, and have
+/// no order across streams.
+///
+/// A stream is named by its source (`postgres` for the replication slot, `kafka:{topic}` for a
+/// topic) and, for a partitioned source, a partition. Its text form, `{name}` or
+/// `{name}:{partition}` (`postgres`, `kafka:orders:3`), is what sinks persist (Delta `txn` app
+/// ids, the pgvector `_tributary_positions.stream` column); so a name never ends in `:` and
+/// digits. Sinks treat streams alike: a new source brings new names, no new variant to match.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId {
+    name: Arc<str>,
+    partition: Option<i32>,
 }
 
-/// The stream a position belongs to: positions are totally ordered within one stream.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum StreamId {
-    /// One logical replication slot's stream.
-    Postgres,
-    Kafka {
-        topic: String,
-        partition: i32,
-    },
+impl StreamId {
+    pub fn new(name: impl Into<Arc<str>>, partition: Option<i32>) -> Self {
+        StreamId {
+            name: name.into(),
+            partition,
+        }
+    }
+
+    /// The source's name of the stream (`postgres`, `kafka:orders`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The partition, for a partitioned source (a Kafka topic-partition).
+    pub fn partition(&self) -> Option<i32> {
+        self.partition
+    }
 }
 
 impl fmt::Display for StreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StreamId::Postgres => f.write_str("postgres"),
-            StreamId::Kafka { topic, partition } => write!(f, "kafka:{topic}:{partition}"),
+        match self.partition {
+            None => f.write_str(&self.name),
+            Some(p) => write!(f, "{}:{p}", self.name),
         }
     }
 }
 
-impl Position {
-    pub fn stream(&self) -> StreamId {
-        match self {
-            Position::Lsn { .. } => StreamId::Postgres,
-            Position::Kafka {
-                topic, partition, ..
-            } => StreamId::Kafka {
-                topic: topic.clone(),
-                partition: *partition,
+impl FromStr for StreamId {
+    type Err = std::convert::Infallible;
+
+    /// The inverse of `Display`: a trailing `:{integer}` is the partition.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.rsplit_once(':') {
+            Some((name, p)) if !name.is_empty() => match p.parse::<i32>() {
+                Ok(p) => StreamId::new(name, Some(p)),
+                Err(_) => StreamId::new(s, None),
             },
+            _ => StreamId::new(s, None),
+        })
+    }
+}
+
+/// Where an event sits in its source: a stream and two integers, ordered (major, minor) within
+/// the stream and not at all across streams (`partial_cmp` says `None` rather than inventing an
+/// order). Each source says what its integers mean: PostgreSQL (commit LSN, ordinal in the
+/// transaction), Kafka (offset, 0). Both are non-negative.
+///
+/// Serialised as `{"stream": "kafka:orders:3", "major": 41, "minor": 0}`. Positions written by
+/// earlier versions (`{"kind": "lsn", "commit_lsn": "0/16B3748", "tx_ordinal": 2}`,
+/// `{"kind": "kafka", "topic": …, "partition": …, "offset": …}`) still read back, as the same
+/// positions: pgvector's `_tributary_positions` and dead letters hold them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Position {
+    pub stream: StreamId,
+    pub major: i64,
+    pub minor: i64,
+}
+
+impl Position {
+    pub fn new(stream: StreamId, major: i64, minor: i64) -> Self {
+        Position {
+            stream,
+            major,
+            minor,
         }
+    }
+
+    pub fn stream(&self) -> StreamId {
+        self.stream.clone()
+    }
+
+    /// The position after which a stream has nothing: everything at `major` (the end of a
+    /// PostgreSQL transaction).
+    pub fn end_of(stream: StreamId, major: i64) -> Self {
+        Position::new(stream, major, i64::MAX)
     }
 }
 
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Position::Lsn {
-                commit_lsn,
-                tx_ordinal,
-            } => write!(f, "{commit_lsn}#{tx_ordinal}"),
-            Position::Kafka {
-                topic,
-                partition,
-                offset,
-            } => write!(f, "{topic}[{partition}]@{offset}"),
-        }
+        write!(f, "{}@{}.{}", self.stream, self.major, self.minor)
     }
 }
 
 impl PartialOrd for Position {
     /// `None` when the two positions belong to different streams.
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        match (self, other) {
-            (
-                Position::Lsn {
-                    commit_lsn: a,
-                    tx_ordinal: i,
-                },
-                Position::Lsn {
-                    commit_lsn: b,
-                    tx_ordinal: j,
-                },
-            ) => Some((a, i).cmp(&(b, j))),
-            (
-                Position::Kafka {
-                    topic: t1,
-                    partition: p1,
-                    offset: o1,
-                },
-                Position::Kafka {
-                    topic: t2,
-                    partition: p2,
-                    offset: o2,
-                },
-            ) if t1 == t2 && p1 == p2 => Some(o1.cmp(o2)),
-            _ => None,
-        }
+        (self.stream == other.stream)
+            .then(|| (self.major, self.minor).cmp(&(other.major, other.minor)))
+    }
+}
+
+impl Serialize for Position {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut st = s.serialize_struct("Position", 3)?;
+        st.serialize_field("stream", &self.stream.to_string())?;
+        st.serialize_field("major", &self.major)?;
+        st.serialize_field("minor", &self.minor)?;
+        st.end()
+    }
+}
+
+/// Every form a position was ever written in.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PositionForm {
+    Flat {
+        stream: String,
+        major: i64,
+        minor: i64,
+    },
+    /// Written by versions before flat positions: a PostgreSQL position.
+    LegacyLsn {
+        kind: LegacyKind,
+        commit_lsn: Lsn,
+        tx_ordinal: u64,
+    },
+    /// Written by versions before flat positions: a Kafka position.
+    LegacyKafka {
+        kind: LegacyKind,
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LegacyKind {
+    Lsn,
+    Kafka,
+}
+
+impl<'de> Deserialize<'de> for Position {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let to_i64 = |n: u64, what: &str| {
+            i64::try_from(n).map_err(|_| serde::de::Error::custom(format!("{what} {n} too large")))
+        };
+        Ok(match PositionForm::deserialize(d)? {
+            PositionForm::Flat {
+                stream,
+                major,
+                minor,
+            } => {
+                let Ok(stream) = stream.parse();
+                Position::new(stream, major, minor)
+            }
+            PositionForm::LegacyLsn {
+                kind: LegacyKind::Lsn,
+                commit_lsn,
+                tx_ordinal,
+            } => Position::new(
+                StreamId::new("postgres", None),
+                to_i64(commit_lsn.0, "LSN")?,
+                to_i64(tx_ordinal, "ordinal")?,
+            ),
+            PositionForm::LegacyKafka {
+                kind: LegacyKind::Kafka,
+                topic,
+                partition,
+                offset,
+            } => Position::new(
+                StreamId::new(format!("kafka:{topic}"), Some(partition)),
+                offset,
+                0,
+            ),
+            _ => return Err(serde::de::Error::custom("position: unknown kind")),
+        })
     }
 }
 
@@ -577,18 +669,11 @@ mod tests {
     use super::*;
 
     fn lsn_pos(lsn: u64, ord: u64) -> Position {
-        Position::Lsn {
-            commit_lsn: Lsn(lsn),
-            tx_ordinal: ord,
-        }
+        crate::source::postgres::position(Lsn(lsn), ord)
     }
 
     fn kafka_pos(topic: &str, partition: i32, offset: i64) -> Position {
-        Position::Kafka {
-            topic: topic.into(),
-            partition,
-            offset,
-        }
+        crate::source::kafka::position(topic, partition, offset)
     }
 
     #[test]
@@ -621,11 +706,46 @@ mod tests {
         assert_eq!(lsn_pos(1, 0).partial_cmp(&kafka_pos("orders", 0, 0)), None);
         assert_eq!(
             kafka_pos("orders", 2, 5).stream(),
-            StreamId::Kafka {
-                topic: "orders".into(),
-                partition: 2
-            }
+            StreamId::new("kafka:orders", Some(2))
         );
+    }
+
+    #[test]
+    fn stream_ids_read_back_from_their_text() {
+        for s in [
+            StreamId::new("postgres", None),
+            StreamId::new("kafka:orders", Some(3)),
+            StreamId::new("kafka:2024", Some(0)),
+            StreamId::new("kafka:a:b", Some(12)),
+        ] {
+            assert_eq!(s.to_string().parse::<StreamId>(), Ok(s.clone()), "{s}");
+        }
+        assert_eq!(
+            "kafka:orders:3".parse::<StreamId>().unwrap().partition(),
+            Some(3)
+        );
+        assert_eq!("postgres".parse::<StreamId>().unwrap().partition(), None);
+    }
+
+    #[test]
+    fn positions_written_by_earlier_versions_read_back_as_the_same_positions() {
+        let old_lsn =
+            serde_json::json!({"kind": "lsn", "commit_lsn": "16/B374D848", "tx_ordinal": 7});
+        let p: Position = serde_json::from_value(old_lsn).unwrap();
+        assert_eq!(p, lsn_pos(0x16_B374_D848, 7));
+        let old_kafka =
+            serde_json::json!({"kind": "kafka", "topic": "orders", "partition": 2, "offset": 99});
+        let p: Position = serde_json::from_value(old_kafka).unwrap();
+        assert_eq!(p, kafka_pos("orders", 2, 99));
+        // The flat form round-trips, and is what is written now.
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"stream": "kafka:orders:2", "major": 99, "minor": 0})
+        );
+        assert_eq!(serde_json::from_value::<Position>(v).unwrap(), p);
+        let bad = serde_json::json!({"kind": "lsn", "topic": "x", "partition": 0, "offset": 1});
+        assert!(serde_json::from_value::<Position>(bad).is_err());
     }
 
     #[test]
@@ -710,7 +830,8 @@ mod tests {
         assert_ne!(after.get("big_text"), after.get("gone"));
         // Positions serialise readably.
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-        assert_eq!(v["position"]["commit_lsn"], "16/B374D848");
+        assert_eq!(v["position"]["stream"], "postgres");
+        assert_eq!(v["position"]["major"], 0x16_B374_D848_i64);
         assert_eq!(v["op"], "update");
     }
 
@@ -734,7 +855,7 @@ mod tests {
         let back: ChangeEvent =
             serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();
         assert_eq!(back, event);
-        assert_eq!(back.position.to_string(), "orders[2]@99");
+        assert_eq!(back.position.to_string(), "kafka:orders:2@99.0");
     }
 
     #[test]

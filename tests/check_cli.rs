@@ -117,7 +117,7 @@ fn a_bad_config_exits_two_naming_the_key() {
 
 #[tokio::test]
 async fn status_json_reports_what_the_pgvector_sink_holds() {
-    use tributary::event::{ChangeEvent, Lsn, Op, Position, Value};
+    use tributary::event::{ChangeEvent, Lsn, Op, Value};
     let schema = common::unique("st");
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = write_config(
@@ -133,10 +133,7 @@ async fn status_json_reports_what_the_pgvector_sink_holds() {
         tributary::sink::pgvector::PgvectorSink::connect(config.sinks.pgvector.clone().unwrap())
             .await
             .unwrap();
-    let position = Position::Lsn {
-        commit_lsn: Lsn(0x1_0000_0010),
-        tx_ordinal: 3,
-    };
+    let position = tributary::source::postgres::position(Lsn(0x1_0000_0010), 3);
     let event = ChangeEvent {
         source: "public.orders".into(),
         op: Op::Insert,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{env, insert_event, unique};
 use tributary::config::Config;
-use tributary::event::{ChangeEvent, Lsn, Position, StreamId};
+use tributary::event::{ChangeEvent, Lsn};
 use tributary::sink::delta::DeltaSink;
 
 const SOURCE: &str = "public.orders";
@@ -121,13 +121,10 @@ async fn a_store_outage_during_a_commit_is_retried_and_nothing_is_lost_or_double
     let mut restarted = DeltaSink::new("t", &cfg).unwrap();
     assert_eq!(
         restarted
-            .committed(SOURCE, &StreamId::Postgres)
+            .committed(SOURCE, &tributary::source::postgres::stream())
             .await
             .unwrap(),
-        Some(Position::Lsn {
-            commit_lsn: Lsn(200),
-            tx_ordinal: 9
-        })
+        Some(tributary::source::postgres::position(Lsn(200), 9))
     );
     assert_eq!(restarted.write(SOURCE, &second).await.unwrap().rows, 0);
     drop(azurite.stop());

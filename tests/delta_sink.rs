@@ -12,9 +12,7 @@ use std::sync::Arc;
 use tributary::config::Config;
 use tributary::dead_letter::DeadLetter;
 
-use tributary::event::{
-    ChangeEvent, Lsn, Op, Position, Row, RowSchema, StreamId, Value, ValueType,
-};
+use tributary::event::{ChangeEvent, Lsn, Op, Position, Row, RowSchema, Value, ValueType};
 use tributary::sink::delta::{DLQ_TABLE, DeltaSink};
 
 const SOURCE: &str = "public.orders";
@@ -69,18 +67,11 @@ fn parse(section: &str) -> tributary::config::DeltaSinkConfig {
 const ALL: [Backend; 3] = [Backend::Local, Backend::S3, Backend::Azure];
 
 fn lsn(lsn: u64, ord: u64) -> Position {
-    Position::Lsn {
-        commit_lsn: Lsn(lsn),
-        tx_ordinal: ord,
-    }
+    tributary::source::postgres::position(Lsn(lsn), ord)
 }
 
 fn kafka(partition: i32, offset: i64) -> Position {
-    Position::Kafka {
-        topic: "orders".into(),
-        partition,
-        offset,
-    }
+    tributary::source::kafka::position("orders".into(), partition, offset)
 }
 
 fn event(id: i64, position: Position) -> ChangeEvent {
@@ -247,7 +238,9 @@ async fn append_read_back_and_replay(backend: Backend) {
     let cfg = backend.config("");
     let mut sink = DeltaSink::new("t", &cfg).unwrap();
     assert_eq!(
-        sink.committed(SOURCE, &StreamId::Postgres).await.unwrap(),
+        sink.committed(SOURCE, &tributary::source::postgres::stream())
+            .await
+            .unwrap(),
         None
     );
     let first = tx(100, 0..3);
@@ -266,7 +259,7 @@ async fn append_read_back_and_replay(backend: Backend) {
     let mut restarted = DeltaSink::new("t", &cfg).unwrap();
     assert_eq!(
         restarted
-            .committed(SOURCE, &StreamId::Postgres)
+            .committed(SOURCE, &tributary::source::postgres::stream())
             .await
             .unwrap(),
         Some(lsn(200, 1))
@@ -314,7 +307,7 @@ async fn crash_before_commit(backend: Backend) {
     let mut restarted = DeltaSink::new("t", &cfg).unwrap();
     assert_eq!(
         restarted
-            .committed(SOURCE, &StreamId::Postgres)
+            .committed(SOURCE, &tributary::source::postgres::stream())
             .await
             .unwrap(),
         Some(lsn(10, 1))
@@ -351,10 +344,7 @@ async fn concurrent_writers(backend: Backend) {
     tokio::join!(run(&mut a, 0), run(&mut b, 1));
     all_once(&read_back(&a, SOURCE).await.0, 41);
     for p in [0, 1] {
-        let stream = StreamId::Kafka {
-            topic: "orders".into(),
-            partition: p,
-        };
+        let stream = tributary::source::kafka::stream("orders", p);
         assert_eq!(
             a.committed(SOURCE, &stream).await.unwrap(),
             Some(kafka(p, 19))

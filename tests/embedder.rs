@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::env;
 use tributary::config::EmbeddingConfig;
 use tributary::enrich::{Embedder, Enricher, NoStoredHashes};
-use tributary::event::{ChangeEvent, Lsn, Op, Position, Row, Value};
+use tributary::event::{ChangeEvent, Lsn, Op, Row, Value};
 
 fn model_config() -> EmbeddingConfig {
     EmbeddingConfig::for_model(PathBuf::from(env("TRIBUTARY_MODEL_DIR")))
@@ -131,10 +131,7 @@ fn order(id: i64, note: &str, lsn: u64) -> ChangeEvent {
             ("status", Value::Text(format!("status at {lsn}").into())),
         ])),
         schema_version: 1,
-        position: Position::Lsn {
-            commit_lsn: Lsn(lsn),
-            tx_ordinal: 0,
-        },
+        position: tributary::source::postgres::position(Lsn(lsn), 0),
         source_ts: None,
         embedding: None,
         text_hash: None,

@@ -109,11 +109,9 @@ async fn next(events: &mut Events) -> KafkaEvent {
 }
 
 fn offset_of(e: &KafkaEvent) -> (i32, i64) {
-    match &e.event.position {
-        Position::Kafka {
-            partition, offset, ..
-        } => (*partition, *offset),
-        other => panic!("not a Kafka position: {other}"),
+    match tributary::source::kafka::offset_of(&e.event.position) {
+        Some((_, partition, offset)) => (partition, offset),
+        None => panic!("not a Kafka position: {}", e.event.position),
     }
 }
 
@@ -372,11 +370,7 @@ async fn undecodable_messages_are_dead_lettered_while_good_ones_flow() {
         assert_eq!(letter.source, topic);
         assert_eq!(
             letter.position,
-            Position::Kafka {
-                topic: topic.clone(),
-                partition: 0,
-                offset: i as i64 + 1
-            }
+            tributary::source::kafka::position(&topic, 0, i as i64 + 1)
         );
         assert_eq!(letter.key.as_deref(), Some("bad-key"));
         assert!(
@@ -925,11 +919,7 @@ async fn dead_letters_can_go_to_a_kafka_topic() {
     let letter: Letter = serde_json::from_slice(m.payload().unwrap()).unwrap();
     assert_eq!(
         letter.position,
-        Position::Kafka {
-            topic: topic.clone(),
-            partition: 0,
-            offset: 0
-        }
+        tributary::source::kafka::position(&topic, 0, 0)
     );
     assert!(letter.error.contains("not valid JSON"), "{}", letter.error);
     let raw = base64::engine::general_purpose::STANDARD

@@ -43,10 +43,7 @@ fn vec_along(i: usize) -> Vec<f32> {
 }
 
 fn pos(lsn: u64, ord: u64) -> Position {
-    Position::Lsn {
-        commit_lsn: Lsn(lsn),
-        tx_ordinal: ord,
-    }
+    tributary::source::postgres::position(Lsn(lsn), ord)
 }
 
 fn event(op: Op, id: i32, note: Option<&str>, position: Position) -> ChangeEvent {

@@ -6,7 +6,7 @@ mod common;
 use tributary::config::PostgresSourceConfig;
 use tributary::event::{ChangeEvent, Op, Position, Value};
 use tributary::secret::ConnString;
-use tributary::source::postgres::PostgresSourceReader;
+use tributary::source::postgres::{PostgresSourceReader, lsn_of};
 
 const WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -170,17 +170,8 @@ async fn streams_inserts_updates_deletes_truncates_with_positions() {
     assert_eq!(evs[4].after, None);
     // Both inserts share the commit, ordered by ordinal; later transactions come later.
     let pos: Vec<&Position> = evs.iter().map(|e| &e.position).collect();
-    match (pos[0], pos[1]) {
-        (
-            Position::Lsn {
-                commit_lsn: a,
-                tx_ordinal: 0,
-            },
-            Position::Lsn {
-                commit_lsn: b,
-                tx_ordinal: 1,
-            },
-        ) => assert_eq!(a, b),
+    match (lsn_of(pos[0]), lsn_of(pos[1])) {
+        (Some((a, 0)), Some((b, 1))) => assert_eq!(a, b),
         other => panic!("unexpected positions {other:?}"),
     }
     for w in pos.windows(2).skip(1) {
@@ -215,10 +206,7 @@ async fn acknowledged_positions_are_not_redelivered_after_restart() {
     assert_eq!(int(&again[0], "after", "id"), Some(Value::Int32(3)));
     assert!(
         src.confirmed_flush().await.unwrap()
-            >= match evs[1].position {
-                Position::Lsn { commit_lsn, .. } => commit_lsn,
-                _ => unreachable!(),
-            }
+            >= lsn_of(&evs[1].position).expect("a PostgreSQL position").0
     );
     src.close().await;
     db.drop_slot().await;
@@ -662,17 +650,11 @@ async fn large_transaction_is_streamed_and_spilled_and_an_aborted_one_emits_noth
         200_000,
         "the committed rows once; aborted ones never"
     );
-    let commit = match evs[0].position {
-        Position::Lsn { commit_lsn, .. } => commit_lsn,
-        _ => unreachable!(),
-    };
+    let commit = lsn_of(&evs[0].position).expect("a PostgreSQL position").0;
     for (i, e) in evs.iter().enumerate() {
         assert_eq!(
             e.position,
-            Position::Lsn {
-                commit_lsn: commit,
-                tx_ordinal: i as u64
-            }
+            tributary::source::postgres::position(commit, i as u64)
         );
     }
     assert!(

@@ -18,17 +18,11 @@ use crate::source::{Acknowledge, Source, SourceError, SourceFuture, StartContext
 use crate::telemetry::health::Health;
 
 fn pos(lsn: u64) -> Position {
-    Position::Lsn {
-        commit_lsn: Lsn(lsn),
-        tx_ordinal: 0,
-    }
+    crate::source::postgres::position(Lsn(lsn), 0)
 }
 
 fn lsn_of(p: &Position) -> u64 {
-    match p {
-        Position::Lsn { commit_lsn, .. } => commit_lsn.0,
-        Position::Kafka { offset, .. } => *offset as u64,
-    }
+    p.major as u64
 }
 
 fn event(id: u64) -> ChangeEvent {

@@ -99,7 +99,7 @@ pub async fn drop_source_db(admin: &tokio_postgres::Client, name: &str, slot: &s
 /// An insert of the one-column row `{id}` into `public.orders` at (commit LSN, ordinal), as the
 /// PostgreSQL source emits it (no embedding, no declared schema).
 pub fn insert_event(id: i64, commit: u64, ordinal: u64) -> tributary::event::ChangeEvent {
-    use tributary::event::{ChangeEvent, Lsn, Op, Position, Row, Value};
+    use tributary::event::{ChangeEvent, Lsn, Op, Row, Value};
     let row: Row = [("id", Value::Int64(id))].into_iter().collect();
     ChangeEvent {
         source: "public.orders".into(),
@@ -108,10 +108,7 @@ pub fn insert_event(id: i64, commit: u64, ordinal: u64) -> tributary::event::Cha
         before: None,
         after: Some(row),
         schema_version: 1,
-        position: Position::Lsn {
-            commit_lsn: Lsn(commit),
-            tx_ordinal: ordinal,
-        },
+        position: tributary::source::postgres::position(Lsn(commit), ordinal),
         source_ts: None,
         embedding: None,
         text_hash: None,

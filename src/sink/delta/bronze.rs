@@ -25,16 +25,13 @@ use crate::event::{
 /// The partition column of every Bronze and `_dlq` table.
 pub const PARTITION_COLUMN: &str = "_ingest_date";
 
-/// Position as two sortable integers: (commit LSN, ordinal) or (partition, offset).
+/// Position as the two sortable integers of `_position_major`/`_position_minor`: for a
+/// partitioned stream (Kafka) the partition and the position in it (the offset), else the
+/// position's own two parts (commit LSN, ordinal).
 pub fn position_parts(p: &Position) -> (i64, i64) {
-    match p {
-        Position::Lsn {
-            commit_lsn,
-            tx_ordinal,
-        } => (commit_lsn.0 as i64, *tx_ordinal as i64),
-        Position::Kafka {
-            partition, offset, ..
-        } => (i64::from(*partition), *offset),
+    match p.stream.partition() {
+        Some(partition) => (i64::from(partition), p.major),
+        None => (p.major, p.minor),
     }
 }
 

@@ -99,15 +99,7 @@ pub(super) async fn record_positions(
 /// A position as the three sortable columns rows carry: (partition, major, minor). Postgres:
 /// (NULL, commit LSN, ordinal); Kafka: (partition, offset, 0).
 fn position_columns(p: &Position) -> (Option<i32>, i64, i64) {
-    match p {
-        Position::Lsn {
-            commit_lsn,
-            tx_ordinal,
-        } => (None, commit_lsn.0 as i64, *tx_ordinal as i64),
-        Position::Kafka {
-            partition, offset, ..
-        } => (Some(*partition), *offset, 0),
-    }
+    (p.stream.partition(), p.major, p.minor)
 }
 
 /// For an update whose old key (sent by the source when the key changed) differs from its new

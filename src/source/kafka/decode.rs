@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value as J};
 
 use crate::config::{ColumnType, MessageFormat, TopicConfig};
-use crate::event::{ChangeEvent, Name, Op, Position, Row, RowSchema, Value, ValueType};
+use crate::event::{ChangeEvent, Name, Op, Position, Row, RowSchema, StreamId, Value, ValueType};
 
 /// A consumed message, borrowed from the client.
 #[derive(Debug, Clone)]
@@ -112,6 +112,9 @@ pub struct Decoder {
     /// The declared columns as the event schema (`None` when the topic declares none).
     schema: Option<std::sync::Arc<RowSchema>>,
     max_bytes: usize,
+    /// The topic, and its stream name (`kafka:{topic}`) built once: each position shares it.
+    topic: String,
+    stream_name: std::sync::Arc<str>,
 }
 
 impl Decoder {
@@ -126,6 +129,8 @@ impl Decoder {
                 .collect(),
             schema: declared_schema(&topic.columns),
             max_bytes: max_message_bytes,
+            topic: topic.name.clone(),
+            stream_name: super::stream(&topic.name, 0).name().into(),
         }
     }
 
@@ -162,11 +167,7 @@ impl Decoder {
                 before,
                 after,
                 schema_version: 0,
-                position: Position::Kafka {
-                    topic: msg.topic.to_owned(),
-                    partition: msg.partition,
-                    offset: msg.offset,
-                },
+                position: self.position(msg),
                 source_ts,
                 embedding: None,
                 text_hash: None,
@@ -174,6 +175,15 @@ impl Decoder {
             },
             meta,
         }))
+    }
+
+    fn position(&self, msg: &RawMessage<'_>) -> Position {
+        if msg.topic == self.topic {
+            let stream = StreamId::new(self.stream_name.clone(), Some(msg.partition));
+            Position::new(stream, msg.offset, 0)
+        } else {
+            super::position(msg.topic, msg.partition, msg.offset)
+        }
     }
 
     fn raw(&self, msg: &RawMessage<'_>) -> Parts {

@@ -41,13 +41,8 @@ impl KafkaAcker {
     /// Everything up to and including `position` on its partition is durable in every sink.
     /// Positions of other sources are ignored.
     pub fn ack(&self, position: &Position) {
-        if let Position::Kafka {
-            topic,
-            partition,
-            offset,
-        } = position
-        {
-            self.shared.tracker().ack(topic, *partition, *offset);
+        if let Some((topic, partition, offset)) = super::offset_of(position) {
+            self.shared.tracker().ack(topic, partition, offset);
             self.shared.acked.notify_all();
         }
     }

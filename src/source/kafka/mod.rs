@@ -39,6 +39,27 @@ pub use consumer::{KafkaAcker, KafkaSourceHandle, start, start_with, start_with_
 pub use decode::{Decoded, KafkaEvent, KafkaMeta};
 pub use source::KafkaSource;
 
+use crate::event::{Position, StreamId};
+
+/// The prefix of a Kafka stream's name: `kafka:{topic}`, one stream per partition.
+const STREAM_PREFIX: &str = "kafka:";
+
+/// The stream of one topic-partition.
+pub fn stream(topic: &str, partition: i32) -> StreamId {
+    StreamId::new(format!("{STREAM_PREFIX}{topic}"), Some(partition))
+}
+
+/// A message's position: its offset on its topic-partition's stream.
+pub fn position(topic: &str, partition: i32, offset: i64) -> Position {
+    Position::new(stream(topic, partition), offset, 0)
+}
+
+/// The (topic, partition, offset) of a Kafka position; `None` for other sources' positions.
+pub fn offset_of(position: &Position) -> Option<(&str, i32, i64)> {
+    let topic = position.stream.name().strip_prefix(STREAM_PREFIX)?;
+    Some((topic, position.stream.partition()?, position.major))
+}
+
 use crate::error::{Classify, ErrorKind};
 use crate::secret::{SecretMap, is_sensitive_key};
 

@@ -20,7 +20,6 @@ use super::decode::{DecodeError, Decoded, Decoder, KafkaEvent, RawMessage};
 use super::handle::Shared;
 use crate::dead_letter::DeadLetter;
 use crate::dead_letter::DeadLetters;
-use crate::event::Position;
 
 /// A subscribed topic: its decoder and its events counter.
 pub(super) struct TopicState {
@@ -202,11 +201,7 @@ impl Sequencer {
                 }
                 let letter = DeadLetter::new(
                     topic,
-                    Position::Kafka {
-                        topic: topic.to_owned(),
-                        partition,
-                        offset,
-                    },
+                    super::position(topic, partition, offset),
                     chunk
                         .key(m)
                         .map(|k| String::from_utf8_lossy(k).into_owned()),
@@ -237,14 +232,10 @@ impl Sequencer {
 fn first_offsets(batch: &[KafkaEvent]) -> Vec<(String, i32, i64)> {
     let mut firsts: Vec<(String, i32, i64)> = Vec::new();
     for e in batch {
-        if let Position::Kafka {
-            topic,
-            partition,
-            offset,
-        } = &e.event.position
-            && !firsts.iter().any(|f| f.1 == *partition && f.0 == *topic)
+        if let Some((topic, partition, offset)) = super::offset_of(&e.event.position)
+            && !firsts.iter().any(|f| f.1 == partition && f.0 == topic)
         {
-            firsts.push((topic.clone(), *partition, *offset));
+            firsts.push((topic.to_owned(), partition, offset));
         }
     }
     firsts

@@ -15,7 +15,7 @@
 //! - Protocol v2 `streaming` is negotiated on PostgreSQL ≥ 14: an in-progress transaction's
 //!   chunks are buffered per xid ([`txbuf`]: memory up to `max_tx_memory_mb`, then a temporary
 //!   file), emitted on Stream Commit a batch at a time, dropped on Stream Abort. Every event
-//!   carries `Position::Lsn { commit_lsn, tx_ordinal }`.
+//!   carries the position [`position`]`(commit_lsn, ordinal)` on the stream `postgres`.
 //! - The slot's flush position moves only when the pipeline calls [`PostgresSourceReader::ack`]
 //!   with a durable position, and only to the end of transactions wholly acknowledged. While
 //!   nothing is in flight, the server's keepalive position (and the optional heartbeat table's
@@ -44,10 +44,33 @@ use tokio_postgres::Client;
 
 use crate::config::{PostgresSourceConfig, parse_table_name};
 use crate::error::{Classify, ErrorKind};
-use crate::event::{ChangeEvent, Lsn};
+use crate::event::{ChangeEvent, Lsn, Position, StreamId};
 use decode::Relation;
 use snapshot::Snapshot;
 use txbuf::{Replay, TxBuffer};
+
+/// The name of the replication slot's stream (what sinks record positions under).
+pub const STREAM: &str = "postgres";
+
+/// The stream of the replication slot.
+pub fn stream() -> StreamId {
+    static STREAM_ID: std::sync::OnceLock<StreamId> = std::sync::OnceLock::new();
+    STREAM_ID
+        .get_or_init(|| StreamId::new(STREAM, None))
+        .clone()
+}
+
+/// A change's position: its transaction's commit LSN, then its ordinal within the transaction
+/// (so a transaction's changes keep their order). LSNs stay below 2^63 (8 EiB of WAL).
+pub fn position(commit_lsn: Lsn, ordinal: u64) -> Position {
+    Position::new(stream(), commit_lsn.0 as i64, ordinal as i64)
+}
+
+/// The (commit LSN, ordinal) of a position of this source; `None` for other sources' positions.
+pub fn lsn_of(position: &Position) -> Option<(Lsn, u64)> {
+    (position.stream.name() == STREAM && position.stream.partition().is_none())
+        .then(|| (Lsn(position.major as u64), position.minor as u64))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgSourceError {

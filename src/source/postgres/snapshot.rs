@@ -17,7 +17,7 @@ use chrono::Utc;
 use tokio_postgres::Client;
 
 use super::{PgSourceError, db, decode};
-use crate::event::{ChangeEvent, Lsn, Op, Position, Row, Value};
+use crate::event::{ChangeEvent, Lsn, Op, Row, Value};
 use crate::pg::{quote_ident, quote_qualified};
 
 /// Snapshot ordinals carry the attempt number in their high bits, so rows of a resumed snapshot
@@ -202,10 +202,7 @@ impl Snapshot {
                     before: None,
                     after: Some(row),
                     schema_version: 1,
-                    position: Position::Lsn {
-                        commit_lsn: self.base,
-                        tx_ordinal: self.next_ordinal,
-                    },
+                    position: super::position(self.base, self.next_ordinal),
                     source_ts: Some(now),
                     embedding: None,
                     text_hash: None,

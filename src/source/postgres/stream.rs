@@ -253,10 +253,7 @@ impl PostgresSourceReader {
                             continue;
                         }
                         let r = self.replaying.as_mut().expect("replaying");
-                        ev.position = Position::Lsn {
-                            commit_lsn,
-                            tx_ordinal: r.ordinal,
-                        };
+                        ev.position = super::position(commit_lsn, r.ordinal);
                         r.ordinal += 1;
                         ev.source_ts = Some(commit_ts);
                         out.push(ev);
@@ -273,11 +270,7 @@ impl PostgresSourceReader {
     /// changes the slot's flush position moves to the end of the last transaction wholly
     /// acknowledged; for snapshot rows, finished tables are recorded as done.
     pub async fn ack(&mut self, pos: &Position) -> Result<(), PgSourceError> {
-        let Position::Lsn {
-            commit_lsn,
-            tx_ordinal,
-        } = *pos
-        else {
+        let Some((commit_lsn, tx_ordinal)) = super::lsn_of(pos) else {
             return Ok(());
         };
         match self.snapshot_base() {
@@ -414,10 +407,7 @@ impl PostgresSourceReader {
                     before,
                     after,
                     schema_version: self.schema_versions.get(&id).copied().unwrap_or(1),
-                    position: Position::Lsn {
-                        commit_lsn: Lsn(0),
-                        tx_ordinal: 0,
-                    },
+                    position: super::position(Lsn(0), 0),
                     source_ts: None::<DateTime<Utc>>,
                     embedding: None,
                     text_hash: None,

@@ -26,7 +26,7 @@ pub struct PostgresAcker {
 
 impl PostgresAcker {
     pub fn ack(&self, position: &Position) {
-        if matches!(position, Position::Lsn { .. }) {
+        if super::lsn_of(position).is_some() {
             // The task is gone only after every acker was dropped or it failed.
             let _ = self.tx.send(position.clone());
         }
