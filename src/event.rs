@@ -574,6 +574,26 @@ impl Row {
         self.0.iter()
     }
 
+    pub fn columns_mut(&mut self) -> impl Iterator<Item = &mut Column> {
+        self.0.iter_mut()
+    }
+
+    /// Replaces the value of column `name`, if the row has it; returns whether it did.
+    pub fn set(&mut self, name: &str, value: Value) -> bool {
+        match self.0.iter_mut().find(|c| c.name == name) {
+            Some(c) => {
+                c.value = value;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether some column is an unchanged-TOAST value.
+    pub fn has_unchanged_toast(&self) -> bool {
+        self.0.iter().any(|c| c.value == Value::UnchangedToast)
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }

@@ -17,6 +17,7 @@
 
 pub mod model;
 mod stage;
+pub mod text;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -264,11 +265,25 @@ impl Enricher {
         };
         let key = cache_key(e);
         let remembered = self.cache.get(&key);
-        let Some(text) = render(parts, after, remembered) else {
+        let filled;
+        let row = match remembered {
+            Some(r) if after.columns().any(|c| c.value == Value::UnchangedToast) => {
+                let mut row = after.clone();
+                for (name, v) in &r.columns {
+                    if row.get(name) == Some(&Value::UnchangedToast) {
+                        row.set(name, v.clone());
+                    }
+                }
+                filled = row;
+                &filled
+            }
+            _ => after,
+        };
+        let Some(text) = text::render(parts, row) else {
             // An unchanged TOAST column we cannot fill: the sink keeps the stored vector.
             return Plan::Pass;
         };
-        let hash = twox_hash::XxHash3_64::oneshot(text.as_bytes());
+        let hash = text::text_hash(&text);
         match remembered {
             Some(r) if r.hash == hash => Plan::Reuse(r.vector.clone(), hash),
             None if stored.get(&key) == Some(&hash) => Plan::Reuse(None, hash),
@@ -296,37 +311,6 @@ impl Enricher {
 /// The cache key: source and the key as JSON text.
 pub fn cache_key(e: &ChangeEvent) -> (String, String) {
     (e.source.clone(), e.key.to_json().to_string())
-}
-
-/// Renders a template over a row; `None` when an unchanged-TOAST column has no remembered value.
-fn render(parts: &[TemplatePart], row: &Row, remembered: Option<&Remembered>) -> Option<String> {
-    let mut out = String::new();
-    for p in parts {
-        match p {
-            TemplatePart::Literal(s) => out.push_str(s),
-            TemplatePart::Column(c) => {
-                let value = match row.get(c) {
-                    Some(Value::UnchangedToast) => remembered?
-                        .columns
-                        .iter()
-                        .find(|(name, _)| name == c)
-                        .map(|(_, v)| v)?,
-                    Some(v) => v,
-                    None => continue,
-                };
-                match value {
-                    Value::Null => {}
-                    Value::Text(s) | Value::Numeric(s) => out.push_str(s),
-                    Value::Json(j) => out.push_str(j.as_str()),
-                    other => match other.to_json() {
-                        serde_json::Value::String(s) => out.push_str(&s),
-                        j => out.push_str(&j.to_string()),
-                    },
-                }
-            }
-        }
-    }
-    Some(out)
 }
 
 fn dead_letter(e: &ChangeEvent, msg: &str) -> DeadLetter {
