@@ -1018,3 +1018,47 @@ async fn a_snapshot_row_that_cannot_be_decoded_stops_a_reader_with_nowhere_to_pu
     src.close().await;
     db.drop_slot().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_server_cannot_send_stops_the_reader_instead_of_reconnecting_forever() {
+    let db = sql_ascii_db("CREATE TABLE notes (id int PRIMARY KEY, body text);").await;
+    let mut src = PostgresSourceReader::connect(&db.config(&["notes"]))
+        .await
+        .unwrap();
+    assert!(src.poll(10, WAIT).await.unwrap().is_empty());
+    db.client
+        .batch_execute("INSERT INTO notes VALUES (1, 'good')")
+        .await
+        .unwrap();
+    let good = poll_n(&mut src, 1).await;
+    assert_eq!(good.len(), 1);
+    src.ack(&good[0].position).await.unwrap();
+    // The walsender fails to convert this row to the replication connection's UTF-8, at every
+    // attempt: the reader must stop and say why and what to do.
+    db.client
+        .batch_execute("INSERT INTO notes VALUES (2, E'caf\\351')")
+        .await
+        .unwrap();
+    let mut failed = None;
+    for _ in 0..100 {
+        match src.poll(10, WAIT).await {
+            Ok(evs) => assert!(evs.is_empty(), "{evs:?}"),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let err = failed.expect("the reader must stop").to_string();
+    for needle in [
+        "invalid byte sequence",
+        "SQL_ASCII",
+        "pg_replication_slot_advance",
+        "after LSN",
+        &db.slot,
+    ] {
+        assert!(err.contains(needle), "{needle:?} in {err}");
+    }
+    src.close().await;
+    db.drop_slot().await;
+}

@@ -25,8 +25,11 @@
 //! - A row with a value that cannot be decoded (text that is not UTF-8, which a `SQL_ASCII`
 //!   database stores unchecked) keeps its position and goes to the run's dead letters with the
 //!   table, key, reason and its values as they arrived; the source passes its position itself
-//!   once the letter is durable, and the rest of the transaction and the stream go on. A
-//!   malformed message or an unknown relation stops the run (the stream itself is broken).
+//!   once the letter is durable, and the rest of the transaction and the stream go on. The
+//!   snapshot reads such bytes as stored; the replication connection is UTF-8, so there the
+//!   server refuses to send the change (a data error, SQLSTATE class 22), which stops the run
+//!   with the LSN and the way out: it would recur at every reconnect. A malformed message or an
+//!   unknown relation stops the run too (the stream itself is broken).
 
 pub mod decode;
 mod setup;
@@ -337,6 +340,20 @@ impl PostgresSourceReader {
         Ok(())
     }
 
+    /// The server failed to send the change after `after` with a data exception (SQLSTATE class
+    /// 22, in `server`): it fails the same way at every reconnect, so the reader stops.
+    fn unsendable(&self, server: &str, after: Lsn) -> PgSourceError {
+        PgSourceError::Setup(format!(
+            "slot {:?}: the server cannot send the change after LSN {after}: {server}. It fails \
+             the same way at every restart. Usually a SQL_ASCII database holds bytes that are \
+             not UTF-8, which the replication connection (UTF-8) cannot carry: the snapshot \
+             dead-letters such rows, the stream never receives them. To go on without that \
+             transaction, advance the slot past its commit with pg_replication_slot_advance \
+             (its changes are then not replicated)",
+            self.cfg.slot
+        ))
+    }
+
     /// True while the initial snapshot is being read.
     pub fn snapshotting(&self) -> bool {
         self.snapshot.as_ref().is_some_and(|s| !s.finished())
@@ -421,6 +438,14 @@ impl PostgresSourceReader {
             match frame {
                 Ok(raw) => self.handle(&raw.data)?,
                 Err(ReplicationError::Cancelled(_)) => break,
+                Err(ReplicationError::Protocol(m)) if m.starts_with("[22") => {
+                    let after = self
+                        .stream
+                        .as_ref()
+                        .map_or(self.flushed, |s| Lsn(s.current_lsn()));
+                    // The first line: the server's message (its routine and file follow).
+                    return Err(self.unsendable(m.lines().next().unwrap_or_default(), after));
+                }
                 Err(e) => {
                     self.stream = None;
                     self.started = false;
