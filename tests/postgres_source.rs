@@ -1010,7 +1010,7 @@ async fn a_snapshot_row_that_cannot_be_decoded_stops_a_reader_with_nowhere_to_pu
     let mut src = PostgresSourceReader::connect(&db.config(&["notes"]))
         .await
         .unwrap();
-    let err = src.poll(10, WAIT).await.err().expect("nowhere to put it");
+    let err = src.poll(10, WAIT).await.expect_err("nowhere to put it");
     assert!(
         err.to_string().contains("nowhere") && err.to_string().contains("public.notes"),
         "{err}"
