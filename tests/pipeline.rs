@@ -404,3 +404,123 @@ listen = ""
         .await
         .unwrap();
 }
+
+/// `tributary status --json` for `config`.
+fn status(config: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tributary"))
+        .args(["status", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// Rows of Bronze table `table` and dead letters held, as `status` reports them.
+fn bronze_and_dead_letters(config: &std::path::Path, table: &str) -> (Option<u64>, Option<u64>) {
+    let s = status(config);
+    let rows = s["bronze"]["ok"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["table"] == table))
+        .and_then(|t| t["rows"].as_u64());
+    (rows, s["dead_letters"]["ok"]["count"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_that_cannot_be_decoded_go_to_the_dlq_table_and_the_run_goes_on() {
+    // SQL_ASCII stores text bytes unchecked: row 2 holds Latin-1, which is not UTF-8.
+    let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let (dbname, src_url, src) = common::create_source_db_with(
+        &admin,
+        "pgdlq",
+        "TEMPLATE template0 ENCODING 'SQL_ASCII' LOCALE 'C'",
+        "CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL);
+         INSERT INTO notes VALUES (1, 'first'), (2, E'caf\\351'), (3, 'third');",
+    )
+    .await;
+    let slot = unique("slot");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "pipeline-pg-dlq-test"
+[sources.postgres]
+url = "{src_url}"
+publication = "notes_pub"
+slot = "{slot}"
+tables = ["notes"]
+[sinks.delta]
+uri = "{lake}"
+flush_interval_ms = 300
+[pipeline]
+batch_max_wait_ms = 100
+[telemetry]
+listen = ""
+"#,
+            lake = lake.display(),
+        ),
+    )
+    .unwrap();
+    let run = start(&config);
+    wait_for(
+        "the good snapshot rows in Bronze, the bad one in _dlq",
+        async || bronze_and_dead_letters(&config, "public.notes") == (Some(2), Some(1)),
+    )
+    .await;
+    src.batch_execute("INSERT INTO notes VALUES (4, 'streamed')")
+        .await
+        .unwrap();
+    wait_for("the streamed row", async || {
+        bronze_and_dead_letters(&config, "public.notes").0 == Some(3)
+    })
+    .await;
+    let (code, stderr) = stop(run, &config);
+    assert_eq!(code, 0, "{stderr}");
+    // The run's one destination (here the default, Bronze's `_dlq` table) holds the row as it
+    // arrived, with the table, its position and key, and why.
+    let letters = common::delta_rows(&lake.join("_dlq"));
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["_source"], "public.notes", "{letter}");
+    assert_eq!(letter["_key"], r#"{"id":2}"#, "{letter}");
+    assert!(
+        letter["_position"].as_str().unwrap().contains('#'),
+        "{letter}"
+    );
+    let error = letter["error"].as_str().unwrap();
+    assert!(
+        error.contains("column body (text) is not valid UTF-8"),
+        "{error}"
+    );
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(letter["raw_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw, b"2\tcaf\xe9");
+
+    // Restart: the snapshot (dead-lettered row included) is past; only the new change comes.
+    let run = start(&config);
+    src.batch_execute("INSERT INTO notes VALUES (5, 'after the restart')")
+        .await
+        .unwrap();
+    wait_for("the change after the restart", async || {
+        bronze_and_dead_letters(&config, "public.notes").0 == Some(4)
+    })
+    .await;
+    let (code, stderr) = stop(run, &config);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(common::bronze_positions(&lake.join("public.notes")), (4, 4));
+    assert_eq!(common::delta_rows(&lake.join("_dlq")).len(), 1);
+
+    drop(src);
+    admin
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .unwrap();
+}

@@ -4,6 +4,7 @@
 mod common;
 
 use tributary::config::PostgresSourceConfig;
+use tributary::dead_letter::{DeadLetter, DeadLetters};
 use tributary::event::{ChangeEvent, Op, Position, Value};
 use tributary::secret::ConnString;
 use tributary::source::postgres::{PostgresSourceReader, lsn_of};
@@ -19,10 +20,15 @@ struct Db {
 
 impl Db {
     async fn new(setup: &str) -> Db {
+        Db::with_options("", setup).await
+    }
+
+    /// A database created `WITH` `options` (e.g. another encoding), after running `setup` in it.
+    async fn with_options(options: &str, setup: &str) -> Db {
         let admin = common::pg_connect(&common::env("TRIBUTARY_PG_URL")).await;
         let name = common::unique("pgsrc");
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await
             .unwrap();
         let url = common::pg_url_for_db(&name);
@@ -842,6 +848,199 @@ async fn heartbeat_table_is_written_while_idle_and_never_emitted() {
         src.confirmed_flush().await.unwrap() > before,
         "heartbeats move the slot"
     );
+    src.close().await;
+    db.drop_slot().await;
+}
+
+/// A database whose encoding (SQL_ASCII) stores text bytes unchecked: legacy data in Latin-1 sits
+/// beside UTF-8 there, and the bytes that are not UTF-8 have no `Value`.
+async fn sql_ascii_db(setup: &str) -> Db {
+    Db::with_options("TEMPLATE template0 ENCODING 'SQL_ASCII' LOCALE 'C'", setup).await
+}
+
+/// Dead letters to a JSONL file in `dir`, and the file.
+fn jsonl_dead_letters(dir: &std::path::Path) -> (DeadLetters, std::path::PathBuf) {
+    let path = dir.join("dead.jsonl");
+    let config = tributary::config::DeadLetterConfig {
+        topic: None,
+        path: Some(path.clone()),
+    };
+    let writer =
+        tributary::dead_letter::DeadLetterWriter::open(&config, &Default::default()).unwrap();
+    (DeadLetters::from_writer(writer, "file"), path)
+}
+
+fn read_letters(path: &std::path::Path) -> Vec<DeadLetter> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn raw_of(letter: &DeadLetter) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(&letter.raw_base64)
+        .unwrap()
+}
+
+fn ordinal(p: &Position) -> u64 {
+    match lsn_of(p) {
+        Some((_, ordinal)) => ordinal,
+        None => panic!("not an LSN position: {p:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_rows_that_cannot_be_decoded_are_dead_lettered_and_passed() {
+    // Row 2 holds Latin-1 bytes (not UTF-8); so does row 4, the table's last row, whose position
+    // no acknowledgement covers: the source must pass it itself. 'infinity' has no chrono value
+    // but is kept as its text, not dead-lettered.
+    let db = sql_ascii_db(
+        "CREATE TABLE notes (id int PRIMARY KEY, body text, at timestamptz);
+         INSERT INTO notes VALUES (1, 'good', '2024-01-02 03:04:05+00'),
+                                  (2, E'caf\\351', 'infinity'),
+                                  (3, 'caf\u{e9} in UTF-8', 'infinity'),
+                                  (4, E'\\377\\tend', NULL);",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (dead_letters, dlq) = jsonl_dead_letters(dir.path());
+    let cfg = db.config(&["notes"]);
+    let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    src.set_dead_letters(dead_letters.clone());
+    let evs = poll_n(&mut src, 2).await;
+    let ids: Vec<_> = evs.iter().map(|e| int(e, "after", "id")).collect();
+    assert_eq!(ids, vec![Some(Value::Int32(1)), Some(Value::Int32(3))]);
+    assert_eq!(
+        int(&evs[1], "after", "body"),
+        Some(Value::Text("caf\u{e9} in UTF-8".into()))
+    );
+    assert_eq!(
+        int(&evs[1], "after", "at"),
+        Some(Value::Text("infinity".into()))
+    );
+    let letters = read_letters(&dlq);
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let (two, four) = (&letters[0], &letters[1]);
+    assert_eq!(two.source, "public.notes");
+    assert_eq!(two.key.as_deref(), Some(r#"{"id":2}"#));
+    assert_eq!(raw_of(two), b"2\tcaf\xe9\tinfinity");
+    for needle in [
+        "public.notes",
+        "column body (text)",
+        "not valid UTF-8",
+        "0xe9",
+    ] {
+        assert!(two.error.contains(needle), "{needle:?} in {}", two.error);
+    }
+    assert_eq!(raw_of(four), b"4\t\xff\\tend\t\\N");
+    // Each row keeps its own position, in key order.
+    let ords = [
+        ordinal(&evs[0].position),
+        ordinal(&two.position),
+        ordinal(&evs[1].position),
+        ordinal(&four.position),
+    ];
+    assert!(ords.windows(2).all(|w| w[0] + 1 == w[1]), "{ords:?}");
+
+    // Acknowledging the last event finishes the table: the dead letter after it is passed.
+    assert!(src.poll(10, WAIT).await.unwrap().is_empty());
+    src.ack(&evs[1].position).await.unwrap();
+    assert!(src.poll(10, WAIT).await.unwrap().is_empty());
+    assert!(snapshot_done(&db).await);
+    // The stream goes on, and its acknowledgement moves the slot.
+    let flushed = src.confirmed_flush().await.unwrap();
+    db.client
+        .batch_execute("INSERT INTO notes VALUES (5, 'streamed', now())")
+        .await
+        .unwrap();
+    let streamed = poll_n(&mut src, 1).await;
+    assert_eq!(streamed.len(), 1);
+    src.ack(&streamed[0].position).await.unwrap();
+    let mut moved = false;
+    for _ in 0..50 {
+        assert!(src.poll(10, WAIT).await.unwrap().is_empty());
+        if src.confirmed_flush().await.unwrap() > flushed {
+            moved = true;
+            break;
+        }
+    }
+    assert!(
+        moved,
+        "confirmed_flush_lsn must move past the acknowledged change"
+    );
+    src.close().await;
+
+    // A restart reads neither the snapshot nor the change again, nor writes a letter twice.
+    let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    src.set_dead_letters(dead_letters);
+    assert_eq!(poll_all(&mut src).await.len(), 0);
+    assert_eq!(read_letters(&dlq).len(), 2);
+    src.close().await;
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_row_that_cannot_be_decoded_stops_a_reader_with_nowhere_to_put_it() {
+    let db = sql_ascii_db(
+        "CREATE TABLE notes (id int PRIMARY KEY, body text);
+         INSERT INTO notes VALUES (1, 'good'), (2, E'caf\\351');",
+    )
+    .await;
+    let mut src = PostgresSourceReader::connect(&db.config(&["notes"]))
+        .await
+        .unwrap();
+    let err = src.poll(10, WAIT).await.expect_err("nowhere to put it");
+    assert!(
+        err.to_string().contains("nowhere") && err.to_string().contains("public.notes"),
+        "{err}"
+    );
+    src.close().await;
+    db.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_server_cannot_send_stops_the_reader_instead_of_reconnecting_forever() {
+    let db = sql_ascii_db("CREATE TABLE notes (id int PRIMARY KEY, body text);").await;
+    let mut src = PostgresSourceReader::connect(&db.config(&["notes"]))
+        .await
+        .unwrap();
+    assert!(src.poll(10, WAIT).await.unwrap().is_empty());
+    db.client
+        .batch_execute("INSERT INTO notes VALUES (1, 'good')")
+        .await
+        .unwrap();
+    let good = poll_n(&mut src, 1).await;
+    assert_eq!(good.len(), 1);
+    src.ack(&good[0].position).await.unwrap();
+    // The walsender fails to convert this row to the replication connection's UTF-8, at every
+    // attempt: the reader must stop and say why and what to do.
+    db.client
+        .batch_execute("INSERT INTO notes VALUES (2, E'caf\\351')")
+        .await
+        .unwrap();
+    let mut failed = None;
+    for _ in 0..100 {
+        match src.poll(10, WAIT).await {
+            Ok(evs) => assert!(evs.is_empty(), "{evs:?}"),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let err = failed.expect("the reader must stop").to_string();
+    for needle in [
+        "invalid byte sequence",
+        "SQL_ASCII",
+        "pg_replication_slot_advance",
+        "after LSN",
+        &db.slot,
+    ] {
+        assert!(err.contains(needle), "{needle:?} in {err}");
+    }
     src.close().await;
     db.drop_slot().await;
 }

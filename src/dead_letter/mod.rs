@@ -180,6 +180,14 @@ impl DeadLetters {
         }
     }
 
+    /// No destination: the first dead letter fails (a source used on its own, outside a run).
+    pub fn nowhere() -> Self {
+        DeadLetters {
+            destination: Arc::new(Mutex::new(Destination::Nowhere)),
+            describe: "nowhere".into(),
+        }
+    }
+
     /// A destination in memory, for the pipeline's unit tests: the letters land in the vector.
     #[cfg(test)]
     pub fn memory() -> (Self, Arc<std::sync::Mutex<Vec<DeadLetter>>>) {

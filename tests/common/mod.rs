@@ -60,6 +60,29 @@ os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
     v
 }
 
+/// Every row of a Delta table as a JSON object, read by Python `deltalake` (timestamps as text).
+pub fn delta_rows(table: &std::path::Path) -> Vec<serde_json::Value> {
+    let script = r#"
+import json, os, sys
+from deltalake import DeltaTable
+print(json.dumps(DeltaTable(sys.argv[1]).to_pyarrow_table().to_pylist(), default=str))
+sys.stdout.flush()
+os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
+"#;
+    let out = std::process::Command::new(env("TRIBUTARY_PYTHON"))
+        .arg("-c")
+        .arg(script)
+        .arg(table)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// A database of its own for a PostgreSQL source under test: `(name, url, client)`, after
 /// running `setup` in it.
 pub async fn create_source_db(
@@ -67,9 +90,19 @@ pub async fn create_source_db(
     prefix: &str,
     setup: &str,
 ) -> (String, String, tokio_postgres::Client) {
+    create_source_db_with(admin, prefix, "", setup).await
+}
+
+/// [`create_source_db`] for a database created `WITH` `options` (e.g. another encoding).
+pub async fn create_source_db_with(
+    admin: &tokio_postgres::Client,
+    prefix: &str,
+    options: &str,
+    setup: &str,
+) -> (String, String, tokio_postgres::Client) {
     let name = unique(prefix);
     admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .batch_execute(&format!("CREATE DATABASE {name} {options}"))
         .await
         .unwrap();
     let url = pg_url_for_db(&name);

@@ -2,7 +2,10 @@
 //! text-format value conversion.
 //!
 //! The server sends column values in their text output form; [`convert`] turns the common types
-//! into typed [`Value`]s and keeps anything else as text, so no value is ever lost.
+//! into typed [`Value`]s and keeps anything else as text, so no value is ever lost. The one value
+//! that has no [`Value`] is text whose bytes are not UTF-8 (a `SQL_ASCII` database stores bytes
+//! unchecked): [`convert_raw`] refuses it with a [`ValueError`], and the source dead-letters the
+//! row, its values kept byte for byte as a COPY text line ([`copy_text_line`]).
 
 use std::collections::HashMap;
 
@@ -39,7 +42,18 @@ pub struct Relation {
 pub enum TupleValue {
     Null,
     UnchangedToast,
-    Text(String),
+    /// The value's text output form, as the server sent it (UTF-8 unless the database let other
+    /// bytes in).
+    Text(Vec<u8>),
+}
+
+/// A column value that cannot become a [`Value`]; the row is dead-lettered, never altered.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("column {column} ({type_name}) {problem}")]
+pub struct ValueError {
+    pub column: String,
+    pub type_name: String,
+    pub problem: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -156,7 +170,7 @@ impl<'a> Reader<'a> {
                 b'u' => TupleValue::UnchangedToast,
                 b't' | b'b' => {
                     let len = self.u32()? as usize;
-                    TupleValue::Text(String::from_utf8_lossy(self.take(len)?).into_owned())
+                    TupleValue::Text(self.take(len)?.to_vec())
                 }
                 k => return Err(DecodeError(format!("unknown tuple column kind {k}"))),
             });
@@ -426,6 +440,87 @@ pub fn convert(oid: u32, text: &str, type_names: &HashMap<u32, String>) -> Value
     parsed.unwrap_or_else(|| Value::Text(text.into()))
 }
 
+/// [`convert`] for a value as it arrived: `Err` when its bytes are not UTF-8, which no [`Value`]
+/// can hold without changing them.
+pub fn convert_raw(
+    column: &str,
+    oid: u32,
+    raw: &[u8],
+    type_names: &HashMap<u32, String>,
+) -> Result<Value, ValueError> {
+    match std::str::from_utf8(raw) {
+        Ok(text) => Ok(convert(oid, text, type_names)),
+        Err(e) => Err(ValueError {
+            column: column.to_owned(),
+            type_name: type_name(oid, type_names),
+            problem: format!(
+                "is not valid UTF-8 (byte 0x{:02x} at offset {})",
+                raw.get(e.valid_up_to()).copied().unwrap_or_default(),
+                e.valid_up_to()
+            ),
+        }),
+    }
+}
+
+/// A type's name for messages: built-in types by name, others as announced, else the OID.
+pub fn type_name(oid: u32, type_names: &HashMap<u32, String>) -> String {
+    let builtin = match oid {
+        16 => "boolean",
+        17 => "bytea",
+        18 => "char",
+        19 => "name",
+        20 => "bigint",
+        21 => "smallint",
+        23 => "integer",
+        25 => "text",
+        114 => "json",
+        700 => "real",
+        701 => "double precision",
+        1042 => "character",
+        1043 => "character varying",
+        1082 => "date",
+        1114 => "timestamp",
+        1184 => "timestamptz",
+        1700 => "numeric",
+        2950 => "uuid",
+        3802 => "jsonb",
+        _ => {
+            return match (type_names.get(&oid), array_element(oid)) {
+                (Some(name), _) => name.clone(),
+                (None, Some(elem)) => format!("{}[]", type_name(elem, type_names)),
+                (None, None) => format!("type {oid}"),
+            };
+        }
+    };
+    builtin.to_owned()
+}
+
+/// A row's values in PostgreSQL's COPY text format (tab-separated, `\N` for NULL, backslash
+/// escapes, no line end), bytes kept as they are: how a dead-lettered row's raw input is kept,
+/// loadable again with `COPY … FROM`.
+pub fn copy_text_line<'a>(values: impl IntoIterator<Item = Option<&'a [u8]>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, v) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'\t');
+        }
+        let Some(bytes) = v else {
+            out.extend_from_slice(b"\\N");
+            continue;
+        };
+        for &b in bytes {
+            match b {
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b => out.push(b),
+            }
+        }
+    }
+    out
+}
+
 fn hex_decode(h: &str) -> Option<Vec<u8>> {
     if !h.len().is_multiple_of(2) {
         return None;
@@ -523,6 +618,44 @@ mod tests {
         assert_eq!(
             convert(99999, "[1,2.5]", &names),
             Value::Vector(vec![1.0, 2.5])
+        );
+    }
+
+    #[test]
+    fn valid_values_without_a_typed_counterpart_keep_their_text() {
+        // PostgreSQL accepts these; chrono cannot hold them, so they stay exact as text.
+        assert_eq!(conv(1184, "infinity"), Value::Text("infinity".into()));
+        assert_eq!(conv(1082, "-infinity"), Value::Text("-infinity".into()));
+        assert_eq!(
+            conv(1082, "300000-01-01"),
+            Value::Text("300000-01-01".into())
+        );
+        assert_eq!(
+            conv(1114, "0044-03-15 00:00:00 BC"),
+            Value::Text("0044-03-15 00:00:00 BC".into())
+        );
+        assert_eq!(conv(1700, "NaN"), Value::Numeric("NaN".into()));
+        assert!(matches!(conv(701, "NaN"), Value::Float64(x) if x.is_nan()));
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_arrive_unchanged_and_are_a_value_error() {
+        let names = HashMap::new();
+        let msg = b"I\0\0\0\x01N\0\x02t\0\0\0\x011t\0\0\0\x04caf\xe9";
+        let Message::Insert { new, .. } = parse(msg).unwrap() else {
+            panic!("an insert")
+        };
+        assert_eq!(new[1], TupleValue::Text(b"caf\xe9".to_vec()));
+        let err = convert_raw("body", 25, b"caf\xe9", &names).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "column body (text) is not valid UTF-8 (byte 0xe9 at offset 3)"
+        );
+        assert_eq!(convert_raw("n", 23, b"7", &names), Ok(Value::Int32(7)));
+        assert_eq!(type_name(1009, &names), "text[]");
+        assert_eq!(
+            copy_text_line([Some(&b"a\tb\\c\nd"[..]), None, Some(b"\xff")]),
+            b"a\\tb\\\\c\\nd\t\\N\t\xff"
         );
     }
 

@@ -22,6 +22,14 @@
 //!   transactions) advance it, so an idle publication does not retain WAL.
 //! - A lost connection is re-established with `backon` exponential backoff and resumes at the
 //!   last flushed LSN; transactions seen again are skipped by position here and in the sinks.
+//! - A row with a value that cannot be decoded (text that is not UTF-8, which a `SQL_ASCII`
+//!   database stores unchecked) keeps its position and goes to the run's dead letters with the
+//!   table, key, reason and its values as they arrived; the source passes its position itself
+//!   once the letter is durable, and the rest of the transaction and the stream go on. The
+//!   snapshot reads such bytes as stored; the replication connection is UTF-8, so there the
+//!   server refuses to send the change (a data error, SQLSTATE class 22), which stops the run
+//!   with the LSN and the way out: it would recur at every reconnect. A malformed message or an
+//!   unknown relation stops the run too (the stream itself is broken).
 
 pub mod decode;
 mod setup;
@@ -43,6 +51,7 @@ use pg_walstream::{CancellationToken, LogicalReplicationStream, ReplicationError
 use tokio_postgres::Client;
 
 use crate::config::{PostgresSourceConfig, parse_table_name};
+use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Lsn, Position, StreamId};
 use decode::Relation;
@@ -84,6 +93,8 @@ pub enum PgSourceError {
     Decode(#[from] decode::DecodeError),
     #[error("spilling a transaction to disk: {0}")]
     Spill(#[from] std::io::Error),
+    #[error("writing a dead letter: {0}")]
+    DeadLetter(#[from] crate::dead_letter::DeadLetterError),
 }
 
 impl Classify for PgSourceError {
@@ -93,6 +104,7 @@ impl Classify for PgSourceError {
             PgSourceError::Replication(_) | PgSourceError::Spill(_) => ErrorKind::Connection,
             PgSourceError::Connection(_) | PgSourceError::Setup(_) => ErrorKind::Config,
             PgSourceError::Decode(_) => ErrorKind::Data,
+            PgSourceError::DeadLetter(e) => e.kind(),
         }
     }
 }
@@ -198,7 +210,8 @@ pub struct SlotHealth {
 struct InFlight {
     commit_lsn: Lsn,
     end_lsn: Lsn,
-    /// Events emitted for it; `None` while its replay is still running.
+    /// Ordinals up to its last event (dead letters after it need no acknowledgement); `None`
+    /// while its replay is still running.
     events: Option<u64>,
 }
 
@@ -208,6 +221,8 @@ struct Replaying {
     commit_lsn: Lsn,
     commit_ts: DateTime<Utc>,
     ordinal: u64,
+    /// Ordinal of the last change handed out as an event.
+    last_event: Option<u64>,
 }
 
 /// Reads one publication through one logical slot.
@@ -246,6 +261,10 @@ pub struct PostgresSourceReader {
     last_heartbeat: std::time::Instant,
     last_slot_check: Option<std::time::Instant>,
     msg_buf: Vec<u8>,
+    /// Where rows that cannot be decoded go.
+    dead_letters: DeadLetters,
+    /// Dead letters of the transaction being handed out, written before the poll returns.
+    pending_letters: Vec<DeadLetter>,
 }
 
 impl PostgresSourceReader {
@@ -303,6 +322,8 @@ impl PostgresSourceReader {
             last_heartbeat: std::time::Instant::now(),
             last_slot_check: None,
             msg_buf: Vec::new(),
+            dead_letters: DeadLetters::nowhere(),
+            pending_letters: Vec::new(),
         };
         reader.ensure_publication(cfg).await?;
         reader.check_replica_identity().await?;
@@ -310,6 +331,50 @@ impl PostgresSourceReader {
         reader.ensure_state_table().await?;
         reader.prepare_slot_and_snapshot().await?;
         Ok(reader)
+    }
+
+    /// Sends rows that cannot be decoded to `dead_letters` (without, the first such row stops the
+    /// reader: nothing is dropped).
+    pub fn set_dead_letters(&mut self, dead_letters: DeadLetters) {
+        self.dead_letters = dead_letters;
+    }
+
+    /// Writes dead letters; returns once they are durable, so the positions behind them may be
+    /// passed (no acknowledgement comes for them).
+    async fn write_dead_letters(
+        dead_letters: &DeadLetters,
+        letters: &[DeadLetter],
+    ) -> Result<(), PgSourceError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        for l in letters {
+            tracing::warn!(source = %l.source, position = %l.position, error = %l.error, "row dead-lettered");
+        }
+        dead_letters.write(letters).await?;
+        for l in letters {
+            metrics::counter!(
+                "tributary_dead_letters_total",
+                "source" => l.source.clone(),
+                "reason" => "invalid_utf8"
+            )
+            .increment(1);
+        }
+        Ok(())
+    }
+
+    /// The server failed to send the change after `after` with a data exception (SQLSTATE class
+    /// 22, in `server`): it fails the same way at every reconnect, so the reader stops.
+    fn unsendable(&self, server: &str, after: Lsn) -> PgSourceError {
+        PgSourceError::Setup(format!(
+            "slot {:?}: the server cannot send the change after LSN {after}: {server}. It fails \
+             the same way at every restart. Usually a SQL_ASCII database holds bytes that are \
+             not UTF-8, which the replication connection (UTF-8) cannot carry: the snapshot \
+             dead-letters such rows, the stream never receives them. To go on without that \
+             transaction, advance the slot past its commit with pg_replication_slot_advance \
+             (its changes are then not replicated)",
+            self.cfg.slot
+        ))
     }
 
     /// True while the initial snapshot is being read.
@@ -333,7 +398,8 @@ impl PostgresSourceReader {
     ) -> Result<Vec<ChangeEvent>, PgSourceError> {
         if let Some(snap) = &mut self.snapshot {
             if !snap.finished() {
-                let chunk = snap.next_chunk().await?;
+                let (chunk, letters) = snap.next_chunk().await?;
+                Self::write_dead_letters(&self.dead_letters, &letters).await?;
                 if !chunk.is_empty() {
                     return Ok(chunk);
                 }
@@ -362,6 +428,9 @@ impl PostgresSourceReader {
         loop {
             if self.replaying.is_some() {
                 self.drain_replay(&mut out, max_events)?;
+                // Durable before anything of the transaction can be acknowledged.
+                let letters = std::mem::take(&mut self.pending_letters);
+                Self::write_dead_letters(&self.dead_letters, &letters).await?;
                 if out.len() >= max_events {
                     break;
                 }
@@ -392,6 +461,14 @@ impl PostgresSourceReader {
             match frame {
                 Ok(raw) => self.handle(&raw.data)?,
                 Err(ReplicationError::Cancelled(_)) => break,
+                Err(ReplicationError::Protocol(m)) if m.starts_with("[22") => {
+                    let after = self
+                        .stream
+                        .as_ref()
+                        .map_or(self.flushed, |s| Lsn(s.current_lsn()));
+                    // The first line: the server's message (its routine and file follow).
+                    return Err(self.unsendable(m.lines().next().unwrap_or_default(), after));
+                }
                 Err(e) => {
                     self.stream = None;
                     self.started = false;

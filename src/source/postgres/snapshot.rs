@@ -4,8 +4,10 @@
 //!
 //! Each table is read through a cursor ordered by its primary key (or every column under
 //! `REPLICA IDENTITY FULL` without one) and handed out `chunk_rows` rows at a time. Values are
-//! selected as text and converted by the same [`decode::convert`] the stream uses, so a snapshot
-//! row and a streamed insert of the same row are equal.
+//! selected as text and converted by the same [`decode::convert_raw`] the stream uses, so a
+//! snapshot row and a streamed insert of the same row are equal. A row with a value that cannot
+//! be decoded takes its ordinal and becomes a dead letter instead (in a `SQL_ASCII` database the
+//! snapshot reads the bytes as stored, so such a row is found, not an error for its whole chunk).
 //!
 //! Which tables are durably done is kept in the source database's state table: a table is
 //! marked done once the pipeline acknowledged its last row, and a restart re-reads only the
@@ -15,9 +17,11 @@ use std::collections::HashMap;
 
 use chrono::Utc;
 use tokio_postgres::Client;
+use tokio_postgres::types::{FromSql, Type};
 
 use super::{PgSourceError, db, decode};
-use crate::event::{ChangeEvent, Lsn, Op, Row, Value};
+use crate::dead_letter::DeadLetter;
+use crate::event::{ChangeEvent, Lsn, Op, Position, Row, Value};
 use crate::pg::{quote_ident, quote_qualified};
 
 /// Snapshot ordinals carry the attempt number in their high bits, so rows of a resumed snapshot
@@ -31,9 +35,13 @@ pub struct SnapTable {
     pub columns: Vec<(String, u32)>,
     pub key: Vec<String>,
     pub estimated_rows: i64,
-    /// Ordinal of the table's last row, once it has been read completely.
+    /// Ordinal of the table's last row handed out as an event, once it has been read completely
+    /// (dead letters after it need no acknowledgement).
     pub last_ordinal: Option<u64>,
+    /// Rows handed out as events.
     pub rows: u64,
+    pub dead_letters: u64,
+    last_event: Option<u64>,
     pub done: bool,
 }
 
@@ -63,6 +71,20 @@ impl Snapshot {
         chunk_rows: u32,
     ) -> Result<Self, PgSourceError> {
         let client = super::sql_connect(url).await?;
+        // A SQL_ASCII database holds bytes unchecked, and the server fails a whole FETCH whose
+        // rows are not valid in the client encoding: read them as stored, to find the row.
+        let encoding: String = client
+            .query_one("SELECT current_setting('server_encoding')", &[])
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)?;
+        if encoding == "SQL_ASCII" {
+            client
+                .batch_execute("SET client_encoding = 'SQL_ASCII'")
+                .await
+                .map_err(db)?;
+        }
         client
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
@@ -121,8 +143,11 @@ impl Snapshot {
         self.current >= self.tables.len()
     }
 
-    /// The next chunk of rows (empty once every table was read).
-    pub async fn next_chunk(&mut self) -> Result<Vec<ChangeEvent>, PgSourceError> {
+    /// The next chunk of rows (empty once every table was read), and the dead letters of rows in
+    /// it that cannot be decoded (to be made durable before any of the chunk is acknowledged).
+    pub async fn next_chunk(
+        &mut self,
+    ) -> Result<(Vec<ChangeEvent>, Vec<DeadLetter>), PgSourceError> {
         while self.current < self.tables.len() {
             let t = &self.tables[self.current];
             if !self.cursor_open {
@@ -166,8 +191,8 @@ impl Snapshot {
                     .map_err(db)?;
                 self.cursor_open = false;
                 let t = &mut self.tables[self.current];
-                t.last_ordinal = Some(self.next_ordinal.saturating_sub(1));
-                tracing::info!(table = %format!("{}.{}", t.schema, t.name), rows = t.rows, "snapshot of table read");
+                t.last_ordinal = Some(t.last_event.unwrap_or(self.next_ordinal.saturating_sub(1)));
+                tracing::info!(table = %format!("{}.{}", t.schema, t.name), rows = t.rows, dead_letters = t.dead_letters, "snapshot of table read");
                 self.current += 1;
                 continue;
             }
@@ -179,15 +204,38 @@ impl Snapshot {
                 &self.type_names,
             ));
             let mut out = Vec::with_capacity(rows.len());
+            let mut letters = Vec::new();
+            let mut raw: Vec<Option<&[u8]>> = Vec::with_capacity(t.columns.len());
             for r in &rows {
+                let ordinal = self.next_ordinal;
+                let position = super::position(self.base, ordinal);
+                self.next_ordinal += 1;
+                raw.clear();
+                for i in 0..t.columns.len() {
+                    let v: Option<RawText<'_>> = r.try_get(i).map_err(db)?;
+                    raw.push(v.map(|v| v.0));
+                }
                 let mut row = Row::new();
-                for (i, (col, oid)) in t.columns.iter().enumerate() {
-                    let v: Option<&str> = r.get(i);
+                let mut failed = None;
+                for ((col, oid), v) in t.columns.iter().zip(&raw) {
                     let value = match v {
                         None => Value::Null,
-                        Some(s) => decode::convert(*oid, s, &self.type_names),
+                        Some(bytes) => {
+                            match decode::convert_raw(col, *oid, bytes, &self.type_names) {
+                                Ok(value) => value,
+                                Err(e) => {
+                                    failed = Some(e);
+                                    break;
+                                }
+                            }
+                        }
                     };
                     row.push(col.clone(), value);
+                }
+                if let Some(e) = failed {
+                    letters.push(rejected(t, &source, &raw, &e, position, &self.type_names));
+                    t.dead_letters += 1;
+                    continue;
                 }
                 let mut key = Row::new();
                 for k in &t.key {
@@ -195,6 +243,7 @@ impl Snapshot {
                         key.push(k.clone(), v.clone());
                     }
                 }
+                t.last_event = Some(ordinal);
                 out.push(ChangeEvent {
                     source: source.clone(),
                     op: Op::Snapshot,
@@ -202,13 +251,12 @@ impl Snapshot {
                     before: None,
                     after: Some(row),
                     schema_version: 1,
-                    position: super::position(self.base, self.next_ordinal),
+                    position,
                     source_ts: Some(now),
                     embedding: None,
                     text_hash: None,
                     schema: Some(schema.clone()),
                 });
-                self.next_ordinal += 1;
             }
             t.rows += out.len() as u64;
             if let Some(bar) = &self.bar {
@@ -217,9 +265,9 @@ impl Snapshot {
             }
             metrics::counter!("tributary_snapshot_rows_total", "table" => source)
                 .increment(out.len() as u64);
-            return Ok(out);
+            return Ok((out, letters));
         }
-        Ok(Vec::new())
+        Ok((Vec::new(), Vec::new()))
     }
 
     /// Ends the snapshot transaction.
@@ -229,6 +277,55 @@ impl Snapshot {
         }
         self.client.batch_execute("COMMIT").await.map_err(db)
     }
+}
+
+/// A text column's value as the server sent it, not yet checked to be UTF-8.
+struct RawText<'a>(&'a [u8]);
+
+impl<'a> FromSql<'a> for RawText<'a> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawText(raw))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TEXT
+    }
+}
+
+/// The dead letter of snapshot row `raw` of `t`, whose value failed with `error`.
+fn rejected(
+    t: &SnapTable,
+    source: &str,
+    raw: &[Option<&[u8]>],
+    error: &decode::ValueError,
+    position: Position,
+    type_names: &HashMap<u32, String>,
+) -> DeadLetter {
+    let mut key = Row::new();
+    for k in &t.key {
+        let Some(((col, oid), Some(bytes))) = t.columns.iter().zip(raw).find(|((c, _), _)| c == k)
+        else {
+            continue;
+        };
+        match decode::convert_raw(col, *oid, bytes, type_names) {
+            Ok(v) => key.push(col.clone(), v),
+            Err(_) => {
+                key = Row::new();
+                break;
+            }
+        }
+    }
+    let columns: Vec<&str> = t.columns.iter().map(|(c, _)| c.as_str()).collect();
+    DeadLetter::new(
+        source,
+        position,
+        (!key.is_empty()).then(|| key.json_text()),
+        &decode::copy_text_line(raw.iter().copied()),
+        format!(
+            "{source}: the snapshot row's {error}; raw is the row as a COPY text line ({})",
+            columns.join(", ")
+        ),
+    )
 }
 
 async fn plan_table(
@@ -275,6 +372,8 @@ async fn plan_table(
         estimated_rows: est,
         last_ordinal: None,
         rows: 0,
+        dead_letters: 0,
+        last_event: None,
         done: false,
     })
 }

@@ -12,6 +12,7 @@ use super::{
     InFlight, PgSourceError, PostgresSourceReader, Replaying, is_permanent_start_error, is_refused,
     repl, replication_url, sql_connect,
 };
+use crate::dead_letter::DeadLetter;
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Lsn, Op, Position, Row};
 use crate::retry::{Patience, backoff};
@@ -206,11 +207,14 @@ impl PostgresSourceReader {
             commit_lsn,
             commit_ts,
             ordinal: 0,
+            last_event: None,
         });
         Ok(())
     }
 
-    /// Hands out the committed transaction's changes, up to `max` events in `out`.
+    /// Hands out the committed transaction's changes, up to `max` events in `out`. A change with a
+    /// value that cannot be decoded takes its position like any other and becomes a dead letter
+    /// (kept in `pending_letters` until [`Self::write_dead_letters`]) instead of an event.
     pub(super) fn drain_replay(
         &mut self,
         out: &mut Vec<ChangeEvent>,
@@ -227,7 +231,9 @@ impl PostgresSourceReader {
                     .rev()
                     .find(|f| f.commit_lsn == done.commit_lsn)
                 {
-                    f.events = Some(done.ordinal);
+                    // Acknowledging the last event acknowledges the transaction: the dead letters
+                    // after it are durable before anything can be acknowledged.
+                    f.events = Some(done.last_event.map_or(0, |o| o + 1));
                 }
                 break;
             }
@@ -243,20 +249,33 @@ impl PostgresSourceReader {
                 | Message::Update { .. }
                 | Message::Delete { .. }
                 | Message::Truncate { .. } => {
-                    for mut ev in self.to_events(msg)? {
-                        if self.internal.contains(&ev.source)
+                    for change in self.to_events(msg)? {
+                        let source = match &change {
+                            Ok(ev) => &ev.source,
+                            Err(rejected) => &rejected.source,
+                        };
+                        if self.internal.contains(source)
                             || self
                                 .snapshot_lsn
-                                .get(&ev.source)
+                                .get(source)
                                 .is_some_and(|at| commit_lsn < *at)
                         {
                             continue;
                         }
                         let r = self.replaying.as_mut().expect("replaying");
-                        ev.position = super::position(commit_lsn, r.ordinal);
+                        let position = super::position(commit_lsn, r.ordinal);
+                        match change {
+                            Ok(mut ev) => {
+                                r.last_event = Some(r.ordinal);
+                                ev.position = position;
+                                ev.source_ts = Some(commit_ts);
+                                out.push(ev);
+                            }
+                            Err(rejected) => {
+                                self.pending_letters.push(rejected.into_letter(position))
+                            }
+                        }
                         r.ordinal += 1;
-                        ev.source_ts = Some(commit_ts);
-                        out.push(ev);
                     }
                 }
                 _ => {}
@@ -376,7 +395,12 @@ impl PostgresSourceReader {
         Ok(())
     }
 
-    pub(super) fn to_events(&self, msg: Message) -> Result<Vec<ChangeEvent>, PgSourceError> {
+    /// A change message as events, one per relation; a change with a value that cannot be decoded
+    /// comes back as [`Rejected`]. A relation never announced means the stream is broken: an error.
+    pub(super) fn to_events(
+        &self,
+        msg: Message,
+    ) -> Result<Vec<Result<ChangeEvent, Rejected>>, PgSourceError> {
         let (rel_ids, op, old, new) = match msg {
             Message::Insert { rel, new } => (vec![rel], Op::Insert, None, Some(new)),
             Message::Update { rel, old, new } => (vec![rel], Op::Update, old, Some(new)),
@@ -390,8 +414,25 @@ impl PostgresSourceReader {
                 let rel = self.relations.get(&id).ok_or_else(|| {
                     PgSourceError::Setup(format!("change for unknown relation {id}"))
                 })?;
-                let before = old.as_ref().map(|t| self.row(rel, t));
-                let after = new.as_ref().map(|t| self.row(rel, t));
+                let source = format!("{}.{}", rel.schema, rel.name);
+                let decoded = old
+                    .as_ref()
+                    .map(|t| self.row(rel, t).map_err(|e| (t, "old row", e)))
+                    .transpose()
+                    .and_then(|before| {
+                        new.as_ref()
+                            .map(|t| self.row(rel, t).map_err(|e| (t, "row", e)))
+                            .transpose()
+                            .map(|after| (before, after))
+                    });
+                let (before, after) = match decoded {
+                    Ok(rows) => rows,
+                    Err((tuple, which, e)) => {
+                        // The event's key comes from the new row, or the old one on delete.
+                        let keyed = new.as_ref().or(old.as_ref()).unwrap_or(tuple);
+                        return Ok(Err(self.rejected(rel, source, keyed, tuple, which, e)));
+                    }
+                };
                 let key = match (&after, &before) {
                     _ if op == Op::Truncate => Row::new(),
                     (_, Some(b)) if op == Op::Delete => self.key_of(rel, b),
@@ -400,8 +441,8 @@ impl PostgresSourceReader {
                 };
                 // The server sends an old tuple only when it matters: the old key when the key
                 // changed (or on delete), the whole old row under REPLICA IDENTITY FULL.
-                Ok(ChangeEvent {
-                    source: format!("{}.{}", rel.schema, rel.name),
+                Ok(Ok(ChangeEvent {
+                    source,
                     op,
                     key,
                     before,
@@ -412,13 +453,73 @@ impl PostgresSourceReader {
                     embedding: None,
                     text_hash: None,
                     schema: self.row_schemas.get(&id).cloned(),
-                })
+                }))
             })
             .collect()
     }
 
+    /// What becomes of a change whose `tuple` (its `which`) holds a value that cannot be decoded:
+    /// the key when `keyed`'s key columns decode, the tuple's values as they arrived.
+    fn rejected(
+        &self,
+        rel: &Relation,
+        source: String,
+        keyed: &[TupleValue],
+        tuple: &[TupleValue],
+        which: &str,
+        error: decode::ValueError,
+    ) -> Rejected {
+        let mut key = Row::new();
+        for (c, v) in rel.columns.iter().zip(keyed).filter(|(c, _)| c.is_key) {
+            match v {
+                TupleValue::Text(raw) => {
+                    match decode::convert_raw(&c.name, c.type_oid, raw, &self.type_names) {
+                        Ok(value) => key.push(c.name.clone(), value),
+                        Err(_) => {
+                            key = Row::new();
+                            break;
+                        }
+                    }
+                }
+                TupleValue::Null | TupleValue::UnchangedToast => {}
+            }
+        }
+        let raw = decode::copy_text_line(tuple.iter().map(|v| match v {
+            TupleValue::Text(raw) => Some(raw.as_slice()),
+            TupleValue::Null | TupleValue::UnchangedToast => None,
+        }));
+        let columns: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+        let unsent: Vec<&str> = rel
+            .columns
+            .iter()
+            .zip(tuple)
+            .filter(|(_, v)| **v == TupleValue::UnchangedToast)
+            .map(|(c, _)| c.name.as_str())
+            .collect();
+        let mut error = format!(
+            "{source}: the {which}'s {error}; raw is the {which} as a COPY text line ({})",
+            columns.join(", ")
+        );
+        if !unsent.is_empty() {
+            error.push_str(&format!(
+                ", where the unchanged TOASTed {} (not sent) show as \\N",
+                unsent.join(", ")
+            ));
+        }
+        Rejected {
+            source,
+            key: (!key.is_empty()).then(|| key.json_text()),
+            raw,
+            error,
+        }
+    }
+
     /// A tuple as a row; `Null` columns of a key-only old tuple are left out.
-    pub(super) fn row(&self, rel: &Relation, tuple: &[TupleValue]) -> Row {
+    pub(super) fn row(
+        &self,
+        rel: &Relation,
+        tuple: &[TupleValue],
+    ) -> Result<Row, decode::ValueError> {
         let mut row = Row::new();
         let key_only = tuple.len() == rel.columns.len()
             && rel
@@ -431,11 +532,13 @@ impl PostgresSourceReader {
                 TupleValue::Null if key_only && !col.is_key => continue,
                 TupleValue::Null => crate::event::Value::Null,
                 TupleValue::UnchangedToast => crate::event::Value::UnchangedToast,
-                TupleValue::Text(s) => decode::convert(col.type_oid, s, &self.type_names),
+                TupleValue::Text(raw) => {
+                    decode::convert_raw(&col.name, col.type_oid, raw, &self.type_names)?
+                }
             };
             row.push(col.name.clone(), value);
         }
-        row
+        Ok(row)
     }
 
     pub(super) fn key_of(&self, rel: &Relation, row: &Row) -> Row {
@@ -446,5 +549,19 @@ impl PostgresSourceReader {
             }
         }
         key
+    }
+}
+
+/// A change with a value that cannot be decoded, before it has its position.
+pub(super) struct Rejected {
+    source: String,
+    key: Option<String>,
+    raw: Vec<u8>,
+    error: String,
+}
+
+impl Rejected {
+    pub(super) fn into_letter(self, position: Position) -> DeadLetter {
+        DeadLetter::new(self.source, position, self.key, &self.raw, self.error)
     }
 }

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use super::{PgSourceError, PostgresSourceReader};
 use crate::config::PostgresSourceConfig;
+use crate::dead_letter::DeadLetters;
 use crate::event::{ChangeEvent, Position};
 use crate::source::{SourceError, StartContext, Started};
 use crate::telemetry::health::SourceHealth;
@@ -56,14 +57,17 @@ impl PostgresSourceHandle {
 }
 
 /// Connects (publication, slot, snapshot plan) and starts reading: batches of up to
-/// `max_events`, at most `capacity` queued; every completed poll is reported to `health`.
+/// `max_events`, at most `capacity` queued; every completed poll is reported to `health`; rows
+/// that cannot be decoded go to `dead_letters`.
 pub async fn start(
     cfg: &PostgresSourceConfig,
     capacity: usize,
     max_events: usize,
     health: Option<SourceHealth>,
+    dead_letters: DeadLetters,
 ) -> Result<(mpsc::Receiver<Vec<ChangeEvent>>, PostgresSourceHandle), PgSourceError> {
     let mut reader = PostgresSourceReader::connect(cfg).await?;
+    reader.set_dead_letters(dead_letters);
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Position>();
     let (stop, mut stop_rx) = watch::channel(false);
@@ -161,9 +165,15 @@ impl crate::source::Source for PostgresSource {
         Box::pin(async move {
             let batch = context.batch_max_events.max(1);
             let capacity = (context.capacity_events / batch).max(1);
-            let (rx, handle) = start(&self.config, capacity, batch, Some(context.health))
-                .await
-                .map_err(|e| SourceError::from_stage(&e))?;
+            let (rx, handle) = start(
+                &self.config,
+                capacity,
+                batch,
+                Some(context.health),
+                context.dead_letters,
+            )
+            .await
+            .map_err(|e| SourceError::from_stage(&e))?;
             let batches = futures::stream::unfold(rx, |mut rx| async move {
                 rx.recv().await.map(|events| (events, rx))
             });
