@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::env;
 use tributary::config::EmbeddingConfig;
-use tributary::enrich::{Embedder, Enricher, NoStoredHashes};
+use tributary::enrich::{Embedder, Enricher, NoLookups};
 use tributary::event::{ChangeEvent, Lsn, Op, Row, Value};
 
 fn model_config() -> EmbeddingConfig {
@@ -214,7 +214,7 @@ async fn the_stage_batches_by_count_and_time_and_keeps_order() {
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(4);
     let handle = tributary::enrich::spawn(
         enricher(),
-        None::<NoStoredHashes>,
+        None::<NoLookups>,
         rx,
         out_tx,
         Duration::from_millis(50),

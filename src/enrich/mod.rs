@@ -9,15 +9,21 @@
 //!   the remembered vector, or — when only the sink has the vector — `embedding: None` with the
 //!   hash set, which the pgvector sink reads as "keep the stored vector". Identical texts within
 //!   a batch run once.
-//! - Unchanged TOAST: a template column the update did not send is taken from the row state this
-//!   stage remembers; if it is not remembered, the event keeps `embedding: None` so the sink
-//!   keeps the stored vector rather than embedding a text with a hole in it.
+//! - Unchanged TOAST: before anything is rendered, every unchanged-TOAST column is resolved in
+//!   order ([`toast`]: the batch, the remembered row state, the stored pgvector payload, the
+//!   source row), so the text and the sinks see the row's current values; whenever the rendered
+//!   text changes it is embedded again. Only a value no tier has leaves the event un-embedded
+//!   (`embedding: None`, the sink keeps the stored vector) rather than embedding a text with a
+//!   hole in it.
+//! - Key moves: an update that moved its row to a new key reuses the old key's vector when the
+//!   text is the same, else embeds.
 //! - Failures: an event that cannot be embedded is returned as a dead letter with the reason;
 //!   the rest of the batch goes on. A model that cannot be loaded stops the stage at start.
 
 pub mod model;
 mod stage;
 pub mod text;
+pub mod toast;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -28,20 +34,45 @@ pub use stage::{Enriched, run, spawn};
 
 use crate::config::{EmbeddingConfig, TemplatePart, parse_template};
 use crate::dead_letter::DeadLetter;
-use crate::event::{ChangeEvent, Op, Row, Value};
+use crate::event::{ChangeEvent, Name, Op, Row};
 
-/// Where a text hash can be looked up when the in-memory cache does not know the key (the
-/// pgvector sink keeps one per row).
-pub trait StoredHashes {
-    fn stored_hash(&mut self, source: &str, key: &Row) -> impl Future<Output = Option<u64>> + Send;
+/// What the pgvector sink stores for a row: the hash of the text its vector came from, and the
+/// payload.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredRow {
+    pub text_hash: Option<u64>,
+    pub payload: Option<serde_json::Value>,
 }
 
-/// For running without a sink to ask: every lookup misses.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoStoredHashes;
+/// Where the stage looks up what its own memory does not know (after a restart, past the
+/// cache's capacity): the row the sink stores, and the row the source holds now. A failed lookup
+/// is a miss: a text is embedded again, a TOAST value looked up at the next tier.
+pub trait Lookups {
+    fn stored_row(
+        &mut self,
+        source: &str,
+        key: &Row,
+    ) -> impl Future<Output = Option<StoredRow>> + Send;
 
-impl StoredHashes for NoStoredHashes {
-    async fn stored_hash(&mut self, _source: &str, _key: &Row) -> Option<u64> {
+    /// The source's current values of `columns` of the row under `key`.
+    fn source_row(
+        &mut self,
+        source: &str,
+        key: &Row,
+        columns: &[Name],
+    ) -> impl Future<Output = Option<Row>> + Send;
+}
+
+/// For running without a sink or source to ask: every lookup misses.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoLookups;
+
+impl Lookups for NoLookups {
+    async fn stored_row(&mut self, _source: &str, _key: &Row) -> Option<StoredRow> {
+        None
+    }
+
+    async fn source_row(&mut self, _source: &str, _key: &Row, _columns: &[Name]) -> Option<Row> {
         None
     }
 }
@@ -61,24 +92,36 @@ pub struct EnrichStats {
 struct Remembered {
     hash: u64,
     vector: Option<Arc<Vec<f32>>>,
-    /// The template columns' last values, to fill unchanged TOAST columns.
-    columns: Vec<(String, Value)>,
 }
 
-/// A bounded map; the oldest insertion goes first when full.
+/// A bounded map by row; the oldest insertion goes first when full.
 #[derive(Debug)]
-struct Cache {
-    map: HashMap<(String, String), Remembered>,
+struct Cache<V> {
+    map: HashMap<(String, String), V>,
     order: VecDeque<(String, String)>,
     capacity: usize,
 }
 
-impl Cache {
-    fn get(&self, k: &(String, String)) -> Option<&Remembered> {
+impl<V> Cache<V> {
+    fn new(capacity: usize) -> Self {
+        Cache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn get(&self, k: &(String, String)) -> Option<&V> {
         self.map.get(k)
     }
 
-    fn put(&mut self, k: (String, String), v: Remembered) {
+    /// Keeps only the rows `keep` says yes to.
+    fn retain(&mut self, mut keep: impl FnMut(&(String, String)) -> bool) {
+        self.map.retain(|k, _| keep(k));
+        self.order.retain(|k| keep(k));
+    }
+
+    fn put(&mut self, k: (String, String), v: V) {
         if self.capacity == 0 {
             return;
         }
@@ -105,7 +148,8 @@ impl Cache {
 pub struct Enricher {
     embedder: Embedder,
     templates: HashMap<String, Vec<TemplatePart>>,
-    cache: Cache,
+    cache: Cache<Remembered>,
+    rows: toast::RowState,
     max_batch: usize,
     stats: EnrichStats,
 }
@@ -137,14 +181,18 @@ impl Enricher {
                 .map_err(|m| EnrichError::Model(format!("embedding.templates.{source:?}: {m}")))?;
             templates.insert(source.clone(), parts);
         }
+        let template_columns = templates
+            .iter()
+            .map(|(source, parts)| {
+                let columns = text::columns(parts).map(str::to_owned).collect();
+                (source.clone(), columns)
+            })
+            .collect();
         Ok(Enricher {
             embedder: Embedder::load(config)?,
             templates,
-            cache: Cache {
-                map: HashMap::new(),
-                order: VecDeque::new(),
-                capacity: config.cache_capacity,
-            },
+            cache: Cache::new(config.cache_capacity),
+            rows: toast::RowState::new(config.cache_capacity, template_columns),
             max_batch: config.max_batch.max(1),
             stats: EnrichStats::default(),
         })
@@ -175,14 +223,33 @@ impl Enricher {
             .collect()
     }
 
-    /// Fills `embedding`/`text_hash` of `events` in place. `stored` holds hashes the sink had
-    /// for keys the cache did not know. Returns the events that failed, as dead letters (their
+    /// The rows of `events` whose unchanged-TOAST values must be looked up outside the stage
+    /// before [`Enricher::enrich_with`].
+    pub fn toast_needs(&self, events: &[ChangeEvent]) -> Vec<toast::Need> {
+        self.rows.needs(events)
+    }
+
+    /// Resolves the unchanged-TOAST values of `events` from what the stage knows (earlier events,
+    /// its memory), then fills `embedding`/`text_hash` in place. `stored` holds hashes the sink
+    /// had for keys the cache did not know. Returns the events that failed, as dead letters (their
     /// `embedding` stays `None`).
     pub fn enrich(
         &mut self,
         events: &mut [ChangeEvent],
         stored: &HashMap<(String, String), u64>,
     ) -> Vec<DeadLetter> {
+        self.enrich_with(events, &toast::Fetched::new(), stored)
+    }
+
+    /// [`Enricher::enrich`] with the values `fetched` found outside the stage for
+    /// [`Enricher::toast_needs`].
+    pub fn enrich_with(
+        &mut self,
+        events: &mut [ChangeEvent],
+        fetched: &toast::Fetched,
+        stored: &HashMap<(String, String), u64>,
+    ) -> Vec<DeadLetter> {
+        self.rows.resolve(events, fetched);
         let plans: Vec<Plan> = events.iter().map(|e| self.plan(e, stored)).collect();
         // Unique texts to run, in first-seen order.
         let mut texts: Vec<&str> = Vec::new();
@@ -222,8 +289,11 @@ impl Enricher {
         for (e, plan) in events.iter_mut().zip(plans) {
             let (vector, hash) = match plan {
                 Plan::Pass => {
-                    if matches!(e.op, Op::Delete) {
-                        self.cache.remove(&cache_key(e));
+                    match e.op {
+                        Op::Delete => self.cache.remove(&cache_key(e)),
+                        // The sink's rows are gone: no stored vector can be kept any more.
+                        Op::Truncate => self.cache.retain(|(s, _)| *s != e.source),
+                        _ => {}
                     }
                     continue;
                 }
@@ -243,15 +313,10 @@ impl Enricher {
             };
             e.embedding = vector.as_ref().map(|v| v.as_ref().clone());
             e.text_hash = Some(hash);
-            let columns = self.template_columns(e);
-            self.cache.put(
-                cache_key(e),
-                Remembered {
-                    hash,
-                    vector,
-                    columns,
-                },
-            );
+            if let Some(old) = toast::old_key(e) {
+                self.cache.remove(&toast::row_key(&e.source, &old));
+            }
+            self.cache.put(cache_key(e), Remembered { hash, vector });
         }
         dead
     }
@@ -264,23 +329,15 @@ impl Enricher {
             return Plan::Pass;
         };
         let key = cache_key(e);
-        let remembered = self.cache.get(&key);
-        let filled;
-        let row = match remembered {
-            Some(r) if after.columns().any(|c| c.value == Value::UnchangedToast) => {
-                let mut row = after.clone();
-                for (name, v) in &r.columns {
-                    if row.get(name) == Some(&Value::UnchangedToast) {
-                        row.set(name, v.clone());
-                    }
-                }
-                filled = row;
-                &filled
-            }
-            _ => after,
-        };
-        let Some(text) = text::render(parts, row) else {
-            // An unchanged TOAST column we cannot fill: the sink keeps the stored vector.
+        // A moved row is the old key's row: its vector serves while the text is the same, if
+        // this stage holds it (the sink's copy is under the old key, which the move deletes).
+        let remembered = self.cache.get(&key).or_else(|| {
+            toast::old_key(e)
+                .and_then(|old| self.cache.get(&toast::row_key(&e.source, &old)))
+                .filter(|r| r.vector.is_some())
+        });
+        let Some(text) = text::render(parts, after) else {
+            // An unchanged TOAST value no tier had: the sink keeps the stored vector.
             return Plan::Pass;
         };
         let hash = text::text_hash(&text);
@@ -290,27 +347,11 @@ impl Enricher {
             _ => Plan::Embed(text, hash),
         }
     }
-
-    fn template_columns(&self, e: &ChangeEvent) -> Vec<(String, Value)> {
-        let (Some(parts), Some(after)) = (self.templates.get(&e.source), &e.after) else {
-            return Vec::new();
-        };
-        parts
-            .iter()
-            .filter_map(|p| match p {
-                TemplatePart::Column(c) => after
-                    .get(c)
-                    .filter(|v| **v != Value::UnchangedToast)
-                    .map(|v| (c.clone(), v.clone())),
-                TemplatePart::Literal(_) => None,
-            })
-            .collect()
-    }
 }
 
 /// The cache key: source and the key as JSON text.
 pub fn cache_key(e: &ChangeEvent) -> (String, String) {
-    (e.source.clone(), e.key.to_json().to_string())
+    toast::row_key(&e.source, &e.key)
 }
 
 fn dead_letter(e: &ChangeEvent, msg: &str) -> DeadLetter {

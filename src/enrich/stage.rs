@@ -8,9 +8,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{Enricher, StoredHashes, cache_key};
+use super::toast::{self, Fetched, Tier};
+use super::{Enricher, Lookups, cache_key};
 use crate::dead_letter::DeadLetter;
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, Name};
 
 /// What leaves the stage: the events in order (embedded where a template applies) and the
 /// events that could not be embedded, as dead letters.
@@ -21,7 +22,7 @@ pub struct Enriched {
 }
 
 /// [`run`] as a task of its own.
-pub fn spawn<S: StoredHashes + Send + 'static>(
+pub fn spawn<S: Lookups + Send + 'static>(
     enricher: Enricher,
     stored: Option<S>,
     input: mpsc::Receiver<Vec<ChangeEvent>>,
@@ -34,7 +35,7 @@ pub fn spawn<S: StoredHashes + Send + 'static>(
 /// Runs `enricher` over batches from `input` until it closes; returns the enricher (with its
 /// stats) at the end. Partial batches wait at most `max_wait` for more texts. A panic of the
 /// model is raised again here, so whoever supervises this task sees it.
-pub async fn run<S: StoredHashes + Send + 'static>(
+pub async fn run<S: Lookups + Send + 'static>(
     mut enricher: Enricher,
     mut stored: Option<S>,
     mut input: mpsc::Receiver<Vec<ChangeEvent>>,
@@ -60,7 +61,15 @@ pub async fn run<S: StoredHashes + Send + 'static>(
                 }
             }
             let mut known = HashMap::new();
+            let mut fetched = Fetched::new();
             if let Some(store) = stored.as_mut() {
+                for need in enricher.toast_needs(&events) {
+                    let found = fetch(store, &need).await;
+                    if let Some(h) = found.1 {
+                        known.insert(need.row.clone(), h);
+                    }
+                    fetched.insert(need.row, found.0);
+                }
                 let unknown: Vec<(String, String, crate::event::Row)> = enricher
                     .unknown_keys(&events)
                     .into_iter()
@@ -68,9 +77,14 @@ pub async fn run<S: StoredHashes + Send + 'static>(
                         let (s, k) = cache_key(e);
                         (s, k, e.key.clone())
                     })
+                    .filter(|(s, k, _)| !fetched.contains_key(&(s.clone(), k.clone())))
                     .collect();
                 for (source, key_text, key) in unknown {
-                    if let Some(h) = store.stored_hash(&source, &key).await {
+                    if let Some(h) = store
+                        .stored_row(&source, &key)
+                        .await
+                        .and_then(|r| r.text_hash)
+                    {
                         known.insert((source, key_text), h);
                     }
                 }
@@ -78,7 +92,7 @@ pub async fn run<S: StoredHashes + Send + 'static>(
             let joined = tokio::task::spawn_blocking(move || {
                 // Fault injection for the supervision tests (no-op unless built with `failpoints`).
                 fail::fail_point!("enrich::embed");
-                let dead = enricher.enrich(&mut events, &known);
+                let dead = enricher.enrich_with(&mut events, &fetched, &known);
                 (enricher, events, dead)
             })
             .await;
@@ -102,4 +116,50 @@ pub async fn run<S: StoredHashes + Send + 'static>(
         }
         enricher
     }
+}
+
+/// The values a row's unchanged-TOAST columns need, from the sink's stored payload, then the
+/// source; and the sink's text hash of the row when it is stored under the event's own key.
+async fn fetch<S: Lookups>(
+    store: &mut S,
+    need: &toast::Need,
+) -> (Vec<(Name, crate::event::Value, Tier)>, Option<u64>) {
+    let mut found = Vec::new();
+    let mut hash = None;
+    if let Some(row) = store.stored_row(&need.source, &need.stored_key).await {
+        if need.stored_key == need.source_key {
+            hash = row.text_hash;
+        }
+        if let Some(payload) = &row.payload {
+            for (name, ty) in &need.columns {
+                if let Some(v) = payload
+                    .get(name.as_str())
+                    .and_then(|j| toast::value_from_stored(j, *ty))
+                {
+                    found.push((name.clone(), v, Tier::Sink));
+                }
+            }
+        }
+    }
+    let missing: Vec<Name> = need
+        .columns
+        .iter()
+        .map(|(n, _)| n.clone())
+        .filter(|n| !found.iter().any(|(f, _, _)| f == n))
+        .collect();
+    if !missing.is_empty() {
+        metrics::counter!("tributary_toast_source_reads_total", "source" => need.source.clone())
+            .increment(1);
+        if let Some(row) = store
+            .source_row(&need.source, &need.source_key, &missing)
+            .await
+        {
+            for c in row.columns() {
+                if missing.contains(&c.name) {
+                    found.push((c.name.clone(), c.value.clone(), Tier::Source));
+                }
+            }
+        }
+    }
+    (found, hash)
 }

@@ -318,10 +318,42 @@ fn source_stage(name: &str) -> String {
 /// The embedding stage with the lookups it answers cache misses from.
 struct Enrichment {
     enricher: Enricher,
-    /// The pgvector table remembers each row's text hash: a connection of its own answers the
-    /// enrichment stage's cache misses.
-    lookups: Option<sink::pgvector::PgvectorSink>,
+    lookups: Option<EnrichLookups>,
     max_wait: Duration,
+}
+
+/// What the enrichment stage asks when its memory does not know a row: the pgvector table (each
+/// row's text hash and payload), on a connection of its own, and the PostgreSQL source (a row's
+/// current values, for unchanged-TOAST values nothing else holds).
+struct EnrichLookups {
+    sink: sink::pgvector::PgvectorSink,
+    source: Option<crate::source::postgres::lookup::RowReader>,
+}
+
+impl crate::enrich::Lookups for EnrichLookups {
+    async fn stored_row(
+        &mut self,
+        source: &str,
+        key: &crate::event::Row,
+    ) -> Option<crate::enrich::StoredRow> {
+        crate::enrich::Lookups::stored_row(&mut self.sink, source, key).await
+    }
+
+    async fn source_row(
+        &mut self,
+        source: &str,
+        key: &crate::event::Row,
+        columns: &[crate::event::Name],
+    ) -> Option<crate::event::Row> {
+        let reader = self.source.as_mut()?;
+        match reader.read(source, key, columns).await {
+            Ok(row) => row,
+            Err(e) => {
+                tracing::warn!(source, error = %e, "reading an unchanged TOAST value from the source failed");
+                None
+            }
+        }
+    }
 }
 
 impl Enrichment {
@@ -343,11 +375,16 @@ impl Enrichment {
                     enricher.dimension()
                 )));
             }
-            Some(p) => Some(
-                sink::pgvector::PgvectorSink::connect(p.clone())
+            Some(p) => Some(EnrichLookups {
+                sink: sink::pgvector::PgvectorSink::connect(p.clone())
                     .await
                     .map_err(|e| PipelineError::stage("sinks.pgvector", &e))?,
-            ),
+                source: config
+                    .sources
+                    .postgres
+                    .as_ref()
+                    .map(|pg| crate::source::postgres::lookup::RowReader::new(pg.url.clone())),
+            }),
             None => None,
         };
         Ok(Some(Enrichment {

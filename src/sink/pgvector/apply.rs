@@ -2,6 +2,7 @@
 //! the row-by-row retry that isolates rows the database rejects (see the module doc of
 //! [`super`] for the guarantees this implements).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -146,15 +147,40 @@ pub(super) async fn apply_source(
         }
         None => 0,
     };
+    // A change's unchanged-TOAST values take the values of the same row's earlier change in the
+    // batch (under its old key, for a moved row), so collapsing to the last change loses none.
+    let key_of = |row: &crate::event::Row| -> Vec<Option<String>> {
+        target
+            .keys
+            .iter()
+            .map(|(k, _)| row.get(k).and_then(key_text))
+            .collect()
+    };
+    let mut latest: HashMap<Vec<Option<String>>, usize> = HashMap::new();
+    let mut merged: Vec<Cow<'_, ChangeEvent>> = Vec::with_capacity(events.len() - start);
+    for e in &events[start..] {
+        let key = key_of(&e.key);
+        let from = latest.get(&key).copied().or_else(|| {
+            let old = crate::enrich::toast::old_key(e)?;
+            latest.get(&key_of(&old)).copied()
+        });
+        let row = match from {
+            Some(i) => merged_toast(&merged[i], e),
+            None => Cow::Borrowed(*e),
+        };
+        if e.op == Op::Delete {
+            latest.remove(&key);
+        } else {
+            latest.insert(key, merged.len());
+        }
+        merged.push(row);
+    }
     // An update that changed the key removes the row under the old key first.
-    let old_keys: Vec<Option<ChangeEvent>> = events[start..]
-        .iter()
-        .map(|e| moved_from(target, e))
-        .collect();
-    let ordered: Vec<&ChangeEvent> = events[start..]
+    let old_keys: Vec<Option<ChangeEvent>> = merged.iter().map(|e| moved_from(target, e)).collect();
+    let ordered: Vec<&ChangeEvent> = merged
         .iter()
         .zip(&old_keys)
-        .flat_map(|(e, old)| old.iter().chain(std::iter::once(*e)))
+        .flat_map(|(e, old)| old.iter().chain(std::iter::once(e.as_ref())))
         .collect();
     // Only the last change per key matters.
     let mut last: HashMap<Vec<Option<String>>, usize> = HashMap::new();
@@ -247,6 +273,28 @@ pub(super) async fn apply_source(
         .await
         .map_err(PgvectorError::from_pg)?;
     Ok(rows.len())
+}
+
+/// `later` with its unchanged-TOAST values taken from `earlier` (a change of the same row before
+/// it in the batch) where `earlier` has them.
+fn merged_toast<'a>(earlier: &ChangeEvent, later: &'a ChangeEvent) -> Cow<'a, ChangeEvent> {
+    let (Some(after), Some(before)) = (&later.after, &earlier.after) else {
+        return Cow::Borrowed(later);
+    };
+    if !after.has_unchanged_toast() {
+        return Cow::Borrowed(later);
+    }
+    let mut merged = later.clone();
+    if let Some(row) = merged.after.as_mut() {
+        for c in row.columns_mut() {
+            if c.value == Value::UnchangedToast
+                && let Some(v) = before.get(&c.name)
+            {
+                c.value = v.clone();
+            }
+        }
+    }
+    Cow::Owned(merged)
 }
 
 /// The types of a query's result columns: what a binary COPY into those columns must send.

@@ -30,8 +30,8 @@ use std::time::Instant;
 use tokio_postgres::Client;
 
 use apply::{apply_row_by_row, apply_source, group_by_source, record_positions};
-pub use table::positions_table;
-use table::{Target, key_text};
+use table::Target;
+pub use table::{key_text, positions_table};
 
 use crate::config::PgvectorSinkConfig as Config;
 use crate::dead_letter::DeadLetter;
@@ -210,6 +210,19 @@ impl PgvectorSink {
         source: &str,
         key: &Row,
     ) -> Result<Option<u64>, PgvectorError> {
+        Ok(self
+            .stored_row(source, key)
+            .await?
+            .and_then(|r| r.text_hash))
+    }
+
+    /// The stored text hash and payload of the row under `key`; `None` when there is no such row
+    /// (or no table yet).
+    pub async fn stored_row(
+        &mut self,
+        source: &str,
+        key: &Row,
+    ) -> Result<Option<crate::enrich::StoredRow>, PgvectorError> {
         let schema = self.config.schema.clone();
         let table = quote_qualified(&schema, &self.config.target_table(source));
         let client = self.client().await?;
@@ -233,7 +246,7 @@ impl PgvectorSink {
             params.push(key_text(&c.value));
         }
         let sql = format!(
-            "SELECT text_hash FROM {table} WHERE {}",
+            "SELECT text_hash, payload FROM {table} WHERE {}",
             conds.join(" AND ").replace("$%", "$")
         );
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
@@ -242,9 +255,15 @@ impl PgvectorSink {
             .query_opt(&sql, &refs)
             .await
             .map_err(PgvectorError::from_pg)?;
-        Ok(row
-            .and_then(|r| r.get::<_, Option<i64>>(0))
-            .map(|h| h as u64))
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let hash: Option<i64> = row.try_get(0).map_err(PgvectorError::from_pg)?;
+        let payload: Option<serde_json::Value> = row.try_get(1).map_err(PgvectorError::from_pg)?;
+        Ok(Some(crate::enrich::StoredRow {
+            text_hash: hash.map(|h| h as u64),
+            payload,
+        }))
     }
 
     /// Applies `events` (in source order) and returns once they are committed. Events at or
@@ -424,17 +443,26 @@ impl PgvectorSink {
     }
 }
 
-/// The enrichment stage asks the sink for a row's text hash when its own cache does not know the
-/// key (after a restart, or past the cache's capacity). A failed lookup is a miss: the text is
-/// embedded again, which is correct, only slower.
-impl crate::enrich::StoredHashes for PgvectorSink {
-    async fn stored_hash(&mut self, source: &str, key: &Row) -> Option<u64> {
-        match self.stored_text_hash(source, key).await {
-            Ok(h) => h,
+/// The enrichment stage asks the sink for a row's text hash and payload when its own memory does
+/// not know the key (after a restart, or past the cache's capacity). A failed lookup is a miss:
+/// the text is embedded again, a TOAST value read from the source; correct, only slower.
+impl crate::enrich::Lookups for PgvectorSink {
+    async fn stored_row(&mut self, source: &str, key: &Row) -> Option<crate::enrich::StoredRow> {
+        match PgvectorSink::stored_row(self, source, key).await {
+            Ok(r) => r,
             Err(e) => {
-                tracing::debug!(error = %e, source, "stored text hash lookup failed");
+                tracing::debug!(error = %e, source, "stored row lookup failed");
                 None
             }
         }
+    }
+
+    async fn source_row(
+        &mut self,
+        _source: &str,
+        _key: &Row,
+        _columns: &[crate::event::Name],
+    ) -> Option<Row> {
+        None
     }
 }

@@ -32,6 +32,7 @@
 //!   unknown relation stops the run too (the stream itself is broken).
 
 pub mod decode;
+pub mod lookup;
 mod setup;
 pub mod snapshot;
 mod stream;
