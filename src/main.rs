@@ -150,7 +150,7 @@ async fn check(path: &std::path::Path, timeout: Duration) -> ExitCode {
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
-        eprint_redacted!("{failed} of {} services failed", probes.len());
+        eprintln!("{failed} of {} services failed", probes.len());
         ExitCode::FAILURE
     }
 }
@@ -345,9 +345,7 @@ async fn run(path: &std::path::Path) -> ExitCode {
         wait_for_signal().await;
         let _ = first_tx.send(());
         wait_for_signal().await;
-        eprint_redacted!(
-            "second signal: exiting now (unacknowledged events will be delivered again)"
-        );
+        eprintln!("second signal: exiting now (unacknowledged events will be delivered again)");
         std::process::exit(130);
     });
     let shutdown = async move {
