@@ -1,7 +1,7 @@
 //! `tributary check`: can every configured service be reached with this configuration?
 //!
-//! Each probe runs concurrently under its own timeout and yields one line: what was probed (with
-//! any password redacted) and `ok` with what it found, or the error. Probes only read: they
+//! Each probe runs concurrently under its own timeout and yields one line: what was probed and
+//! `ok` with what it found, or the error, with every secret of the configuration redacted. Probes only read: they
 //! create no slot, topic, table or object.
 
 use std::time::Duration;
@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::{Config, KafkaSourceConfig};
 use crate::pg::{connect, error_text};
-use crate::secret::ConnString;
+use crate::secret::{ConnString, Redactor};
 
 /// One probe's outcome.
 #[derive(Debug)]
@@ -70,7 +70,17 @@ pub async fn run(config: &Config, timeout: Duration) -> Vec<Probe> {
             pgvector(&p.url),
         )));
     }
-    futures::future::join_all(probes).await
+    // librdkafka, object_store and PostgreSQL errors may quote configured values.
+    let redactor = Redactor::for_config(config);
+    let mut probes = futures::future::join_all(probes).await;
+    for p in &mut probes {
+        p.target = redactor.redact(&p.target).into_owned();
+        p.result = match &p.result {
+            Ok(detail) => Ok(redactor.redact(detail).into_owned()),
+            Err(e) => Err(redactor.redact(e).into_owned()),
+        };
+    }
+    probes
 }
 
 async fn probe(
@@ -173,13 +183,18 @@ async fn kafka(k: &KafkaSourceConfig, timeout: Duration) -> Result<String, Strin
     .map_err(|e| e.to_string())?
 }
 
-/// A plain consumer for metadata and offset look-ups (no subscription, nothing committed).
+/// A plain consumer for metadata and offset look-ups (no subscription, nothing committed); its
+/// creation error has the properties' secrets scrubbed (librdkafka quotes rejected values).
 pub(crate) fn kafka_consumer(props: &crate::secret::SecretMap) -> Result<BaseConsumer, String> {
     let mut cc = ClientConfig::new();
     for (key, value) in props.iter() {
         cc.set(key, value);
     }
-    cc.create().map_err(|e| e.to_string())
+    cc.create().map_err(|e| {
+        crate::source::kafka::redactor(props)
+            .redact(&e.to_string())
+            .into_owned()
+    })
 }
 
 async fn model(config: &crate::config::EmbeddingConfig) -> Result<String, String> {

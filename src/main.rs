@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tributary::config::Config;
+use tributary::secret::redact;
 use tributary::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
@@ -79,6 +80,21 @@ enum Command {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `println!` with every secret of the loaded configuration redacted: errors of librdkafka,
+/// object_store and PostgreSQL may quote configured values (see [`tributary::secret::Redactor`]).
+macro_rules! print_redacted {
+    ($($arg:tt)*) => {
+        println!("{}", redact(&format!($($arg)*)))
+    };
+}
+
+/// `eprintln!`, redacted like [`print_redacted!`].
+macro_rules! eprint_redacted {
+    ($($arg:tt)*) => {
+        eprintln!("{}", redact(&format!($($arg)*)))
+    };
+}
+
 /// Exit code for a configuration the connector cannot start with.
 const EXIT_CONFIG: u8 = 2;
 
@@ -102,11 +118,16 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Loads the configuration and makes its secrets the process's to redact (from every line printed
+/// or logged from here on). A load error is printed as it is: it never quotes a value (see
+/// [`tributary::config`]).
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+    let config = Config::load(path).map_err(|e| {
         eprintln!("error: config {}: {e}", path.display());
         ExitCode::from(EXIT_CONFIG)
-    })
+    })?;
+    tributary::secret::install_redactor(tributary::secret::Redactor::for_config(&config));
+    Ok(config)
 }
 
 async fn check(path: &std::path::Path, timeout: Duration) -> ExitCode {
@@ -114,15 +135,15 @@ async fn check(path: &std::path::Path, timeout: Duration) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    println!("ok    config          {}", path.display());
+    print_redacted!("ok    config          {}", path.display());
     let probes = tributary::check::run(&config, timeout).await;
     let mut failed = 0;
     for p in &probes {
         match &p.result {
-            Ok(detail) => println!("ok    {:<15} {}  ({detail})", p.service, p.target),
+            Ok(detail) => print_redacted!("ok    {:<15} {}  ({detail})", p.service, p.target),
             Err(e) => {
                 failed += 1;
-                println!("FAIL  {:<15} {}  {e}", p.service, p.target);
+                print_redacted!("FAIL  {:<15} {}  {e}", p.service, p.target);
             }
         }
     }
@@ -147,7 +168,7 @@ async fn maintain(path: &std::path::Path, what: Maintenance, only: Option<String
         Err(code) => return code,
     };
     let Some(delta) = &config.sinks.delta else {
-        eprintln!(
+        eprint_redacted!(
             "error: config {}: sinks.delta: section missing",
             path.display()
         );
@@ -156,7 +177,7 @@ async fn maintain(path: &std::path::Path, what: Maintenance, only: Option<String
     let mut sink = match tributary::sink::delta::DeltaSink::new(&config.name, delta) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprint_redacted!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -165,14 +186,14 @@ async fn maintain(path: &std::path::Path, what: Maintenance, only: Option<String
     let tables = match sink.existing_tables().await {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprint_redacted!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
     let tables: Vec<String> = match only {
         Some(t) if tables.contains(&t) => vec![t],
         Some(t) => {
-            eprintln!(
+            eprint_redacted!(
                 "error: no Bronze table {t:?} under {} (tables: {})",
                 delta.uri,
                 tables.join(", ")
@@ -212,10 +233,10 @@ async fn maintain(path: &std::path::Path, what: Maintenance, only: Option<String
         };
         match &bar {
             Some(b) => {
-                b.println(&line);
+                b.println(redact(&line));
                 b.inc(1);
             }
-            None => println!("{line}"),
+            None => print_redacted!("{line}"),
         }
     }
     if let Some(b) = bar {
@@ -236,7 +257,7 @@ fn embed(model: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
             Ok(c) => match c.embedding {
                 Some(e) => e,
                 None => {
-                    eprintln!(
+                    eprint_redacted!(
                         "error: config {}: embedding: section missing",
                         path.display()
                     );
@@ -250,7 +271,7 @@ fn embed(model: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
     let mut embedder = match tributary::enrich::Embedder::load(&embedding) {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprint_redacted!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -270,7 +291,7 @@ fn embed(model: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
         let bytes = match line {
             Ok(b) => b,
             Err(e) => {
-                eprintln!("error: stdin: {e}");
+                eprint_redacted!("error: stdin: {e}");
                 return ExitCode::FAILURE;
             }
         };
@@ -281,14 +302,14 @@ fn embed(model: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
         if lines.len() >= embedding.max_batch
             && let Err(e) = flush(&mut lines, &mut out)
         {
-            eprintln!("error: line {}: {e}", n + 1);
+            eprint_redacted!("error: line {}: {e}", n + 1);
             return ExitCode::FAILURE;
         }
     }
     if !lines.is_empty()
         && let Err(e) = flush(&mut lines, &mut out)
     {
-        eprintln!("error: {e}");
+        eprint_redacted!("error: {e}");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
@@ -302,14 +323,14 @@ async fn status(path: &std::path::Path, json: bool, timeout: Duration) -> ExitCo
     let status = tributary::status::collect(&config, timeout).await;
     if json {
         match serde_json::to_string_pretty(&status) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => print_redacted!("{s}"),
             Err(e) => {
-                eprintln!("error: {e}");
+                eprint_redacted!("error: {e}");
                 return ExitCode::FAILURE;
             }
         }
     } else {
-        print!("{}", tributary::status::render(&status));
+        print!("{}", redact(&tributary::status::render(&status)));
     }
     ExitCode::SUCCESS
 }
@@ -342,7 +363,7 @@ async fn run(path: &std::path::Path) -> ExitCode {
         }
         Err(e) => {
             use tributary::error::{Classify, ErrorKind};
-            eprintln!("error: {e}");
+            eprint_redacted!("error: {e}");
             if e.kind() == ErrorKind::Config {
                 ExitCode::from(EXIT_CONFIG)
             } else {

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::config::{Config, KafkaSourceConfig, PostgresSourceConfig};
 use crate::pg::{connect, error_text, quote_qualified};
+use crate::secret::Redactor;
 use crate::sink::pgvector::positions_table;
 
 #[derive(Debug, Serialize)]
@@ -91,24 +92,39 @@ pub struct VectorTableStatus {
     pub positions: Vec<serde_json::Value>,
 }
 
+/// Reads every section; a section that cannot be read holds its error, with every secret of the
+/// configuration redacted (librdkafka, object_store and PostgreSQL errors may quote values).
 pub async fn collect(config: &Config, timeout: Duration) -> Status {
+    let redactor = Redactor::for_config(config);
     let postgres = match &config.sources.postgres {
-        Some(pg) => Some(bounded(timeout, slot(pg)).await.into()),
+        Some(pg) => Some(redacted(bounded(timeout, slot(pg)).await, &redactor)),
         None => None,
     };
     let kafka = match &config.sources.kafka {
-        Some(k) => Some(bounded(timeout, kafka(k.clone(), timeout)).await.into()),
+        Some(k) => Some(redacted(
+            bounded(timeout, kafka(k.clone(), timeout)).await,
+            &redactor,
+        )),
         None => None,
     };
     let bronze = match &config.sinks.delta {
-        Some(d) => Some(bounded(timeout, bronze_tables(config, d)).await.into()),
+        Some(d) => Some(redacted(
+            bounded(timeout, bronze_tables(config, d)).await,
+            &redactor,
+        )),
         None => None,
     };
     let pgvector = match &config.sinks.pgvector {
-        Some(p) => Some(bounded(timeout, vector_tables(config, p)).await.into()),
+        Some(p) => Some(redacted(
+            bounded(timeout, vector_tables(config, p)).await,
+            &redactor,
+        )),
         None => None,
     };
-    let dead_letters = bounded(timeout, dead_letters(config, timeout)).await.into();
+    let dead_letters = redacted(
+        bounded(timeout, dead_letters(config, timeout)).await,
+        &redactor,
+    );
     Status {
         postgres,
         kafka,
@@ -116,6 +132,10 @@ pub async fn collect(config: &Config, timeout: Duration) -> Status {
         pgvector,
         dead_letters,
     }
+}
+
+fn redacted<T>(r: Result<T, String>, redactor: &Redactor) -> Section<T> {
+    r.map_err(|e| redactor.redact(&e).into_owned()).into()
 }
 
 /// Counts the letters in whichever destination the run writes them to.

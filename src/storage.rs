@@ -109,6 +109,22 @@ pub fn open(
     }
 }
 
+/// The keys of `options` the store behind `uri` does not take (every key for local disk, which
+/// takes none): their values may be secrets under a misspelled key, so they are redacted like
+/// secrets (see [`crate::secret::Redactor`]).
+pub fn unknown_options<'a>(uri: &str, options: &'a SecretMap) -> Vec<&'a str> {
+    let known = |k: &str| match StoreKind::of(uri) {
+        Some(StoreKind::S3) => k.parse::<AmazonS3ConfigKey>().is_ok(),
+        Some(StoreKind::Azure) => k.parse::<AzureConfigKey>().is_ok(),
+        Some(StoreKind::Local) | None => false,
+    };
+    options
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| !known(k))
+        .collect()
+}
+
 /// Applies `[sinks.delta.storage]` options to a builder; an unknown key names itself.
 fn with_options<B, K: std::str::FromStr>(
     mut builder: B,

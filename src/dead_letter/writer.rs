@@ -19,7 +19,7 @@ use super::{DeadLetter, DeadLetterError};
 use crate::config::DeadLetterConfig;
 use crate::error::ErrorKind;
 use crate::retry::{Patience, backoff};
-use crate::secret::{SecretMap, is_sensitive_key};
+use crate::secret::SecretMap;
 
 /// Consumer-only librdkafka properties that must not reach the dead-letter producer.
 const CONSUMER_ONLY: &[&str] = &[
@@ -76,12 +76,9 @@ impl DeadLetterWriter {
         cc.set("message.timeout.ms", "30000");
         let producer = cc.create().map_err(|e| {
             // librdkafka quotes offending values in configuration errors.
-            let mut text = e.to_string();
-            for (k, v) in props.iter() {
-                if is_sensitive_key(k) && !v.is_empty() {
-                    text = text.replace(v.as_str(), "***");
-                }
-            }
+            let text = crate::source::kafka::redactor(props)
+                .redact(&e.to_string())
+                .into_owned();
             DeadLetterError::config(format!("dead_letter.topic {topic}: {text}"))
         })?;
         Ok(DeadLetterWriter::Kafka { topic, producer })

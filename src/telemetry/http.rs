@@ -57,7 +57,9 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let mut body = String::new();
     for c in &statuses {
         let mark = if c.ready { "ok  " } else { "FAIL" };
-        body.push_str(&format!("{mark} {}: {}\n", c.name, c.detail));
+        // A sink's last error may quote a configured value.
+        let detail = crate::secret::redact(&c.detail);
+        body.push_str(&format!("{mark} {}: {detail}\n", c.name));
     }
     if statuses.is_empty() {
         body.push_str("no components registered yet\n");

@@ -89,15 +89,16 @@ pub async fn start_with(
     for (k, v) in props.iter() {
         cc.set(k, v);
     }
+    let redactor = super::redactor(&props);
     let consumer: StreamConsumer<SourceContext> = cc
         .create_with_context(SourceContext {
             shared: Arc::clone(&shared),
         })
-        .map_err(|e| KafkaSourceError::client(e, &props))?;
+        .map_err(|e| KafkaSourceError::client(e, &redactor))?;
     let topics: Vec<&str> = config.topics.iter().map(|t| t.name.as_str()).collect();
     consumer
         .subscribe(&topics)
-        .map_err(|e| KafkaSourceError::client(e, &props))?;
+        .map_err(|e| KafkaSourceError::client(e, &redactor))?;
     tracing::info!(group = %config.group_id, topics = ?topics, "Kafka source subscribed");
 
     // Messages name their topic by its index in this list from here on.
@@ -134,7 +135,7 @@ pub async fn start_with(
         next_decoder: 0,
         decode_task: Some(decode_task),
         chunk: Chunk::with_capacity(0),
-        props,
+        redactor,
         commit_interval: Duration::from_millis(config.commit_interval_ms),
         health,
     };

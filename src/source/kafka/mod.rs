@@ -61,7 +61,7 @@ pub fn offset_of(position: &Position) -> Option<(&str, i32, i64)> {
 }
 
 use crate::error::{Classify, ErrorKind};
-use crate::secret::{SecretMap, is_sensitive_key};
+use crate::secret::{Redactor, SecretMap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSourceError {
@@ -76,20 +76,35 @@ pub enum KafkaSourceError {
 }
 
 impl KafkaSourceError {
-    /// A client error with every secret property value scrubbed from its text (librdkafka quotes
-    /// offending values in configuration errors).
-    pub(crate) fn client(e: rdkafka::error::KafkaError, props: &SecretMap) -> Self {
-        let mut text = e.to_string();
-        for (k, v) in props.iter() {
-            if is_sensitive_key(k) && !v.is_empty() {
-                text = text.replace(v.as_str(), "***");
-            }
-        }
+    /// A client error with every secret of the properties scrubbed from its text (`redactor`
+    /// from [`redactor`]): librdkafka quotes offending values in configuration errors. A
+    /// property librdkafka rejects is a configuration error, not a connection one.
+    pub(crate) fn client(e: rdkafka::error::KafkaError, redactor: &Redactor) -> Self {
+        let text = redactor.redact(&e.to_string()).into_owned();
         match e {
-            rdkafka::error::KafkaError::ClientCreation(_) => KafkaSourceError::Config(text),
+            rdkafka::error::KafkaError::ClientCreation(_)
+            | rdkafka::error::KafkaError::ClientConfig(..) => KafkaSourceError::Config(text),
             _ => KafkaSourceError::Client(text),
         }
     }
+}
+
+/// What to scrub from text that may quote these librdkafka properties: the values of secret
+/// keys, and of every property librdkafka rejects on its own (an unknown key such as a
+/// misspelled `sasl.passwrod` or a Java-only `sasl.jaas.config`, or a value it refuses): its
+/// error quotes them.
+pub fn redactor(props: &SecretMap) -> Redactor {
+    let mut r = Redactor::new();
+    for (key, value) in props.iter() {
+        // Setting `plugin.library.paths` loads the plugins: not done once more just to check.
+        let rejected = key != "plugin.library.paths"
+            && rdkafka::ClientConfig::new()
+                .set(key, value)
+                .create_native_config()
+                .is_err();
+        r.add_property(key, value, rejected);
+    }
+    r
 }
 
 impl Classify for KafkaSourceError {
@@ -98,6 +113,46 @@ impl Classify for KafkaSourceError {
             KafkaSourceError::Config(_) => ErrorKind::Config,
             KafkaSourceError::Client(_) | KafkaSourceError::DeadLetter(_) => ErrorKind::Connection,
             KafkaSourceError::Closed => ErrorKind::Config,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_librdkafka_rejects_are_redacted_with_the_secret_ones() {
+        let props = SecretMap(
+            [
+                ("bootstrap.servers", "127.0.0.1:9092"),
+                ("session.timeout.ms", "6000"),
+                ("sasl.username", "alice"),
+                ("sasl.password", "known-secret"),
+                ("sasl.passwrod", "typo-secret"),
+                ("security.protocol", "bogus-protocol"),
+                (
+                    "sasl.jaas.config",
+                    "x.PlainLoginModule required username='KEY' password='jaas-secret';",
+                ),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into(),
+        );
+        let r = redactor(&props);
+        let text = "127.0.0.1:9092 6000 alice known-secret typo-secret bogus-protocol jaas-secret";
+        assert_eq!(r.redact(text), "127.0.0.1:9092 6000 alice *** *** *** ***");
+        let e = rdkafka::ClientConfig::new()
+            .set("sasl.passwrod", "typo-secret")
+            .create::<rdkafka::consumer::BaseConsumer>()
+            .err()
+            .map(|e| KafkaSourceError::client(e, &r));
+        match e {
+            Some(KafkaSourceError::Config(text)) => {
+                assert!(text.contains("sasl.passwrod"), "{text}");
+                assert!(!text.contains("typo-secret"), "{text}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -21,7 +21,7 @@ use super::KafkaSourceError;
 use super::chunk::{Chunk, MAX_BATCH};
 use super::handle::Shared;
 use super::rebalance::{SourceContext, commit, drain_and_commit};
-use crate::secret::SecretMap;
+use crate::secret::Redactor;
 use crate::telemetry::health::SourceHealth;
 
 /// Receives messages, hands them to the decode task in chunks, commits offsets.
@@ -38,7 +38,8 @@ pub(super) struct Worker {
     /// The sequencing task (its result says why decoding ended).
     pub(super) decode_task: Option<JoinHandle<Result<(), KafkaSourceError>>>,
     pub(super) chunk: Chunk,
-    pub(super) props: SecretMap,
+    /// Scrubs the properties' secrets from client errors.
+    pub(super) redactor: Redactor,
     pub(super) commit_interval: Duration,
     pub(super) health: Option<SourceHealth>,
 }
@@ -107,6 +108,7 @@ impl Worker {
                 }
                 Err(e) => {
                     if let Some((_, reason)) = consumer.client().fatal_error() {
+                        let reason = self.redactor.redact(&reason).into_owned();
                         break Err(KafkaSourceError::Client(format!("fatal: {reason}")));
                     }
                     // librdkafka reconnects by itself with exponential backoff
@@ -114,7 +116,7 @@ impl Worker {
                     // failure once: sleeping here would only add a delay per queued error
                     // after the broker is back (measured: tens of seconds).
                     failures = failures.saturating_add(1);
-                    let error = KafkaSourceError::client(e, &self.props);
+                    let error = KafkaSourceError::client(e, &self.redactor);
                     tracing::warn!(%error, failures, "Kafka consumer error; librdkafka retries");
                 }
             }

@@ -4,11 +4,19 @@
 //! strings with a password inside (`postgres://u:pw@h/db`, `host=h password=pw`), and property maps
 //! whose *keys* say which values are secret (`sasl.password`, `azure_storage_account_key`). Each has
 //! a type here whose `Debug` redacts, so deriving `Debug` on a config struct is safe.
+//!
+//! Libraries put values into their own error text, though (librdkafka quotes the value of a
+//! property it rejects): [`Redactor`] scrubs every secret the loaded configuration holds from any
+//! text, and the binary passes everything it prints or logs through it.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Deserializer};
+
+mod redactor;
+
+pub use redactor::{Redactor, install_redactor, redact};
 
 pub const REDACTED: &str = "***";
 
@@ -111,51 +119,82 @@ pub fn redact_conn_str(s: &str) -> String {
 }
 
 fn redact_key_values(s: &str) -> String {
-    // libpq syntax: key = value, value optionally single-quoted with backslash escapes.
     let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(pos) = rest.find('=') {
-        let (before, after) = rest.split_at(pos);
-        out.push_str(before);
-        out.push('=');
-        let key = before
+    let mut last = 0;
+    for kv in key_values(s) {
+        if is_sensitive_key(kv.key) {
+            out.push_str(&s[last..kv.span.start]);
+            out.push_str(REDACTED);
+            last = kv.span.end;
+        }
+    }
+    out.push_str(&s[last..]);
+    out
+}
+
+/// One `key=value` of a libpq-style string (`password='p w'`) or a JAAS line
+/// (`password="pw";`): its key, where its value is written, and the value unquoted.
+pub(crate) struct KeyValue<'a> {
+    pub key: &'a str,
+    pub span: std::ops::Range<usize>,
+    pub value: String,
+}
+
+/// The `key=value` pairs of `s`: the key is the word before `=`; the value is bare (up to the
+/// next whitespace) or quoted with `'` or `"`, with backslash escapes inside the quotes (libpq
+/// and JAAS syntax).
+pub(crate) fn key_values(s: &str) -> Vec<KeyValue<'_>> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some(rel) = s[pos..].find('=') {
+        let eq = pos + rel;
+        let key = s[pos..eq]
             .rsplit(|c: char| c.is_whitespace())
             .find(|k| !k.is_empty())
             .unwrap_or("");
-        let after = &after[1..];
+        let after = &s[eq + 1..];
         let trimmed = after.trim_start();
-        out.push_str(&after[..after.len() - trimmed.len()]);
-        let value_len = if let Some(q) = trimmed.strip_prefix('\'') {
-            let mut escaped = false;
-            let mut end = q.len();
-            for (i, c) in q.char_indices() {
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' {
-                    escaped = true;
-                } else if c == '\'' {
-                    end = i + 1;
-                    break;
+        let start = eq + 1 + (after.len() - trimmed.len());
+        let (len, value) = match trimmed.chars().next() {
+            Some(quote @ ('\'' | '"')) => {
+                let mut value = String::new();
+                let mut escaped = false;
+                let mut end = trimmed.len();
+                for (i, c) in trimmed.char_indices().skip(1) {
+                    if escaped {
+                        value.push(c);
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == quote {
+                        end = i + 1;
+                        break;
+                    } else {
+                        value.push(c);
+                    }
                 }
+                (end, value)
             }
-            1 + end
-        } else {
-            trimmed.find(char::is_whitespace).unwrap_or(trimmed.len())
+            _ => {
+                let len = trimmed.find(char::is_whitespace).unwrap_or(trimmed.len());
+                (len, trimmed[..len].to_owned())
+            }
         };
-        if is_sensitive_key(key) {
-            out.push_str(REDACTED);
-        } else {
-            out.push_str(&trimmed[..value_len]);
-        }
-        rest = &trimmed[value_len..];
+        out.push(KeyValue {
+            key,
+            span: start..start + len,
+            value,
+        });
+        pos = start + len;
     }
-    out.push_str(rest);
     out
 }
 
 /// Whether a property/option key names a secret (librdkafka, object_store and libpq spellings):
-/// any of its `.`/`_`/`-` separated words is one of the words below.
+/// any of its `.`/`_`/`-` separated words is one of the words below, or it is one of the few
+/// secret keys without such a word (`sasl.oauthbearer.config`, which holds a client secret).
 pub fn is_sensitive_key(key: &str) -> bool {
+    const KEYS: [&str; 1] = ["sasl.oauthbearer.config"];
     const WORDS: [&str; 11] = [
         "password",
         "passwd",
@@ -169,9 +208,8 @@ pub fn is_sensitive_key(key: &str) -> bool {
         "pem",
         "private",
     ];
-    key.to_ascii_lowercase()
-        .split(['.', '_', '-'])
-        .any(|w| WORDS.contains(&w))
+    let key = key.to_ascii_lowercase();
+    KEYS.contains(&key.as_str()) || key.split(['.', '_', '-']).any(|w| WORDS.contains(&w))
 }
 
 /// A string map (librdkafka properties, object-store options) whose `Debug` hides the values of
@@ -245,6 +283,7 @@ mod tests {
             "azure_storage_sas_key",
             "sasl.oauthbearer.client.secret",
             "ssl.key.pem",
+            "sasl.oauthbearer.config",
             "token",
         ] {
             assert!(is_sensitive_key(k), "{k}");
