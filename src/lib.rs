@@ -24,3 +24,4 @@ pub mod source;
 pub mod status;
 pub mod storage;
 pub mod telemetry;
+pub mod verify;

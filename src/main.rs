@@ -64,6 +64,33 @@ enum Command {
         #[arg(long)]
         table: Option<String>,
     },
+    /// Compare each pgvector table with its PostgreSQL source table (keys, payload, text hash,
+    /// and for a sample of rows the stored vector against a fresh embedding); exits 1 when
+    /// they differ, 2 when the check could not be completed.
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this source table (`schema.table`, or `table` in `public`); repeatable.
+        /// Default: every table the publication of `[sources.postgres]` holds.
+        #[arg(long = "table", value_name = "TABLE")]
+        tables: Vec<String>,
+        /// Rows per table whose stored vector is compared with a fresh embedding (0: none).
+        #[arg(long, default_value_t = 100)]
+        sample: usize,
+        /// Compare every row's vector (slow: runs the model over the whole table).
+        #[arg(long)]
+        all_vectors: bool,
+        /// Lowest cosine accepted between a stored and a fresh vector (default 0.9999; 0.999
+        /// for `halfvec` columns).
+        #[arg(long)]
+        min_cosine: Option<f64>,
+        /// Difference lines listed per kind and table (all are counted).
+        #[arg(long, default_value_t = 20)]
+        show: usize,
+        /// Seconds each database may take to accept a connection.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
     /// Embed lines of text from stdin: one JSON array of floats per line on stdout.
     Embed {
         /// Model folder (model.onnx + tokenizer.json).
@@ -115,6 +142,25 @@ async fn main() -> ExitCode {
             json,
             timeout,
         } => status(&config, json, Duration::from_secs(timeout)).await,
+        Command::Verify {
+            config,
+            tables,
+            sample,
+            all_vectors,
+            min_cosine,
+            show,
+            timeout,
+        } => {
+            let options = tributary::verify::Options {
+                tables,
+                sample,
+                all_vectors,
+                min_cosine,
+                show,
+                connect_timeout: Duration::from_secs(timeout),
+            };
+            verify(&config, &options).await
+        }
     }
 }
 
@@ -333,6 +379,35 @@ async fn status(path: &std::path::Path, json: bool, timeout: Duration) -> ExitCo
         print!("{}", redact(&tributary::status::render(&status)));
     }
     ExitCode::SUCCESS
+}
+
+async fn verify(path: &std::path::Path, options: &tributary::verify::Options) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut out = std::io::stdout();
+    match tributary::verify::run(&config, options, &mut out).await {
+        Ok(report) => {
+            let code = report.exit_code();
+            let compared = report
+                .tables
+                .iter()
+                .filter(|(_, o)| matches!(o, tributary::verify::Outcome::Compared(_)))
+                .count();
+            match code {
+                0 => eprintln!("{compared} tables equal their source"),
+                1 => eprintln!("differences found"),
+                _ if compared == 0 => eprintln!("error: no table was compared"),
+                _ => eprintln!("error: not every table could be compared"),
+            }
+            ExitCode::from(code)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
 }
 
 async fn run(path: &std::path::Path) -> ExitCode {

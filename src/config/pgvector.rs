@@ -95,6 +95,14 @@ impl PgvectorSinkConfig {
         truncate(&name.replace('.', "_"), 63).to_owned()
     }
 
+    /// Whether column `column` of `source` is kept in the `payload` jsonb column
+    /// ([`PgvectorSinkConfig::payload_columns`]; every column when the source has no list).
+    pub fn keeps_in_payload(&self, source: &str, column: &str) -> bool {
+        self.payload_columns
+            .get(source)
+            .is_none_or(|wanted| wanted.iter().any(|n| n == column))
+    }
+
     /// `known_sources` are the source names when the configuration lists them all
     /// ([`super::Config::known_sources`]): no two of them may map to one table.
     pub(super) fn validate(&self, known_sources: Option<&[String]>) -> Result<(), ConfigError> {

@@ -363,11 +363,10 @@ fn payload_of(
     let Some(after) = &e.after else {
         return (None, None);
     };
-    let wanted = config.payload_columns.get(&e.source);
     let mut obj = serde_json::Map::new();
     let mut toast = Vec::new();
     for c in after.columns() {
-        if wanted.is_some_and(|w| !w.iter().any(|n| *n == c.name)) {
+        if !config.keeps_in_payload(&e.source, &c.name) {
             continue;
         }
         match &c.value {

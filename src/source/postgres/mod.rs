@@ -138,6 +138,11 @@ fn replication_url(url: &str) -> String {
     }
 }
 
+/// The session settings under which values selected as text read as [`decode::convert`]
+/// expects (and as `tributary verify` must read them to compare alike).
+pub(crate) const TEXT_SETTINGS: &str =
+    "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3";
+
 /// An ordinary connection with the session settings the text conversions expect.
 async fn sql_connect(url: &str) -> Result<Client, PgSourceError> {
     let config: tokio_postgres::Config = url.parse().map_err(db)?;
@@ -146,12 +151,7 @@ async fn sql_connect(url: &str) -> Result<Client, PgSourceError> {
     })
     .await
     .map_err(db)?;
-    client
-        .batch_execute(
-            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3",
-        )
-        .await
-        .map_err(db)?;
+    client.batch_execute(TEXT_SETTINGS).await.map_err(db)?;
     Ok(client)
 }
 
@@ -183,7 +183,9 @@ fn is_permanent_start_error(e: &ReplicationError) -> bool {
 }
 
 /// Names of non-built-in types (extensions such as pgvector's `vector`), by OID.
-async fn load_type_names(client: &Client) -> Result<HashMap<u32, String>, PgSourceError> {
+pub(crate) async fn load_type_names(
+    client: &Client,
+) -> Result<HashMap<u32, String>, PgSourceError> {
     let rows = client
         .query(
             "SELECT oid::int8, typname::text FROM pg_type WHERE oid >= 16384",
