@@ -509,3 +509,236 @@ listen = ""
     drop(src);
     common::drop_source_db(&admin, &dbname, &slot).await;
 }
+
+/// The TOAST workload, run while the connector is being killed: notes updated while the TOASTed
+/// column stays untouched, the TOASTed column updated and then the note in the next transaction,
+/// key moves, inserts and deletes, each in its own transaction. Returns the row changes.
+async fn toast_workload(url: String, seeded: i32) -> u64 {
+    let c = pg_connect(&url).await;
+    let mut live: Vec<i32> = (1..=seeded).collect();
+    let mut next_id = seeded + 1;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut pick = |n: usize| {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) as usize % n
+    };
+    let mut changes = 0u64;
+    for round in 0..60 {
+        for _ in 0..3 {
+            changes += c
+                .execute(
+                    "INSERT INTO orders VALUES ($1::int, 'Customer ' || $1::int, 'note ' || $1::int, $2)",
+                    &[&next_id, &common::vectors::big(next_id, 0)],
+                )
+                .await
+                .unwrap();
+            live.push(next_id);
+            next_id += 1;
+        }
+        for j in 0..3 {
+            let id = live[pick(live.len())];
+            changes += c
+                .execute(
+                    "UPDATE orders SET note = note || $2 WHERE id = $1",
+                    &[&id, &format!(" +{round}.{j}")],
+                )
+                .await
+                .unwrap();
+        }
+        let id = live[pick(live.len())];
+        changes += c
+            .execute(
+                "UPDATE orders SET big = $2 WHERE id = $1",
+                &[&id, &common::vectors::big(id, round + 1)],
+            )
+            .await
+            .unwrap();
+        changes += c
+            .execute(
+                "UPDATE orders SET note = note || ' (big changed)' WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        let i = pick(live.len());
+        let moved = live[i] + 100_000;
+        changes += c
+            .execute(
+                "UPDATE orders SET id = $2 WHERE id = $1",
+                &[&live[i], &moved],
+            )
+            .await
+            .unwrap();
+        live[i] = moved;
+        let gone = live.swap_remove(pick(live.len()));
+        changes += c
+            .execute("DELETE FROM orders WHERE id = $1", &[&gone])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    changes
+}
+
+/// SIGKILLed at random moments while a table with a TOASTed template column takes updates,
+/// key moves and deletes: afterwards every pgvector row equals its source row, carries the hash
+/// of its current text and that text's vector, and Bronze holds every change once.
+///
+/// Ignored until the snapshot issue (#17) is fixed: it fails today, and not for TOAST. After
+/// SIGKILLs the PostgreSQL source takes the table's snapshot again on restarts (the positions
+/// show snapshot epoch 26 after 24 kills), and a new snapshot cannot remove from pgvector the rows
+/// deleted or moved away before it, so seeded rows stay behind. Run it with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails until restarts after SIGKILL stop re-taking the snapshot (#17)"]
+async fn sigkill_with_a_toasted_template_column_and_key_moves_keeps_vectors_exact() {
+    const SEEDED: i32 = 60;
+    let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let mut seed = String::from(
+        "CREATE TABLE orders (id int PRIMARY KEY, customer text NOT NULL, note text NOT NULL,
+                              big text NOT NULL);
+         ALTER TABLE orders ALTER COLUMN big SET STORAGE EXTERNAL;",
+    );
+    for id in 1..=SEEDED {
+        seed.push_str(&format!(
+            "INSERT INTO orders VALUES ({id}, 'Customer {id}', 'note {id}', '{}');",
+            common::vectors::big(id, 0)
+        ));
+    }
+    let (dbname, src_url, src) = common::create_source_db(&admin, "crashtoast", &seed).await;
+    let slot = unique("slot");
+    let schema = unique("crasht");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    let template = "{customer}: {note} | {big}";
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "crash-toast-test"
+[sources.postgres]
+url = "{src_url}"
+publication = "orders_pub"
+slot = "{slot}"
+tables = ["orders"]
+[embedding]
+model_dir = "{model}"
+[embedding.templates]
+"public.orders" = "{template}"
+[sinks.delta]
+uri = "{lake}"
+flush_interval_ms = 300
+[sinks.pgvector]
+url = "{pg}"
+schema = "{schema}"
+[pipeline]
+batch_max_wait_ms = 100
+[telemetry]
+listen = ""
+"#,
+            model = env("TRIBUTARY_MODEL_DIR"),
+            pg = env("TRIBUTARY_PG_URL"),
+            lake = dir.path().join("lake").display(),
+        ),
+    )
+    .unwrap();
+    let pg = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let table = format!("\"{schema}\".\"orders\"");
+    let count = |sql: String| {
+        let pg = &pg;
+        async move {
+            pg.query_one(&sql, &[])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(-1)
+        }
+    };
+
+    // The snapshot first (so that Bronze must hold each later change as a row of its own).
+    let run = start(&config);
+    wait_for("the snapshot in pgvector", async || {
+        count(format!(
+            "SELECT count(*) FROM {table} WHERE embedding IS NOT NULL"
+        ))
+        .await
+            == i64::from(SEEDED)
+    })
+    .await;
+    sigkill(run);
+
+    let work = tokio::spawn(toast_workload(src_url.clone(), SEEDED));
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut kills = 0;
+    let started = Instant::now();
+    while kills < KILLS || !work.is_finished() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        // Long enough for the model to load and batches to land, short enough to interrupt.
+        let after = Duration::from_millis(1_000 + (x >> 33) % 2_500);
+        let run = start(&config);
+        tokio::time::sleep(after).await;
+        sigkill(run);
+        kills += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "crash loop took too long"
+        );
+    }
+    let changes = work.await.unwrap();
+
+    // A last clean run catches up: a marker row written after everything else arrives last.
+    src.execute(
+        "INSERT INTO orders VALUES (-1, 'marker', 'the end', $1)",
+        &[&common::vectors::big(-1, 0)],
+    )
+    .await
+    .unwrap();
+    let run = start(&config);
+    wait_for("pgvector to catch up", async || {
+        count(format!(
+            "SELECT count(*) FROM {table} WHERE id = -1 AND embedding IS NOT NULL"
+        ))
+        .await
+            == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, log) = stop(run, &config);
+    assert_eq!(code, 0, "{log}");
+
+    let mut embedder = tributary::enrich::Embedder::load(
+        &tributary::config::EmbeddingConfig::for_model(env("TRIBUTARY_MODEL_DIR").into()),
+    )
+    .unwrap();
+    let diffs = common::vectors::divergence(
+        &src,
+        &pg,
+        &mut embedder,
+        "SELECT id, customer, note, big FROM orders ORDER BY id",
+        &table,
+        &["id", "customer", "note", "big"],
+        4,
+        template,
+    )
+    .await;
+    assert!(
+        diffs.is_empty(),
+        "pgvector differs from the source after {kills} kills:\n{}",
+        diffs.join("\n")
+    );
+    let (code, out) = common::vectors::verify(&config, &["--all-vectors"]);
+    assert_eq!(code, 0, "tributary verify after {kills} kills:\n{out}");
+    // Bronze: the snapshot, every change and the marker, each exactly once.
+    let expected = u64::try_from(SEEDED).unwrap() + changes + 1;
+    let (rows, distinct) = common::bronze_positions(&dir.path().join("lake").join("public.orders"));
+    assert_eq!(
+        (rows, distinct),
+        (expected, expected),
+        "Bronze must hold each change once ({kills} kills)"
+    );
+
+    drop(src);
+    common::drop_source_db(&admin, &dbname, &slot).await;
+}

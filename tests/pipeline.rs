@@ -486,7 +486,10 @@ listen = ""
     assert_eq!(letter["_source"], "public.notes", "{letter}");
     assert_eq!(letter["_key"], r#"{"id":2}"#, "{letter}");
     assert!(
-        letter["_position"].as_str().unwrap().starts_with("postgres@"),
+        letter["_position"]
+            .as_str()
+            .unwrap()
+            .starts_with("postgres@"),
         "{letter}"
     );
     let error = letter["error"].as_str().unwrap();

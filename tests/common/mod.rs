@@ -3,6 +3,7 @@
 
 pub mod kafka;
 pub mod run;
+pub mod vectors;
 
 /// An environment variable the services script exports; a clear panic when it is missing.
 pub fn env(name: &str) -> String {
