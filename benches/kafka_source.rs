@@ -113,6 +113,89 @@ fn decode_only(n: usize) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The same order as a Debezium envelope: schemaless, or with the Connect JSON converter's schema
+/// (`schemas.enable=true`; `total` an `org.apache.kafka.connect.data.Decimal`, `created_at` an
+/// `io.debezium.time.MicroTimestamp`).
+fn debezium_order(i: usize, with_schema: bool) -> String {
+    let mut after: serde_json::Value = serde_json::from_str(&order(i)).expect("order");
+    if with_schema {
+        // 12.34-style totals as base64 unscaled bytes (scale 2), the timestamp as µs.
+        let cents = (after["total"].as_f64().unwrap_or(0.0) * 100.0).round() as i64;
+        let bytes = cents.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count().min(6);
+        use base64::Engine as _;
+        after["total"] = base64::engine::general_purpose::STANDARD
+            .encode(&bytes[skip..])
+            .into();
+        let at = chrono::DateTime::parse_from_rfc3339(after["created_at"].as_str().unwrap_or(""))
+            .map_or(0, |t| t.timestamp_micros());
+        after["created_at"] = at.into();
+        after["items"] = after["items"].to_string().into();
+    }
+    let payload = serde_json::json!({"before": null, "after": after, "op": "c",
+        "ts_ms": 1_732_356_000_000_i64,
+        "source": {"connector": "postgresql", "ts_ms": 1_732_356_000_000_i64, "lsn": i}});
+    if !with_schema {
+        return payload.to_string();
+    }
+    let s = |f: &str| serde_json::json!({"type": "string", "optional": true, "field": f});
+    let fields = serde_json::json!([
+        s("order_id"), s("customer_id"), s("status"), s("currency"),
+        {"type": "bytes", "optional": true, "name": "org.apache.kafka.connect.data.Decimal",
+         "version": 1, "parameters": {"scale": "2", "connect.decimal.precision": "10"},
+         "field": "total"},
+        {"type": "string", "optional": true, "name": "io.debezium.data.Json", "version": 1,
+         "field": "items"},
+        {"type": "int64", "optional": true, "name": "io.debezium.time.MicroTimestamp",
+         "version": 1, "field": "created_at"},
+        s("note")]);
+    let value = |f: &str| {
+        serde_json::json!({"type": "struct", "fields": fields, "optional": true,
+                           "name": "shop.public.orders.Value", "field": f})
+    };
+    serde_json::json!({"schema": {"type": "struct", "optional": false,
+        "name": "shop.public.orders.Envelope", "version": 2, "fields": [
+            value("before"), value("after"),
+            {"type": "struct", "optional": false, "field": "source",
+             "name": "io.debezium.connector.postgresql.Source", "fields": [
+                {"type": "string", "optional": false, "field": "connector"},
+                {"type": "int64", "optional": false, "field": "ts_ms"},
+                {"type": "int64", "optional": true, "field": "lsn"}]},
+            {"type": "string", "optional": false, "field": "op"},
+            {"type": "int64", "optional": true, "field": "ts_ms"}]},
+        "payload": payload})
+    .to_string()
+}
+
+/// The decoder alone on Debezium envelopes (no declared columns): (msg/s, average bytes).
+fn decode_debezium(n: usize, with_schema: bool) -> (f64, usize) {
+    let config: tributary::config::KafkaSourceConfig = toml::from_str(
+        "brokers = \"127.0.0.1:9\"\ngroup_id = \"g\"\n[[topics]]\nname = \"orders\"\n\
+         format = \"debezium\"\nkey_columns = [\"order_id\"]\n",
+    )
+    .expect("config");
+    let decoder = Decoder::new(&config.topics[0], config.max_message_bytes);
+    let payloads: Vec<String> = (0..n.min(20_000))
+        .map(|i| debezium_order(i, with_schema))
+        .collect();
+    let avg = payloads.iter().map(String::len).sum::<usize>() / payloads.len();
+    let start = Instant::now();
+    for i in 0..n {
+        let p = &payloads[i % payloads.len()];
+        let msg = RawMessage {
+            topic: "orders",
+            partition: 0,
+            offset: i as i64,
+            key: None,
+            payload: Some(p.as_bytes()),
+            timestamp_ms: Some(1_732_356_000_000),
+            headers: Vec::new(),
+        };
+        std::hint::black_box(decoder.decode(&msg).expect("decode"));
+    }
+    (n as f64 / start.elapsed().as_secs_f64(), avg)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n: usize = std::env::args()
@@ -175,6 +258,18 @@ async fn main() {
     } else {
         f64::NAN
     };
+    let debezium = |with_schema: bool| {
+        let runs: Vec<(f64, usize)> = (0..RUNS)
+            .map(|_| decode_debezium(n.min(300_000), with_schema))
+            .collect();
+        let avg = runs[0].1;
+        (median(runs.into_iter().map(|r| r.0).collect()), avg)
+    };
+    let (dbz_plain, dbz_schema) = if only.is_empty() || only == "decode" {
+        (debezium(false), debezium(true))
+    } else {
+        ((f64::NAN, 0), (f64::NAN, 0))
+    };
     let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
 
     let (b, s) = (median(bares), median(ours));
@@ -188,6 +283,14 @@ async fn main() {
     );
     println!("| decoder alone (in memory, no Kafka) | {decode:.0} |");
     println!("| serde_json parse alone (`IgnoredAny`, no values kept) | {parse:.0} |");
+    println!(
+        "| decoder alone, Debezium envelope without schema (~{} B) | {:.0} |",
+        dbz_plain.1, dbz_plain.0
+    );
+    println!(
+        "| decoder alone, Debezium envelope with Connect schema (~{} B) | {:.0} |",
+        dbz_schema.1, dbz_schema.0
+    );
     println!("| ratio source / bare | {:.2} |", s / b);
     let cpu =
         |v: &[(f64, f64)], side: fn(&(f64, f64)) -> f64| median(v.iter().map(side).collect()) * 1e6;

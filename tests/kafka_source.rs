@@ -327,7 +327,7 @@ async fn undecodable_messages_are_dead_lettered_while_good_ones_flow() {
         (br#"{"amount": 3.5}"#, "key column \"order_id\" is missing"),
         (
             br#"{"order_id": "o-x", "amount": "lots"}"#,
-            "declared Float64 but holds a string",
+            "declared float64 but holds a string",
         ),
         (oversize.as_bytes(), "exceeds max_message_bytes (400)"),
     ];

@@ -527,3 +527,195 @@ listen = ""
         .await
         .unwrap();
 }
+
+/// A Debezium PostgreSQL change event with its Kafka Connect schema (the JSON converter's
+/// `schemas.enable=true`, Debezium's defaults: `decimal.handling.mode=precise`,
+/// `time.precision.mode=adaptive`): `orders(id int, placed timestamp, paid_at timestamptz,
+/// amount numeric(10,2), day date, note text)`, plus `qty smallint` when `with_qty`.
+fn debezium_order(op: &str, after: serde_json::Value, with_qty: bool) -> Vec<u8> {
+    use serde_json::json;
+    let mut fields = vec![
+        json!({"type": "int32", "optional": false, "field": "id"}),
+        json!({"type": "int64", "optional": true, "name": "io.debezium.time.MicroTimestamp",
+               "version": 1, "field": "placed"}),
+        json!({"type": "string", "optional": true, "name": "io.debezium.time.ZonedTimestamp",
+               "version": 1, "field": "paid_at"}),
+        json!({"type": "bytes", "optional": true, "name": "org.apache.kafka.connect.data.Decimal",
+               "version": 1, "parameters": {"scale": "2", "connect.decimal.precision": "10"},
+               "field": "amount"}),
+        json!({"type": "int32", "optional": true, "name": "io.debezium.time.Date", "version": 1,
+               "field": "day"}),
+        json!({"type": "string", "optional": true, "field": "note"}),
+    ];
+    if with_qty {
+        fields.push(json!({"type": "int16", "optional": true, "field": "qty"}));
+    }
+    let value = |field: &str| {
+        json!({"type": "struct", "fields": fields, "optional": true,
+               "name": "shop.public.orders.Value", "field": field})
+    };
+    json!({
+        "schema": {"type": "struct", "optional": false, "name": "shop.public.orders.Envelope",
+            "version": 2, "fields": [value("before"), value("after"),
+            {"type": "struct", "optional": false, "name": "io.debezium.connector.postgresql.Source",
+             "field": "source", "fields": [
+                {"type": "string", "optional": false, "field": "connector"},
+                {"type": "int64", "optional": false, "field": "ts_ms"},
+                {"type": "string", "optional": false, "field": "table"},
+                {"type": "int64", "optional": true, "field": "lsn"}]},
+            {"type": "string", "optional": false, "field": "op"},
+            {"type": "int64", "optional": true, "field": "ts_ms"}]},
+        "payload": {"before": null, "after": after, "op": op, "ts_ms": 1_714_979_290_000_i64,
+            "source": {"connector": "postgresql", "ts_ms": 1_714_979_289_900_i64,
+                       "table": "orders", "lsn": 24_023_128}}
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_topic_without_declared_columns_gets_typed_bronze_from_the_envelope_schema() {
+    use serde_json::json;
+    let topic = create_topic(1).await;
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    let lake = dir.path().join("lake");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "debezium-test"
+[sources.kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+drain_timeout_ms = 2000
+commit_interval_ms = 200
+properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }}
+[[sources.kafka.topics]]
+name = "{topic}"
+format = "debezium"
+[sinks.delta]
+uri = "{lake}"
+flush_interval_ms = 300
+[pipeline]
+batch_max_wait_ms = 100
+[telemetry]
+listen = ""
+"#,
+            brokers = env("TRIBUTARY_KAFKA_BROKERS"),
+            lake = lake.display(),
+        ),
+    )
+    .unwrap();
+    let key = |id: i32| {
+        format!(
+            r#"{{"schema":{{"type":"struct","fields":[{{"type":"int32","optional":false,"field":"id"}}],"optional":false,"name":"shop.public.orders.Key"}},"payload":{{"id":{id}}}}}"#
+        )
+    };
+    // 2024-05-06T07:08:09.123456 as µs since the epoch; 12.34 and -0.05 as unscaled base64; day
+    // 19849 = 2024-05-06. The third event comes with a column added at the source.
+    let messages = vec![
+        (
+            key(1),
+            debezium_order(
+                "r",
+                json!({"id": 1, "placed": 1_714_979_289_123_456_i64,
+                       "paid_at": "2024-05-06T07:08:09.123456Z", "amount": "BNI=",
+                       "day": 19_849, "note": "first"}),
+                false,
+            ),
+        ),
+        (
+            key(2),
+            debezium_order(
+                "c",
+                json!({"id": 2, "placed": 0, "paid_at": null, "amount": "+w==",
+                       "day": -1, "note": null}),
+                false,
+            ),
+        ),
+        (
+            key(2),
+            debezium_order(
+                "u",
+                json!({"id": 2, "placed": 0, "paid_at": "2024-05-06T09:00:00+02:00",
+                       "amount": "AA==", "day": 0, "note": "paid", "qty": 3}),
+                true,
+            ),
+        ),
+    ];
+    let end = produce(&topic, &messages, 1).await;
+    let run = start(&config);
+    // Offsets are committed only once the events are durable in Bronze.
+    wait_for("the three events committed", async || {
+        committed(&topic, &group, 1) == vec![Some(end[0])]
+    })
+    .await;
+    let (code, stderr) = stop(run, &config);
+    assert_eq!(code, 0, "{stderr}");
+
+    // Read back by an independent reader (Python deltalake).
+    let script = r#"
+import datetime, json, os, sys
+from deltalake import DeltaTable
+t = DeltaTable(sys.argv[1]).to_pyarrow_table()
+def plain(v):
+    return v.isoformat() if isinstance(v, (datetime.date, datetime.datetime)) else v
+cols = ["_position_major", "_position_minor", "_op", "id", "placed", "paid_at", "amount", "day",
+        "note", "qty", "_payload"]
+rows = sorted(zip(*[[plain(v) for v in t.column(c).to_pylist()] for c in cols]),
+              key=lambda r: (r[0], r[1]))
+print(json.dumps({"fields": {f.name: str(f.type) for f in t.schema},
+                  "rows": [dict(zip(cols, r)) for r in rows]}))
+sys.stdout.flush()
+os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
+"#;
+    let out = std::process::Command::new(env("TRIBUTARY_PYTHON"))
+        .arg("-c")
+        .arg(script)
+        .arg(lake.join(&topic))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fields = &got["fields"];
+    assert_eq!(fields["id"], "int32", "{fields}");
+    assert_eq!(fields["placed"], "timestamp[us]", "{fields}");
+    assert_eq!(fields["paid_at"], "timestamp[us, tz=UTC]", "{fields}");
+    assert_eq!(fields["amount"], "string", "{fields}");
+    assert_eq!(fields["day"], "date32[day]", "{fields}");
+    assert_eq!(fields["note"], "string", "{fields}");
+    assert_eq!(fields["qty"], "int16", "{fields}");
+    let rows = got["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{got}");
+    let row = |i: usize, c: &str| rows[i][c].clone();
+    assert_eq!(row(0, "_op"), "snapshot");
+    assert_eq!(row(0, "id"), 1);
+    assert_eq!(row(0, "placed"), "2024-05-06T07:08:09.123456");
+    assert_eq!(row(0, "paid_at"), "2024-05-06T07:08:09.123456+00:00");
+    assert_eq!(row(0, "amount"), "12.34");
+    assert_eq!(row(0, "day"), "2024-05-06");
+    assert_eq!(row(0, "note"), "first");
+    assert_eq!(
+        row(0, "qty"),
+        json!(null),
+        "written before the column existed"
+    );
+    assert_eq!(row(1, "placed"), "1970-01-01T00:00:00");
+    assert_eq!(row(1, "paid_at"), json!(null));
+    assert_eq!(row(1, "amount"), "-0.05");
+    assert_eq!(row(1, "day"), "1969-12-31");
+    assert_eq!(row(2, "_op"), "update");
+    assert_eq!(row(2, "paid_at"), "2024-05-06T07:00:00+00:00");
+    assert_eq!(row(2, "amount"), "0.00");
+    assert_eq!(row(2, "qty"), 3);
+    // Every column was typed: nothing left over in `_payload`.
+    for i in 0..3 {
+        assert_eq!(row(i, "_payload"), json!(null), "{got}");
+    }
+}

@@ -61,6 +61,10 @@ fn default_commit_interval_ms() -> u64 {
 const DEFAULT_SESSION_TIMEOUT_MS: u64 = 45_000;
 
 /// The type a JSON topic declares for a column; a value of another JSON type is a dead letter.
+///
+/// A number is never given a unit by guessing: `timestamptz` and `date` take only text, and a
+/// number in them is a dead letter that names the types that say the unit
+/// (`timestamptz_millis`/`_micros`/`_nanos`, `date_days`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ColumnType {
@@ -72,9 +76,47 @@ pub enum ColumnType {
     Numeric,
     Text,
     Uuid,
-    /// An RFC 3339 timestamp string.
+    /// An RFC 3339 timestamp string (a number is a dead letter: its unit is unknown).
     Timestamptz,
+    /// Milliseconds since the Unix epoch (UTC), or an RFC 3339 string.
+    TimestamptzMillis,
+    /// Microseconds since the Unix epoch (UTC), or an RFC 3339 string.
+    TimestamptzMicros,
+    /// Nanoseconds since the Unix epoch (UTC), or an RFC 3339 string.
+    TimestamptzNanos,
+    /// An ISO 8601 date string, `YYYY-MM-DD` (a number is a dead letter: its unit is unknown).
+    Date,
+    /// Days since the Unix epoch, or a `YYYY-MM-DD` string.
+    DateDays,
     Json,
+}
+
+impl ColumnType {
+    /// The type as the configuration spells it (`timestamptz_micros`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Bool => "bool",
+            ColumnType::Int32 => "int32",
+            ColumnType::Int64 => "int64",
+            ColumnType::Float64 => "float64",
+            ColumnType::Numeric => "numeric",
+            ColumnType::Text => "text",
+            ColumnType::Uuid => "uuid",
+            ColumnType::Timestamptz => "timestamptz",
+            ColumnType::TimestamptzMillis => "timestamptz_millis",
+            ColumnType::TimestamptzMicros => "timestamptz_micros",
+            ColumnType::TimestamptzNanos => "timestamptz_nanos",
+            ColumnType::Date => "date",
+            ColumnType::DateDays => "date_days",
+            ColumnType::Json => "json",
+        }
+    }
+}
+
+impl std::fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -94,7 +136,8 @@ pub struct TopicConfig {
     /// Columns of the message value that form the key; empty means the Kafka message key.
     #[serde(default)]
     pub key_columns: Vec<String>,
-    /// Declared column types (`json`/`debezium`); undeclared columns are typed from the JSON.
+    /// Declared column types (`json`/`debezium`); undeclared columns are typed from the JSON, or
+    /// by the Kafka Connect schema of a Debezium envelope that carries one. Declared types win.
     #[serde(default)]
     pub columns: BTreeMap<String, ColumnType>,
 }

@@ -4,13 +4,15 @@
 //! from the consumer. Every way a message can be unusable is a [`DecodeError`] whose text names the
 //! problem and the field; the consumer turns it into a dead letter and goes on. A Debezium
 //! tombstone (a null value after a delete) is recognised and yields [`Decoded::Tombstone`], which
-//! carries nothing to write but whose offset still counts as processed.
+//! carries nothing to write but whose offset still counts as processed. A Debezium envelope that
+//! carries its Kafka Connect schema is decoded by that schema ([`super::connect`]).
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value as J};
 
+use super::connect::{self, EnvelopeSchema, SchemaCache};
 use crate::config::{ColumnType, MessageFormat, TopicConfig};
 use crate::event::{ChangeEvent, Name, Op, Position, Row, RowSchema, StreamId, Value, ValueType};
 
@@ -76,11 +78,19 @@ pub enum DecodeError {
     MissingKey(String),
     #[error("message has no key and no key_columns are configured")]
     NoKey,
-    #[error("column {column:?} is declared {expected:?} but holds {found}")]
+    #[error("column {column:?} is declared {expected} but holds {found}")]
     WrongType {
         column: String,
         expected: ColumnType,
         found: String,
+    },
+    /// A field of a Debezium envelope that its Kafka Connect schema does not describe.
+    #[error("column {column:?} ({connect}): {problem}")]
+    ConnectValue {
+        column: String,
+        /// The field's Connect type: its semantic name, else its literal type.
+        connect: String,
+        problem: String,
     },
     #[error("invalid Debezium envelope: {0}")]
     Envelope(String),
@@ -95,7 +105,7 @@ impl DecodeError {
             DecodeError::InvalidJson(_) => "invalid_json",
             DecodeError::NotAnObject { .. } => "not_an_object",
             DecodeError::MissingKey(_) | DecodeError::NoKey => "missing_key",
-            DecodeError::WrongType { .. } => "wrong_type",
+            DecodeError::WrongType { .. } | DecodeError::ConnectValue { .. } => "wrong_type",
             DecodeError::Envelope(_) => "invalid_envelope",
         }
     }
@@ -111,6 +121,8 @@ pub struct Decoder {
     declared: Vec<(Name, ColumnType)>,
     /// The declared columns as the event schema (`None` when the topic declares none).
     schema: Option<std::sync::Arc<RowSchema>>,
+    /// Compiled Connect schemas of Debezium envelopes that carry one (shared by clones).
+    connect: std::sync::Arc<SchemaCache>,
     max_bytes: usize,
     /// The topic, and its stream name (`kafka:{topic}`) built once: each position shares it.
     topic: String,
@@ -128,6 +140,7 @@ impl Decoder {
                 .map(|(n, t)| (Name::from(n.as_str()), *t))
                 .collect(),
             schema: declared_schema(&topic.columns),
+            connect: std::sync::Arc::default(),
             max_bytes: max_message_bytes,
             topic: topic.name.clone(),
             stream_name: super::stream(&topic.name, 0).name().into(),
@@ -147,10 +160,11 @@ impl Decoder {
             timestamp: msg.timestamp_ms.and_then(DateTime::from_timestamp_millis),
             ..KafkaMeta::default()
         };
+        let mut schema = (self.schema.clone(), 0);
         let (op, key, before, after) = match self.format {
             MessageFormat::Raw => self.raw(msg),
             MessageFormat::Json => self.json(msg)?,
-            MessageFormat::Debezium => match self.debezium(msg, &mut meta)? {
+            MessageFormat::Debezium => match self.debezium(msg, &mut meta, &mut schema)? {
                 Some(parts) => parts,
                 None => return Ok(Decoded::Tombstone),
             },
@@ -166,12 +180,12 @@ impl Decoder {
                 key,
                 before,
                 after,
-                schema_version: 0,
+                schema_version: schema.1,
                 position: self.position(msg),
                 source_ts,
                 embedding: None,
                 text_hash: None,
-                schema: self.schema.clone(),
+                schema: schema.0,
             },
             meta,
         }))
@@ -215,29 +229,32 @@ impl Decoder {
         Ok((Op::Insert, key, None, Some(row)))
     }
 
-    /// `None` for a tombstone.
+    /// `None` for a tombstone. An envelope with a Connect schema that describes its rows sets
+    /// `schema` to the rows' schema and its version.
     fn debezium(
         &self,
         msg: &RawMessage<'_>,
         meta: &mut KafkaMeta,
+        schema: &mut (Option<std::sync::Arc<RowSchema>>, u32),
     ) -> Result<Option<Parts>, DecodeError> {
         let Some(payload) = msg.payload else {
             return Ok(None);
         };
-        let mut envelope = parse_object(payload, "Debezium message")?;
-        // With the JSON converter's schemas enabled, the envelope sits under `payload`.
-        if envelope.contains_key("schema") && envelope.contains_key("payload") {
-            match envelope.remove("payload") {
-                Some(J::Object(inner)) => envelope = inner,
-                Some(J::Null) => return Ok(None),
-                Some(other) => {
-                    return Err(DecodeError::NotAnObject {
-                        what: "Debezium `payload`",
-                        found: json_kind(&other),
-                    });
-                }
-                None => unreachable!("checked by contains_key"),
+        let text = std::str::from_utf8(payload).map_err(|e| DecodeError::InvalidUtf8 {
+            valid_up_to: e.valid_up_to(),
+        })?;
+        let parsed = connect::parse_envelope(text)?;
+        let Some(mut envelope) = parsed.fields else {
+            return Ok(None);
+        };
+        let connect = match parsed.schema_hash {
+            Some(hash) => {
+                Some(self.connect.get(hash, text, &self.declared)?).filter(|c| c.describes_rows())
             }
+            None => None,
+        };
+        if let Some(c) = &connect {
+            *schema = (c.row_schema.clone(), c.version);
         }
         let op = match envelope.get("op") {
             Some(J::String(s)) => match s.as_str() {
@@ -261,8 +278,8 @@ impl Decoder {
             meta.source_ts_ms = source.get("ts_ms").and_then(J::as_i64);
         }
         meta.envelope_ts_ms = envelope.get("ts_ms").and_then(J::as_i64);
-        let before = self.image(&mut envelope, "before")?;
-        let after = self.image(&mut envelope, "after")?;
+        let before = self.image(&mut envelope, "before", connect.as_deref())?;
+        let after = self.image(&mut envelope, "after", connect.as_deref())?;
         let missing = match op {
             Op::Insert | Op::Update | Op::Snapshot => after.is_none().then_some("after"),
             Op::Delete => (before.is_none() && msg.key.is_none()).then_some("before"),
@@ -286,10 +303,18 @@ impl Decoder {
         &self,
         envelope: &mut Map<String, J>,
         field: &'static str,
+        connect: Option<&EnvelopeSchema>,
     ) -> Result<Option<Row>, DecodeError> {
         match envelope.remove(field) {
             None | Some(J::Null) => Ok(None),
-            Some(J::Object(o)) => self.typed_row(o).map(Some),
+            Some(J::Object(o)) => match connect {
+                Some(c) => c
+                    .row(field == "after", o, |name, json| {
+                        self.plain_value(&name, json)
+                    })
+                    .map(Some),
+                None => self.typed_row(o).map(Some),
+            },
             Some(other) => Err(DecodeError::NotAnObject {
                 what: if field == "before" {
                     "Debezium `before`"
@@ -318,13 +343,18 @@ impl Decoder {
     fn typed_row(&self, object: Map<String, J>) -> Result<Row, DecodeError> {
         let mut row = Row(Vec::with_capacity(object.len()));
         for (name, json) in object {
-            let value = match self.declared.iter().find(|(n, _)| *n == name) {
-                Some((_, ty)) => typed(&name, *ty, json)?,
-                None => inferred(json),
-            };
+            let value = self.plain_value(&name, json)?;
             row.push(name, value);
         }
         Ok(row)
+    }
+
+    /// A column of a schemaless row: converted to its declared type, else typed from its JSON.
+    fn plain_value(&self, name: &str, json: J) -> Result<Value, DecodeError> {
+        match self.declared.iter().find(|(n, _)| *n == name) {
+            Some((_, ty)) => typed(name, *ty, json),
+            None => Ok(inferred(json)),
+        }
     }
 }
 
@@ -335,39 +365,31 @@ fn declared_schema(columns: &BTreeMap<String, ColumnType>) -> Option<std::sync::
     }
     let columns = columns
         .iter()
-        .map(|(name, ty)| {
-            let vt = match ty {
-                ColumnType::Bool => ValueType::Bool,
-                ColumnType::Int32 => ValueType::Int32,
-                ColumnType::Int64 => ValueType::Int64,
-                ColumnType::Float64 => ValueType::Float64,
-                ColumnType::Numeric => ValueType::Numeric,
-                ColumnType::Text => ValueType::Text,
-                ColumnType::Uuid => ValueType::Uuid,
-                ColumnType::Timestamptz => ValueType::TimestampTz,
-                ColumnType::Json => ValueType::Json,
-            };
-            (name.clone(), vt)
-        })
+        .map(|(name, ty)| (name.clone(), declared_type(*ty)))
         .collect();
     Some(std::sync::Arc::new(RowSchema { columns }))
 }
 
-type Parts = (Op, Row, Option<Row>, Option<Row>);
-
-fn parse_object(bytes: &[u8], what: &'static str) -> Result<Map<String, J>, DecodeError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidUtf8 {
-        valid_up_to: e.valid_up_to(),
-    })?;
-    match serde_json::from_str::<J>(text) {
-        Ok(J::Object(o)) => Ok(o),
-        Ok(other) => Err(DecodeError::NotAnObject {
-            what,
-            found: json_kind(&other),
-        }),
-        Err(e) => Err(DecodeError::InvalidJson(e.to_string())),
+/// The value type of a column declared `ty`, as [`typed`] decodes it.
+pub(super) fn declared_type(ty: ColumnType) -> ValueType {
+    match ty {
+        ColumnType::Bool => ValueType::Bool,
+        ColumnType::Int32 => ValueType::Int32,
+        ColumnType::Int64 => ValueType::Int64,
+        ColumnType::Float64 => ValueType::Float64,
+        ColumnType::Numeric => ValueType::Numeric,
+        ColumnType::Text => ValueType::Text,
+        ColumnType::Uuid => ValueType::Uuid,
+        ColumnType::Timestamptz
+        | ColumnType::TimestamptzMillis
+        | ColumnType::TimestamptzMicros
+        | ColumnType::TimestamptzNanos => ValueType::TimestampTz,
+        ColumnType::Date | ColumnType::DateDays => ValueType::Date,
+        ColumnType::Json => ValueType::Json,
     }
 }
+
+type Parts = (Op, Row, Option<Row>, Option<Row>);
 
 /// The Kafka message key as key columns: a JSON object (Debezium's `{schema, payload}` key
 /// unwrapped) gives its fields, any other UTF-8 text one `key` text column, other bytes one `key`
@@ -497,18 +519,62 @@ pub(super) fn typed_scalar(
             s.parse()
                 .map_err(|_| wrong_text(column, ty, "a string that is not a UUID"))?,
         ),
-        (ColumnType::Timestamptz, Scalar::Str(s)) => Value::TimestampTz(
+        (
+            ColumnType::Timestamptz
+            | ColumnType::TimestamptzMillis
+            | ColumnType::TimestamptzMicros
+            | ColumnType::TimestamptzNanos,
+            Scalar::Str(s),
+        ) => Value::TimestampTz(
             DateTime::parse_from_rfc3339(s)
                 .map_err(|_| wrong_text(column, ty, "a string that is not an RFC 3339 timestamp"))?
                 .with_timezone(&Utc),
         ),
-        // Debezium sends timestamps as epoch milliseconds.
-        (ColumnType::Timestamptz, Scalar::Int(ms)) => {
-            Value::TimestampTz(DateTime::from_timestamp_millis(ms).ok_or_else(wrong)?)
+        (ColumnType::TimestamptzMillis, Scalar::Int(v)) => Value::TimestampTz(
+            DateTime::from_timestamp_millis(v).ok_or_else(|| out_of_range(column, ty))?,
+        ),
+        (ColumnType::TimestamptzMicros, Scalar::Int(v)) => Value::TimestampTz(
+            DateTime::from_timestamp_micros(v).ok_or_else(|| out_of_range(column, ty))?,
+        ),
+        (ColumnType::TimestamptzNanos, Scalar::Int(v)) => {
+            Value::TimestampTz(DateTime::from_timestamp_nanos(v))
+        }
+        // A number has no unit of its own: never guess one.
+        (ColumnType::Timestamptz, Scalar::Int(_) | Scalar::UInt(_) | Scalar::Float(_)) => {
+            return Err(wrong_text(
+                column,
+                ty,
+                "a number (an epoch number's unit is unknown: declare the column \
+                 timestamptz_millis, timestamptz_micros or timestamptz_nanos)",
+            ));
+        }
+        (ColumnType::Date | ColumnType::DateDays, Scalar::Str(s)) => Value::Date(
+            NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                .map_err(|_| wrong_text(column, ty, "a string that is not a YYYY-MM-DD date"))?,
+        ),
+        (ColumnType::DateDays, Scalar::Int(days)) => Value::Date(
+            days.checked_add(EPOCH_DAYS_FROM_CE)
+                .and_then(|d| i32::try_from(d).ok())
+                .and_then(NaiveDate::from_num_days_from_ce_opt)
+                .ok_or_else(|| out_of_range(column, ty))?,
+        ),
+        (ColumnType::Date, Scalar::Int(_) | Scalar::UInt(_) | Scalar::Float(_)) => {
+            return Err(wrong_text(
+                column,
+                ty,
+                "a number (declare the column date_days for days since the epoch)",
+            ));
         }
         _ => return Err(wrong()),
     };
     Ok(value)
+}
+
+/// 1970-01-01 as a day of the common era (chrono counts dates from 0001-01-01 as day 1).
+pub(super) const EPOCH_DAYS_FROM_CE: i64 = 719_163;
+
+fn out_of_range(column: &str, expected: ColumnType) -> DecodeError {
+    wrong_text(column, expected, "a number out of range")
 }
 
 fn wrong_text(column: &str, expected: ColumnType, found: &str) -> DecodeError {
@@ -613,5 +679,91 @@ mod tests {
                 .unwrap(),
             Decoded::Tombstone
         );
+    }
+
+    fn declared(format: MessageFormat, columns: &[(&str, ColumnType)]) -> Decoder {
+        let topic = TopicConfig {
+            name: "t".into(),
+            format,
+            key_columns: Vec::new(),
+            columns: columns.iter().map(|(n, t)| (n.to_string(), *t)).collect(),
+        };
+        Decoder::new(&topic, 1024)
+    }
+
+    #[test]
+    fn declared_epoch_numbers_say_their_unit_and_a_bare_timestamptz_never_guesses_one() {
+        let instant = DateTime::parse_from_rfc3339("2024-05-06T07:08:09.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let micros = |t: DateTime<Utc>| t.timestamp_micros();
+        for format in [MessageFormat::Json, MessageFormat::Debezium] {
+            let d = declared(
+                format,
+                &[
+                    ("ms", ColumnType::TimestamptzMillis),
+                    ("us", ColumnType::TimestamptzMicros),
+                    ("ns", ColumnType::TimestamptzNanos),
+                    ("text", ColumnType::TimestamptzMicros),
+                    ("day", ColumnType::DateDays),
+                    ("iso_day", ColumnType::Date),
+                ],
+            );
+            let row = r#"{"ms":1714979289123,"us":1714979289123456,"ns":1714979289123456789,"text":"2024-05-06T07:08:09.123456Z","day":19849,"iso_day":"2024-05-06"}"#;
+            let body = match format {
+                MessageFormat::Json => row.to_owned(),
+                _ => format!(r#"{{"op":"c","after":{row}}}"#),
+            };
+            let e = event(d.decode(&msg(Some(b"k"), Some(body.as_bytes()))).unwrap());
+            let after = e.after.unwrap();
+            let at = |c: &str| match after.get(c) {
+                Some(Value::TimestampTz(t)) => *t,
+                other => panic!("{c}: {other:?}"),
+            };
+            assert_eq!(at("ms").timestamp_millis(), instant.timestamp_millis());
+            assert_eq!(micros(at("us")), micros(instant));
+            assert_eq!(at("ns"), instant);
+            assert_eq!(micros(at("text")), micros(instant));
+            let day = Value::Date(NaiveDate::from_ymd_opt(2024, 5, 6).unwrap());
+            assert_eq!(after.get("day"), Some(&day));
+            assert_eq!(after.get("iso_day"), Some(&day));
+            let schema = e.schema.unwrap();
+            assert!(
+                schema
+                    .columns
+                    .contains(&("us".into(), ValueType::TimestampTz))
+            );
+            assert!(schema.columns.contains(&("day".into(), ValueType::Date)));
+
+            // A bare `timestamptz` (or `date`) given a number is a dead letter, never a guess.
+            let d = declared(
+                format,
+                &[("at", ColumnType::Timestamptz), ("on", ColumnType::Date)],
+            );
+            for (row, column) in [
+                (r#"{"at":1714979289123456}"#, "at"),
+                (r#"{"on":19849}"#, "on"),
+            ] {
+                let body = match format {
+                    MessageFormat::Json => row.to_owned(),
+                    _ => format!(r#"{{"op":"c","after":{row}}}"#),
+                };
+                let err = d
+                    .decode(&msg(Some(b"k"), Some(body.as_bytes())))
+                    .unwrap_err();
+                assert_eq!(err.reason(), "wrong_type");
+                let text = err.to_string();
+                assert!(
+                    text.starts_with(&format!("column {column:?} is declared ")),
+                    "{text}"
+                );
+                let hint = if column == "at" {
+                    "timestamptz_micros"
+                } else {
+                    "date_days"
+                };
+                assert!(text.contains(hint), "{text}");
+            }
+        }
     }
 }

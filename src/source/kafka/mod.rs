@@ -25,6 +25,7 @@
 //! inside `recv`), so the source must run on a multi-threaded Tokio runtime, as the pipeline does.
 
 mod chunk;
+mod connect;
 pub mod consumer;
 pub mod decode;
 mod handle;
