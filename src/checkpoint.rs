@@ -98,7 +98,7 @@ mod tests {
     }
 
     fn off(p: i32, o: i64) -> Position {
-        crate::source::kafka::position("orders".into(), p, o)
+        crate::source::kafka::position("orders", p, o)
     }
 
     const DELTA: usize = 0;

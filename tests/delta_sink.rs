@@ -71,7 +71,7 @@ fn lsn(lsn: u64, ord: u64) -> Position {
 }
 
 fn kafka(partition: i32, offset: i64) -> Position {
-    tributary::source::kafka::position("orders".into(), partition, offset)
+    tributary::source::kafka::position("orders", partition, offset)
 }
 
 fn event(id: i64, position: Position) -> ChangeEvent {

@@ -82,7 +82,7 @@ struct MemorySink {
 }
 
 impl MemorySink {
-    fn new(index: usize, behaviour: Behaviour, world: &Shared) -> Box<dyn Sink> {
+    fn boxed(index: usize, behaviour: Behaviour, world: &Shared) -> Box<dyn Sink> {
         let mut w = lock(world);
         while w.accepted.len() <= index {
             w.accepted.push(Vec::new());
@@ -118,7 +118,7 @@ impl Sink for MemorySink {
             for e in events {
                 let id = lsn_of(&e.position);
                 let m = self.behaviour.reject_multiple_of;
-                if m > 0 && id % m == 0 {
+                if m > 0 && id.is_multiple_of(m) {
                     w.rejected.push(id);
                     letters.push(DeadLetter::new(
                         &e.source,
@@ -275,7 +275,7 @@ fn start(behaviours: &[Behaviour]) -> Harness {
     let sinks = behaviours
         .iter()
         .enumerate()
-        .map(|(i, b)| MemorySink::new(i, *b, &world))
+        .map(|(i, b)| MemorySink::boxed(i, *b, &world))
         .collect();
     let (feed, rx) = mpsc::channel(16);
     let source = MemorySource {
@@ -491,7 +491,7 @@ async fn a_source_that_fails_to_start_stops_the_run_with_its_error() {
     let world: Shared = Arc::default();
     let parts = Parts {
         sources: vec![Box::new(Broken)],
-        sinks: vec![MemorySink::new(0, Behaviour::default(), &world)],
+        sinks: vec![MemorySink::boxed(0, Behaviour::default(), &world)],
         enrich: None,
         dead_letters: DeadLetters::memory().0,
         health: Health::new(Duration::from_secs(60)),

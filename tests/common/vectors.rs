@@ -31,6 +31,14 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
+/// A pgvector row as read back: key, payload values, text hash, embedding.
+type StoredRow = (
+    i32,
+    Vec<Option<String>>,
+    Option<i64>,
+    Option<pgvector::Vector>,
+);
+
 /// Every difference between the pgvector table and the source table: keys, payload columns
 /// (the first `in_payload` of `columns`, which `source_sql` selects in order, `id` first), text
 /// hash, and the vector against a fresh embedding of the current text.
@@ -58,12 +66,7 @@ pub async fn divergence(
         .iter()
         .map(|c| format!("payload->>'{c}'"))
         .collect();
-    let got: Vec<(
-        i32,
-        Vec<Option<String>>,
-        Option<i64>,
-        Option<pgvector::Vector>,
-    )> = pg
+    let got: Vec<StoredRow> = pg
         .query(
             &format!(
                 "SELECT id, text_hash, embedding, {} FROM {table} ORDER BY id",

@@ -900,7 +900,8 @@ fn numeric_number(n: &serde_json::Number, scale: i32) -> Result<Text, String> {
     let x = n.as_f64().ok_or("not a number")?;
     let places = usize::try_from(scale).unwrap_or(0);
     let exact_below = 9_007_199_254_740_992.0; // 2^53
-    if places > 15 || !(x.abs() * 10f64.powi(places as i32) < exact_below) {
+    let scaled = x.abs() * 10f64.powi(places as i32);
+    if places > 15 || scaled.is_nan() || scaled >= exact_below {
         return Err(
             "a decimal with more digits than a JSON number holds exactly (set the converter's \
              decimal.format=BASE64)"

@@ -79,7 +79,7 @@ pub fn position(commit_lsn: Lsn, ordinal: u64) -> Position {
 /// The (commit LSN, ordinal) of a position of this source; `None` for other sources' positions.
 pub fn lsn_of(position: &Position) -> Option<(Lsn, u64)> {
     (position.stream.name() == STREAM && position.stream.partition().is_none())
-        .then(|| (Lsn(position.major as u64), position.minor as u64))
+        .then_some((Lsn(position.major as u64), position.minor as u64))
 }
 
 #[derive(Debug, thiserror::Error)]
