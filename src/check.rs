@@ -128,8 +128,18 @@ async fn postgres_source(url: &ConnString) -> Result<String, String> {
         );
     }
     Ok(format!(
-        "PostgreSQL {version}, wal_level=logical, replication allowed"
+        "PostgreSQL {version}, wal_level=logical, replication allowed, {}",
+        tls_line(&client).await?
     ))
+}
+
+/// `TLS TLSv1.3 (TLS_AES_256_GCM_SHA384)` or `no TLS`, as the server sees this connection.
+async fn tls_line(client: &tokio_postgres::Client) -> Result<String, String> {
+    Ok(match crate::pg::tls_in_use(client).await {
+        Ok(Some(tls)) => format!("TLS {tls}"),
+        Ok(None) => "no TLS".to_owned(),
+        Err(e) => return Err(format!("reading pg_stat_ssl: {}", error_text(&e))),
+    })
 }
 
 async fn pgvector(url: &ConnString) -> Result<String, String> {
@@ -148,9 +158,10 @@ async fn pgvector(url: &ConnString) -> Result<String, String> {
         }
         Some(row) => {
             let (available, installed): (String, Option<String>) = (row.get(0), row.get(1));
+            let tls = tls_line(&client).await?;
             Ok(match installed {
-                Some(v) => format!("pgvector {v} installed"),
-                None => format!("pgvector {available} available (created on first run)"),
+                Some(v) => format!("pgvector {v} installed, {tls}"),
+                None => format!("pgvector {available} available (created on first run), {tls}"),
             })
         }
     }

@@ -4,12 +4,9 @@ use super::ConfigError;
 use crate::secret::ConnString;
 
 pub(super) fn validate_pg_url(key: &str, url: &ConnString) -> Result<(), ConfigError> {
-    url.expose()
-        .parse::<tokio_postgres::Config>()
+    crate::pg::Target::parse(url.expose())
         .map(|_| ())
-        .map_err(|e| {
-            ConfigError::invalid(key, format!("invalid PostgreSQL connection string: {e}"))
-        })
+        .map_err(|e| ConfigError::invalid(key, e))
 }
 
 pub(super) fn validate_pg_name(key: &str, name: &str) -> Result<(), ConfigError> {

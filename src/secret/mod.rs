@@ -136,6 +136,8 @@ fn redact_key_values(s: &str) -> String {
 /// (`password="pw";`): its key, where its value is written, and the value unquoted.
 pub(crate) struct KeyValue<'a> {
     pub key: &'a str,
+    /// Where the key begins (the pair is `key_start..span.end`).
+    pub key_start: usize,
     pub span: std::ops::Range<usize>,
     pub value: String,
 }
@@ -148,10 +150,12 @@ pub(crate) fn key_values(s: &str) -> Vec<KeyValue<'_>> {
     let mut pos = 0;
     while let Some(rel) = s[pos..].find('=') {
         let eq = pos + rel;
-        let key = s[pos..eq]
+        let before = s[pos..eq].trim_end();
+        let key = before
             .rsplit(|c: char| c.is_whitespace())
-            .find(|k| !k.is_empty())
+            .next()
             .unwrap_or("");
+        let key_start = pos + before.len() - key.len();
         let after = &s[eq + 1..];
         let trimmed = after.trim_start();
         let start = eq + 1 + (after.len() - trimmed.len());
@@ -182,6 +186,7 @@ pub(crate) fn key_values(s: &str) -> Vec<KeyValue<'_>> {
         };
         out.push(KeyValue {
             key,
+            key_start,
             span: start..start + len,
             value,
         });

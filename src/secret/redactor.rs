@@ -175,7 +175,7 @@ impl Redactor {
                 }
             }
         }
-        if let Ok(c) = s.parse::<tokio_postgres::Config>() {
+        if let Some(c) = crate::pg::config_only(s) {
             if let Some(p) = c.get_password() {
                 secrets.push(String::from_utf8_lossy(p).into_owned());
             }

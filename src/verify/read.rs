@@ -42,7 +42,7 @@ pub async fn connect(url: &ConnString, timeout: Duration) -> Result<Client, Stri
 /// Names of the source database's extension types, for [`convert`].
 pub async fn type_names(client: &Client) -> Result<HashMap<u32, String>, String> {
     load_type_names(client).await.map_err(|e| match e {
-        PgSourceError::Connection(e) => error_text(&e),
+        PgSourceError::Connection(e) | PgSourceError::Connect { error: e, .. } => error_text(&e),
         other => other.to_string(),
     })
 }

@@ -149,26 +149,24 @@ impl PgvectorSink {
 
     async fn client(&mut self) -> Result<&mut Client, PgvectorError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            let mut pg: tokio_postgres::Config = self
-                .config
-                .url
-                .expose()
-                .parse()
+            let mut pg = crate::pg::Target::parse(self.config.url.expose())
                 .map_err(|e| PgvectorError::Config(format!("sinks.pgvector.url: {e}")))?;
-            if pg.get_application_name().is_none() {
-                pg.application_name("tributary-pgvector");
+            if pg.config_mut().get_application_name().is_none() {
+                pg.config_mut().application_name("tributary-pgvector");
             }
-            let client = crate::pg::open(&pg, |e| {
-                tracing::warn!(error = %error_text(&e), "pgvector connection closed");
-            })
-            .await
-            .map_err(|e| {
-                PgvectorError::Connection(format!(
-                    "cannot connect to {}: {}",
-                    self.config.url,
-                    error_text(&e)
-                ))
-            })?;
+            let client = pg
+                .open(|e| {
+                    tracing::warn!(error = %error_text(&e), "pgvector connection closed");
+                })
+                .await
+                .map_err(|e| {
+                    let message = crate::pg::connect_error(&self.config.url, &pg, &e);
+                    if crate::pg::is_certificate_error(&e) {
+                        PgvectorError::Config(message)
+                    } else {
+                        PgvectorError::Connection(message)
+                    }
+                })?;
             // Target tables may have been dropped or re-created meanwhile: look again.
             self.targets.clear();
             self.client = Some(client);

@@ -55,6 +55,7 @@ use crate::config::{PostgresSourceConfig, parse_table_name};
 use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Lsn, Position, StreamId};
+use crate::secret::ConnString;
 use decode::Relation;
 use snapshot::Snapshot;
 use txbuf::{Replay, TxBuffer};
@@ -86,6 +87,13 @@ pub fn lsn_of(position: &Position) -> Option<(Lsn, u64)> {
 pub enum PgSourceError {
     #[error("PostgreSQL connection: {0}")]
     Connection(#[source] tokio_postgres::Error),
+    /// Opening a connection failed; `message` names the server and says why.
+    #[error("PostgreSQL source: {message}")]
+    Connect {
+        message: String,
+        #[source]
+        error: tokio_postgres::Error,
+    },
     #[error("PostgreSQL replication connection: {0}")]
     Replication(String),
     #[error("PostgreSQL: {0}")]
@@ -102,6 +110,13 @@ impl Classify for PgSourceError {
     fn kind(&self) -> ErrorKind {
         match self {
             PgSourceError::Connection(e) if e.as_db_error().is_none() => ErrorKind::Connection,
+            // A certificate the configured CA does not accept stays so: retrying cannot help.
+            PgSourceError::Connect { error, .. }
+                if error.as_db_error().is_none() && !crate::pg::is_certificate_error(error) =>
+            {
+                ErrorKind::Connection
+            }
+            PgSourceError::Connect { .. } => ErrorKind::Config,
             PgSourceError::Replication(_) | PgSourceError::Spill(_) => ErrorKind::Connection,
             PgSourceError::Connection(_) | PgSourceError::Setup(_) => ErrorKind::Config,
             PgSourceError::Decode(_) => ErrorKind::Data,
@@ -128,14 +143,12 @@ fn source_name((schema, table): &(String, String)) -> String {
     format!("{schema}.{table}")
 }
 
-/// `url` with `replication=database` added (URL or key/value form).
-fn replication_url(url: &str) -> String {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let sep = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{sep}replication=database")
-    } else {
-        format!("{url} replication=database")
-    }
+/// The replication connection's string: `url` with the TLS settings every connection of the
+/// source uses, and `replication=database` (URL or key/value form).
+fn replication_url(url: &ConnString) -> Result<String, PgSourceError> {
+    crate::pg::Target::parse(url.expose())
+        .map(|t| t.replication_url())
+        .map_err(|e| PgSourceError::Setup(format!("sources.postgres.url: {e}")))
 }
 
 /// The session settings under which values selected as text read as [`decode::convert`]
@@ -144,13 +157,18 @@ pub(crate) const TEXT_SETTINGS: &str =
     "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3";
 
 /// An ordinary connection with the session settings the text conversions expect.
-async fn sql_connect(url: &str) -> Result<Client, PgSourceError> {
-    let config: tokio_postgres::Config = url.parse().map_err(db)?;
-    let client = crate::pg::open(&config, |e| {
-        tracing::warn!(error = %e, "PostgreSQL source connection closed");
-    })
-    .await
-    .map_err(db)?;
+async fn sql_connect(url: &ConnString) -> Result<Client, PgSourceError> {
+    let target = crate::pg::Target::parse(url.expose())
+        .map_err(|e| PgSourceError::Setup(format!("sources.postgres.url: {e}")))?;
+    let client = target
+        .open(|e| {
+            tracing::warn!(error = %crate::pg::error_text(&e), "PostgreSQL source connection closed");
+        })
+        .await
+        .map_err(|error| PgSourceError::Connect {
+            message: crate::pg::connect_error(url, &target, &error),
+            error,
+        })?;
     client.batch_execute(TEXT_SETTINGS).await.map_err(db)?;
     Ok(client)
 }
@@ -158,7 +176,7 @@ async fn sql_connect(url: &str) -> Result<Client, PgSourceError> {
 /// A server refusing connections for now (starting up, shutting down, connections disallowed).
 fn is_refused(e: &PgSourceError) -> bool {
     match e {
-        PgSourceError::Connection(e) => e.as_db_error().is_some_and(|d| {
+        PgSourceError::Connection(e) | PgSourceError::Connect { error: e, .. } => e.as_db_error().is_some_and(|d| {
             matches!(
                 d.code().code(),
                 "57P03" | "57P01" | "57P02" | "55000" | "53300"
@@ -285,7 +303,7 @@ impl PostgresSourceReader {
                 "the PostgreSQL source needs a multi-thread Tokio runtime".into(),
             ));
         }
-        let client = sql_connect(cfg.url.expose()).await?;
+        let client = sql_connect(&cfg.url).await?;
         let version: i32 = client
             .query_one("SELECT current_setting('server_version_num')::int4", &[])
             .await

@@ -217,7 +217,7 @@ impl PostgresSourceReader {
                 .map_err(db)?;
             let mode = if want_snapshot { "export" } else { "nothing" };
             let mut stream = LogicalReplicationStream::new(
-                &replication_url(self.cfg.url.expose()),
+                &replication_url(&self.cfg.url)?,
                 self.stream_config(&self.cfg.slot, mode, false),
             )
             .await
@@ -280,7 +280,7 @@ impl PostgresSourceReader {
             let confirmed = slot.map(|s| s.2).unwrap_or(Lsn(0));
             let temp_slot = format!("{}_snap_{}", self.cfg.slot, std::process::id());
             let mut temp = LogicalReplicationStream::new(
-                &replication_url(self.cfg.url.expose()),
+                &replication_url(&self.cfg.url)?,
                 self.stream_config(&temp_slot, "export", true),
             )
             .await
@@ -360,7 +360,7 @@ impl PostgresSourceReader {
             self.snapshot_lsn.insert(source_name(t), at);
         }
         let snap = Snapshot::open(
-            self.cfg.url.expose(),
+            &self.cfg.url,
             name,
             tables,
             Lsn(slot_start.0.saturating_sub(1)),

@@ -63,7 +63,7 @@ impl Snapshot {
     /// Opens a read-only transaction on the exported snapshot `snapshot_name` and plans the
     /// tables. `url` is an ordinary (non-replication) connection string.
     pub async fn open(
-        url: &str,
+        url: &crate::secret::ConnString,
         snapshot_name: &str,
         tables: Vec<(String, String)>,
         base: Lsn,

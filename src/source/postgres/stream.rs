@@ -38,7 +38,7 @@ impl PostgresSourceReader {
             return Err(dropped());
         };
         use backon::Retryable;
-        let url = replication_url(self.cfg.url.expose());
+        let url = replication_url(&self.cfg.url)?;
         let config = self.stream_config(&self.cfg.slot, "nothing", false);
         // The first attempt starts the connection that created the slot, if there is one.
         let mut existing = self.stream.take();
@@ -384,7 +384,7 @@ impl PostgresSourceReader {
             return Ok(());
         }
         use backon::Retryable;
-        let url = self.cfg.url.expose().to_string();
+        let url = self.cfg.url.clone();
         self.client = (|| sql_connect(&url))
             .retry(backoff(Patience::Unbounded))
             .when(|e: &PgSourceError| e.kind() == ErrorKind::Connection || is_refused(e))
