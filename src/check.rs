@@ -170,7 +170,8 @@ async fn kafka(k: &KafkaSourceConfig, timeout: Duration) -> Result<String, Strin
             .map_err(|e| redactor.redact(&e.to_string()).into_owned())?;
         // Asked in short rounds, so that a refused login or an untrusted certificate is
         // reported at once (and before the probe's own timeout) instead of as a time-out.
-        let deadline = std::time::Instant::now() + timeout.saturating_sub(Duration::from_millis(250));
+        let deadline =
+            std::time::Instant::now() + timeout.saturating_sub(Duration::from_millis(250));
         let md = loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match consumer.fetch_metadata(None, left.min(Duration::from_secs(1))) {
@@ -178,6 +179,12 @@ async fn kafka(k: &KafkaSourceConfig, timeout: Duration) -> Result<String, Strin
                 Err(e) => {
                     use crate::source::kafka::login;
                     // librdkafka's error says only "transport failure"; its log line says why.
+                    // Log lines come through the client's queue: serve what is queued.
+                    for _ in 0..20 {
+                        if consumer.poll(Duration::from_millis(20)).is_none() {
+                            break;
+                        }
+                    }
                     match consumer.context().failure.get() {
                         Some(reason) if login::is_login_failure(&reason) => {
                             return Err(login::login_failure(&props, &reason, &redactor));
@@ -185,7 +192,9 @@ async fn kafka(k: &KafkaSourceConfig, timeout: Duration) -> Result<String, Strin
                         Some(reason) => {
                             return Err(login::connection_failure(&props, &reason, &redactor));
                         }
-                        None if left.is_zero() => return Err(format!("cannot fetch metadata: {e}")),
+                        None if left.is_zero() => {
+                            return Err(format!("cannot fetch metadata: {e}"));
+                        }
                         None => {}
                     }
                 }

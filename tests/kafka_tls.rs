@@ -62,7 +62,11 @@ async fn create_topic(partitions: i32) -> String {
     let admin: AdminClient<DefaultClientContext> = client(&tls_properties()).create().unwrap();
     for r in admin
         .create_topics(
-            &[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))],
+            &[NewTopic::new(
+                &topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
             &AdminOptions::new(),
         )
         .await
@@ -135,7 +139,10 @@ key_columns = ["order_id"]
     .unwrap()
 }
 
-async fn next(rx: &mut tokio::sync::mpsc::Receiver<Vec<KafkaEvent>>, queued: &mut Vec<KafkaEvent>) -> KafkaEvent {
+async fn next(
+    rx: &mut tokio::sync::mpsc::Receiver<Vec<KafkaEvent>>,
+    queued: &mut Vec<KafkaEvent>,
+) -> KafkaEvent {
     while queued.is_empty() {
         let mut batch = tokio::time::timeout(WAIT, rx.recv())
             .await
@@ -177,7 +184,11 @@ async fn consume_commit_restart_and_dead_letter_over_tls_from_client_properties(
     let mut seen = BTreeSet::new();
     for _ in 0..10 {
         let e = next(&mut rx, &mut queued).await;
-        assert!(seen.insert(order_id(&e)), "{} delivered twice", order_id(&e));
+        assert!(
+            seen.insert(order_id(&e)),
+            "{} delivered twice",
+            order_id(&e)
+        );
         handle.acker().ack(&e.event.position);
     }
     handle.shutdown().await.unwrap();
@@ -190,11 +201,17 @@ async fn consume_commit_restart_and_dead_letter_over_tls_from_client_properties(
         .collect();
     assert_eq!(reasons.len(), 2, "{letters}");
     assert!(
-        reasons[0]["error"].as_str().unwrap().contains("not valid JSON"),
+        reasons[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
         "{letters}"
     );
     assert!(
-        reasons[1]["error"].as_str().unwrap().contains("must be a JSON object"),
+        reasons[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("must be a JSON object"),
         "{letters}"
     );
 
@@ -268,7 +285,10 @@ fn check_reaches_the_tls_broker_and_names_an_untrusted_certificate() {
     let (ok, text) = check(dir.path(), &bad);
     assert!(!ok, "{text}");
     let kafka_line = text.lines().find(|l| l.contains("kafka")).unwrap_or(&text);
-    assert!(kafka_line.contains(&env("TRIBUTARY_KAFKA_TLS_BROKERS")), "{text}");
+    assert!(
+        kafka_line.contains(&env("TRIBUTARY_KAFKA_TLS_BROKERS")),
+        "{text}"
+    );
     assert!(kafka_line.contains("certificate"), "{text}");
 }
 
@@ -327,6 +347,9 @@ fn a_rejected_sasl_login_names_the_broker_and_mechanism_never_the_password() {
             .rev()
             .find(|l| l.contains("Kafka authentication failed"))
             .unwrap_or_else(|| panic!("no authentication error: {text}"));
-        assert!(line.contains(&brokers) && line.contains(mechanism), "{line}");
+        assert!(
+            line.contains(&brokers) && line.contains(mechanism),
+            "{line}"
+        );
     }
 }

@@ -26,7 +26,8 @@ const ROWS_PER_ROUND: i64 = 20_000;
 struct SeaweedFs {
     child: Child,
     ports: Vec<u16>,
-    dir: tempfile::TempDir,
+    /// `None` only once [`kill`](Self::kill) handed it back.
+    dir: Option<tempfile::TempDir>,
 }
 
 impl SeaweedFs {
@@ -50,7 +51,11 @@ impl SeaweedFs {
             .arg(format!("-s3.port.grpc={}", p(7)))
             .arg(format!("-admin.port={}", p(8)))
             .arg(format!("-admin.port.grpc={}", p(9)))
-            .args(["-admin.ui=false", "-webdav=false", "-master.telemetry=false"])
+            .args([
+                "-admin.ui=false",
+                "-webdav=false",
+                "-master.telemetry=false",
+            ])
             .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
             .arg(format!(
                 "-filer.localSocket={}",
@@ -72,7 +77,11 @@ impl SeaweedFs {
             assert!(Instant::now() < deadline, "SeaweedFS did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
-        SeaweedFs { child, ports, dir }
+        SeaweedFs {
+            child,
+            ports,
+            dir: Some(dir),
+        }
     }
 
     fn endpoint(&self) -> String {
@@ -83,7 +92,8 @@ impl SeaweedFs {
     fn kill(mut self) -> (Vec<u16>, tempfile::TempDir) {
         let _ = self.child.kill();
         self.child.wait().unwrap();
-        (self.ports, self.dir)
+        let dir = self.dir.take().expect("the store's folder");
+        (std::mem::take(&mut self.ports), dir)
     }
 }
 
@@ -213,7 +223,9 @@ async fn seaweedfs_killed_and_restarted_mid_commit_keeps_every_row_exactly_once(
         store = SeaweedFs::start(ports, dir);
         let (back, out) = tokio::time::timeout(Duration::from_secs(180), commit)
             .await
-            .unwrap_or_else(|_| panic!("round {round}: the commit did not complete after the restart"))
+            .unwrap_or_else(|_| {
+                panic!("round {round}: the commit did not complete after the restart")
+            })
             .unwrap();
         sink = back;
         let written = out.unwrap_or_else(|e| panic!("round {round}: {e}")).rows;
@@ -230,7 +242,10 @@ async fn seaweedfs_killed_and_restarted_mid_commit_keeps_every_row_exactly_once(
     let rounds = delays_ms.len() as i64 + 1;
     assert_eq!(seen.len() as i64, rounds * ROWS_PER_ROUND, "rows lost");
     let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).take(5).collect();
-    assert!(doubled.is_empty(), "rows written more than once: {doubled:?}");
+    assert!(
+        doubled.is_empty(),
+        "rows written more than once: {doubled:?}"
+    );
     let mut restarted = DeltaSink::new("t", &cfg).unwrap();
     let last = delays_ms.len() as u64;
     assert_eq!(
