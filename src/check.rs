@@ -171,10 +171,46 @@ async fn kafka(k: &KafkaSourceConfig, timeout: Duration) -> Result<String, Strin
     let props = k.librdkafka_properties().map_err(|e| e.to_string())?;
     let topics: Vec<String> = k.topics.iter().map(|t| t.name.clone()).collect();
     tokio::task::spawn_blocking(move || {
-        let consumer = kafka_consumer(&props)?;
-        let md = consumer
-            .fetch_metadata(None, timeout)
-            .map_err(|e| format!("cannot fetch metadata: {e}"))?;
+        let redactor = crate::source::kafka::redactor(&props);
+        let mut cc = ClientConfig::new();
+        for (key, value) in props.iter() {
+            cc.set(key, value);
+        }
+        let consumer: BaseConsumer<ProbeContext> = cc
+            .create_with_context(ProbeContext::default())
+            .map_err(|e| redactor.redact(&e.to_string()).into_owned())?;
+        // Asked in short rounds, so that a refused login or an untrusted certificate is
+        // reported at once (and before the probe's own timeout) instead of as a time-out.
+        let deadline =
+            std::time::Instant::now() + timeout.saturating_sub(Duration::from_millis(250));
+        let md = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match consumer.fetch_metadata(None, left.min(Duration::from_secs(1))) {
+                Ok(md) => break md,
+                Err(e) => {
+                    use crate::source::kafka::login;
+                    // librdkafka's error says only "transport failure"; its log line says why.
+                    // Log lines come through the client's queue: serve what is queued.
+                    for _ in 0..20 {
+                        if consumer.poll(Duration::from_millis(20)).is_none() {
+                            break;
+                        }
+                    }
+                    match consumer.context().failure.get() {
+                        Some(reason) if login::is_login_failure(&reason) => {
+                            return Err(login::login_failure(&props, &reason, &redactor));
+                        }
+                        Some(reason) => {
+                            return Err(login::connection_failure(&props, &reason, &redactor));
+                        }
+                        None if left.is_zero() => {
+                            return Err(format!("cannot fetch metadata: {e}"));
+                        }
+                        None => {}
+                    }
+                }
+            }
+        };
         let mut found = Vec::new();
         for name in &topics {
             match md.topics().iter().find(|t| t.name() == name) {
@@ -193,6 +229,21 @@ async fn kafka(k: &KafkaSourceConfig, timeout: Duration) -> Result<String, Strin
     .await
     .map_err(|e| e.to_string())?
 }
+
+/// The context of `check`'s Kafka probe: keeps why a broker connection failed.
+#[derive(Default)]
+struct ProbeContext {
+    failure: crate::source::kafka::login::LastFailure,
+}
+
+impl rdkafka::ClientContext for ProbeContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.failure.record(level, fac, log_message);
+        crate::source::kafka::login::forward_log(level, fac, log_message);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ProbeContext {}
 
 /// A plain consumer for metadata and offset look-ups (no subscription, nothing committed); its
 /// creation error has the properties' secrets scrubbed (librdkafka quotes rejected values).

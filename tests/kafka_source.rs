@@ -698,7 +698,7 @@ impl DurableBroker {
             .args(["broker", "--cluster-id", bucket, "--listener-url", &url])
             .args(["--advertised-listener-url", &url])
             .args(["--storage-engine", &format!("s3://{bucket}/")])
-            .env("AWS_ENDPOINT", env("TRIBUTARY_S3_ENDPOINT"))
+            .env("AWS_ENDPOINT", env("TRIBUTARY_MOTO_ENDPOINT"))
             .env("AWS_ALLOW_HTTP", "true")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -730,10 +730,11 @@ impl Drop for DurableBroker {
     }
 }
 
-/// An unsigned `PUT /bucket` against the S3 test server.
+/// An unsigned `PUT /bucket` against moto (kept for tansu's own S3 storage here: it accepts
+/// unsigned requests, so the broker needs no credentials).
 fn create_bucket(bucket: &str) {
     use std::io::{Read, Write};
-    let endpoint = url::Url::parse(&env("TRIBUTARY_S3_ENDPOINT")).unwrap();
+    let endpoint = url::Url::parse(&env("TRIBUTARY_MOTO_ENDPOINT")).unwrap();
     let addr = (
         endpoint.host_str().unwrap().to_owned(),
         endpoint.port_or_known_default().unwrap(),

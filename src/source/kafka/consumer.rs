@@ -93,6 +93,7 @@ pub async fn start_with(
     let consumer: StreamConsumer<SourceContext> = cc
         .create_with_context(SourceContext {
             shared: Arc::clone(&shared),
+            failure: Default::default(),
         })
         .map_err(|e| KafkaSourceError::client(e, &redactor))?;
     let topics: Vec<&str> = config.topics.iter().map(|t| t.name.as_str()).collect();
@@ -136,6 +137,7 @@ pub async fn start_with(
         decode_task: Some(decode_task),
         chunk: Chunk::with_capacity(0),
         redactor,
+        props,
         commit_interval: Duration::from_millis(config.commit_interval_ms),
         health,
     };

@@ -16,6 +16,8 @@
 //! - **Broker outages are survived.** librdkafka reconnects by itself with exponential backoff;
 //!   the source logs each error it reports (and when messages flow again), never stops for a
 //!   non-fatal one, and resumes from its position or, after a rebalance, the committed offsets.
+//!   A login the broker rejects is not an outage: the source stops with an error naming the
+//!   brokers, the SASL mechanism and the user ([`login`]), since retrying cannot fix it.
 //!
 //! - **Order is kept.** Messages are copied out of librdkafka in chunks and decoded on
 //!   `decode_tasks` tasks in parallel; one sequencing task takes the decoded chunks back in the
@@ -29,6 +31,7 @@ mod connect;
 pub mod consumer;
 pub mod decode;
 mod handle;
+pub mod login;
 pub mod offsets;
 mod rebalance;
 mod row_json;

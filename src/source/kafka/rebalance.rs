@@ -84,9 +84,16 @@ pub(super) fn drain_and_commit<C: ConsumerContext>(
 /// The librdkafka context of the source's consumer.
 pub(super) struct SourceContext {
     pub(super) shared: Arc<Shared>,
+    /// Why the last broker connection failed (a rejected login, an untrusted certificate).
+    pub(super) failure: super::login::LastFailure,
 }
 
 impl ClientContext for SourceContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.failure.record(level, fac, log_message);
+        super::login::forward_log(level, fac, log_message);
+    }
+
     /// librdkafka's statistics (every `statistics.interval.ms`, 5 s unless configured): per
     /// partition, the group's committed offset, the broker's high watermark and their difference.
     /// The lag is only as right as the broker's watermark (the local test broker, tansu, reports

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -21,7 +22,7 @@ use super::KafkaSourceError;
 use super::chunk::{Chunk, MAX_BATCH};
 use super::handle::Shared;
 use super::rebalance::{SourceContext, commit, drain_and_commit};
-use crate::secret::Redactor;
+use crate::secret::{Redactor, SecretMap};
 use crate::telemetry::health::SourceHealth;
 
 /// Receives messages, hands them to the decode task in chunks, commits offsets.
@@ -40,6 +41,8 @@ pub(super) struct Worker {
     pub(super) chunk: Chunk,
     /// Scrubs the properties' secrets from client errors.
     pub(super) redactor: Redactor,
+    /// The client's properties (to say which broker, mechanism and user a rejected login used).
+    pub(super) props: SecretMap,
     pub(super) commit_interval: Duration,
     pub(super) health: Option<SourceHealth>,
 }
@@ -110,6 +113,22 @@ impl Worker {
                     if let Some((_, reason)) = consumer.client().fatal_error() {
                         let reason = self.redactor.redact(&reason).into_owned();
                         break Err(KafkaSourceError::Client(format!("fatal: {reason}")));
+                    }
+                    // A rejected login does not heal by retrying: stop with what was rejected.
+                    if matches!(
+                        e,
+                        KafkaError::MessageConsumption(RDKafkaErrorCode::Authentication)
+                    ) {
+                        let reason = consumer
+                            .context()
+                            .failure
+                            .get()
+                            .unwrap_or_else(|| "the broker rejected the login".into());
+                        break Err(KafkaSourceError::Config(super::login::login_failure(
+                            &self.props,
+                            &reason,
+                            &self.redactor,
+                        )));
                     }
                     // librdkafka reconnects by itself with exponential backoff
                     // (`reconnect.backoff.ms` → `reconnect.backoff.max.ms`) and reports each
