@@ -271,7 +271,12 @@ impl<'de> Visitor<'de> for TypedSeed<'_> {
         }
     }
     fn visit_f64<E: de::Error>(self, x: f64) -> Result<Value, E> {
-        let text = self.numbers.float_text();
+        let n = self.numbers.visit();
+        // A float64 column is the f64 itself: its text is not needed (nor looked for).
+        let text = match self.ty {
+            ColumnType::Float64 => None,
+            _ => self.numbers.text(n),
+        };
         self.convert(Scalar::Float(x, text))
     }
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Value, E> {
