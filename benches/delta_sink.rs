@@ -66,6 +66,7 @@ fn events(start: usize, with_embedding: bool) -> Vec<ChangeEvent> {
                     .then(|| (0..DIM).map(|d| ((i + d) % 97) as f32 / 97.0).collect()),
                 text_hash: None,
                 schema: Some(SCHEMA.clone()),
+                origin: None,
             }
         })
         .collect()

@@ -106,6 +106,7 @@ fn decode_only(n: usize) -> f64 {
             key: None,
             payload: Some(p.as_bytes()),
             timestamp_ms: Some(1_732_356_000_000),
+            timestamp_type: None,
             headers: Vec::new(),
         };
         std::hint::black_box(decoder.decode(&msg).expect("decode"));
@@ -189,6 +190,7 @@ fn decode_debezium(n: usize, with_schema: bool) -> (f64, usize) {
             key: None,
             payload: Some(p.as_bytes()),
             timestamp_ms: Some(1_732_356_000_000),
+            timestamp_type: None,
             headers: Vec::new(),
         };
         std::hint::black_box(decoder.decode(&msg).expect("decode"));

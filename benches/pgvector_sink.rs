@@ -56,6 +56,7 @@ fn event(i: usize, op: Op, lsn: u64, seed: usize) -> ChangeEvent {
         embedding: Some(vector(seed)),
         text_hash: Some(seed as u64),
         schema: None,
+        origin: None,
     }
 }
 

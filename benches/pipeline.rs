@@ -105,6 +105,7 @@ async fn kafka_to_bronze(n: usize) {
                 key: None,
                 payload: Some(p.as_bytes()),
                 timestamp_ms: Some(1_732_356_000_000),
+                timestamp_type: None,
                 headers: Vec::new(),
             };
             match decoder.decode(&msg).unwrap() {

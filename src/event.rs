@@ -682,6 +682,43 @@ pub struct ChangeEvent {
     /// topic declares `columns`); Bronze types those columns instead of keeping them as JSON.
     #[serde(skip)]
     pub schema: Option<std::sync::Arc<RowSchema>>,
+    /// What the source said about the change beyond its row and position (Kafka headers and
+    /// timestamp, the Debezium `source` block); `None` for PostgreSQL changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Box<Origin>>,
+}
+
+/// What a Kafka message carried besides its key and value, kept in Bronze (`_headers`,
+/// `_kafka_ts`, `_kafka_ts_type`, `_source_meta`) for the audits and orderings a lakehouse
+/// user needs.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Origin {
+    /// The message's headers in their order: a key may repeat, a value may be null or any bytes.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The message timestamp, and what it is.
+    pub timestamp: Option<DateTime<Utc>>,
+    pub timestamp_type: Option<TimestampType>,
+    /// A Debezium envelope's `source` block (`lsn`, `txId`, `ts_ms`, `table`, …) as written.
+    pub source_meta: Option<JsonText>,
+}
+
+/// What a Kafka message timestamp records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampType {
+    /// Set by the producer when it created the message.
+    CreateTime,
+    /// Set by the broker when it appended the message to the log.
+    LogAppendTime,
+}
+
+impl TimestampType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimestampType::CreateTime => "create_time",
+            TimestampType::LogAppendTime => "log_append_time",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -840,6 +877,7 @@ mod tests {
             embedding: Some(vec![0.1, 0.2]),
             text_hash: Some(u64::MAX),
             schema: None,
+            origin: None,
         };
         let json = serde_json::to_string(&event).unwrap();
         let back: ChangeEvent = serde_json::from_str(&json).unwrap();
@@ -871,6 +909,7 @@ mod tests {
             embedding: None,
             text_hash: None,
             schema: None,
+            origin: None,
         };
         let back: ChangeEvent =
             serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();

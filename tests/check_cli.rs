@@ -146,6 +146,7 @@ async fn status_json_reports_what_the_pgvector_sink_holds() {
         embedding: Some(vec![1.0, 0.0]),
         text_hash: None,
         schema: None,
+        origin: None,
     };
     sink.write(std::slice::from_ref(&event)).await.unwrap();
     let mut bronze =

@@ -95,6 +95,7 @@ fn event(id: i64, position: Position) -> ChangeEvent {
         embedding: Some(vec![id as f32, 0.5, -0.25]),
         text_hash: None,
         schema: None,
+        origin: None,
     }
 }
 

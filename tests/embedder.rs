@@ -136,6 +136,7 @@ fn order(id: i64, note: &str, lsn: u64) -> ChangeEvent {
         embedding: None,
         text_hash: None,
         schema: None,
+        origin: None,
     }
 }
 

@@ -637,6 +637,7 @@ columns = { order_id = "text", total = "float64", subtotal = "float64", created_
             key: None,
             payload: Some(line.as_bytes()),
             timestamp_ms: None,
+            timestamp_type: None,
             headers: Vec::new(),
         };
         let kafka::Decoded::Event(e) = decoder.decode(&raw).unwrap() else {

@@ -65,6 +65,7 @@ fn event(op: Op, id: i32, note: Option<&str>, position: Position) -> ChangeEvent
         embedding: note.map(|_| vec_along(id as usize)),
         text_hash: note.map(|n| n.len() as u64),
         schema: None,
+        origin: None,
     }
 }
 

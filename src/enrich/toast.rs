@@ -326,6 +326,7 @@ mod tests {
             embedding: None,
             text_hash: None,
             schema: None,
+            origin: None,
         }
     }
 

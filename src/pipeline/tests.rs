@@ -39,6 +39,7 @@ fn event(id: u64) -> ChangeEvent {
         embedding: None,
         text_hash: None,
         schema: None,
+        origin: None,
     }
 }
 

@@ -147,5 +147,6 @@ pub fn insert_event(id: i64, commit: u64, ordinal: u64) -> tributary::event::Cha
         embedding: None,
         text_hash: None,
         schema: None,
+        origin: None,
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Every Bronze table has the metadata columns ([`METADATA_COLUMNS`]): the event's operation and
 //! source, its position as two sortable integers, source and ingest times, the key as JSON, the
-//! old row (`_before`, JSON) when the source sent one, and the embedding as `list<float32>`.
+//! old row (`_before`, JSON) when the source sent one, the embedding as `list<float32>`, and
+//! what a Kafka message carried besides its key and value (`_headers`, `_kafka_ts`,
+//! `_kafka_ts_type`, `_source_meta`: the Debezium `source` block as JSON; NULL for PostgreSQL).
 //! When the source knows the row's columns (a PostgreSQL relation, a Kafka topic's declared
 //! `columns`) each becomes a typed column of its own ([`arrow_type`]); whatever is not typed is
 //! kept in `_payload` as a JSON object. Tables are partitioned by `_ingest_date`.
@@ -11,10 +13,11 @@ use std::sync::Arc;
 
 use arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Float32Builder, Float64Builder,
-    Int16Builder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
-    TimestampMicrosecondBuilder, new_null_array,
+    Int16Builder, Int32Builder, Int64Builder, ListArray, ListBuilder, RecordBatch, StringBuilder,
+    StructArray, TimestampMicrosecondBuilder, new_null_array,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::buffer::{NullBuffer, OffsetBuffer};
+use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use chrono::{DateTime, NaiveDate, Utc};
 
 use crate::dead_letter::DeadLetter;
@@ -60,8 +63,26 @@ pub fn bronze_schema() -> Arc<Schema> {
         Field::new("_payload", DataType::Utf8, true),
         Field::new("_before", DataType::Utf8, true),
         embedding_field(),
+        Field::new("_headers", headers_type(), true),
+        Field::new("_kafka_ts", ts_type(), true),
+        Field::new("_kafka_ts_type", DataType::Utf8, true),
+        Field::new("_source_meta", DataType::Utf8, true),
         Field::new(PARTITION_COLUMN, DataType::Date32, false),
     ]))
+}
+
+/// `_headers`: a Kafka message's headers in order, `list<struct<key: string, value: binary>>`
+/// (a list, not a map: a key may repeat, and their order is kept; a value is any bytes or null).
+fn headers_type() -> DataType {
+    let entry = Fields::from(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("value", DataType::Binary, true),
+    ]);
+    DataType::List(Arc::new(Field::new(
+        "element",
+        DataType::Struct(entry),
+        true,
+    )))
 }
 
 /// The Arrow schema of a Bronze table holding rows of `row` typed: the metadata columns, then one
@@ -130,7 +151,7 @@ fn as_text(buf: &[u8]) -> std::borrow::Cow<'_, str> {
 const UNCHANGED_TOAST_JSON: &str = r#"{"unchanged_toast":true}"#;
 
 /// Names of the columns Tributary itself writes to every Bronze table.
-pub const METADATA_COLUMNS: [&str; 11] = [
+pub const METADATA_COLUMNS: [&str; 15] = [
     "_op",
     "_source",
     "_position_major",
@@ -141,6 +162,10 @@ pub const METADATA_COLUMNS: [&str; 11] = [
     "_payload",
     "_before",
     "embedding",
+    "_headers",
+    "_kafka_ts",
+    "_kafka_ts_type",
+    "_source_meta",
     PARTITION_COLUMN,
 ];
 
@@ -388,6 +413,10 @@ pub fn events_to_batch(
         true,
     )));
     let mut date = Date32Builder::with_capacity(n);
+    let mut headers = HeadersBuilder::default();
+    let mut kafka_ts = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut kafka_ts_type = StringBuilder::with_capacity(n, 0);
+    let mut source_meta = StringBuilder::with_capacity(n, 0);
     // The table's typed columns, in schema order.
     let mut typed: Vec<(usize, &str, Typed)> = Vec::new();
     for (i, f) in schema.fields().iter().enumerate() {
@@ -476,6 +505,11 @@ pub fn events_to_batch(
             None => embedding.append(false),
         }
         date.append_value(day);
+        let origin = e.origin.as_deref();
+        headers.append(origin.map(|o| o.headers.as_slice()));
+        kafka_ts.append_option(origin.and_then(|o| o.timestamp).map(|t| t.timestamp_micros()));
+        kafka_ts_type.append_option(origin.and_then(|o| o.timestamp_type).map(|t| t.as_str()));
+        source_meta.append_option(origin.and_then(|o| o.source_meta.as_ref()).map(|j| j.as_str()));
     }
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     let mut typed = typed.into_iter().peekable();
@@ -491,6 +525,10 @@ pub fn events_to_batch(
             "_payload" => Arc::new(payload.finish()),
             "_before" => Arc::new(before.finish()),
             "embedding" => Arc::new(embedding.finish()),
+            "_headers" => headers.finish(f.data_type())?,
+            "_kafka_ts" => Arc::new(kafka_ts.finish()),
+            "_kafka_ts_type" => Arc::new(kafka_ts_type.finish()),
+            "_source_meta" => Arc::new(source_meta.finish()),
             PARTITION_COLUMN => Arc::new(date.finish()),
             _ => match typed.next_if(|(j, _, _)| *j == i) {
                 Some((_, _, mut b)) => b.finish(),
@@ -500,6 +538,69 @@ pub fn events_to_batch(
         columns.push(column);
     }
     RecordBatch::try_new(schema.clone(), columns)
+}
+
+/// The `_headers` column, built as its parts: a list per event (NULL when the event has no
+/// headers) of `(key, value)` structs.
+#[derive(Default)]
+struct HeadersBuilder {
+    keys: StringBuilder,
+    values: BinaryBuilder,
+    offsets: Vec<i32>,
+    valid: Vec<bool>,
+    /// Headers appended so far (the end offset of the last list).
+    entries: i32,
+}
+
+impl HeadersBuilder {
+    fn append(&mut self, headers: Option<&[(String, Option<Vec<u8>>)]>) {
+        if self.offsets.is_empty() {
+            self.offsets.push(0);
+        }
+        let headers = headers.filter(|h| !h.is_empty());
+        for (k, v) in headers.unwrap_or_default() {
+            self.keys.append_value(k);
+            self.values.append_option(v.as_deref());
+            self.entries += 1;
+        }
+        self.offsets.push(self.entries);
+        self.valid.push(headers.is_some());
+    }
+
+    /// The column as the table types it (its list item and struct fields as the table has them).
+    fn finish(&mut self, ty: &DataType) -> Result<ArrayRef, arrow::error::ArrowError> {
+        let bad = || {
+            arrow::error::ArrowError::SchemaError(format!(
+                "column \"_headers\" has type {ty}, not a list of (key, value) structs"
+            ))
+        };
+        let DataType::List(item) = ty else {
+            return Err(bad());
+        };
+        let DataType::Struct(fields) = item.data_type() else {
+            return Err(bad());
+        };
+        if self.offsets.is_empty() {
+            self.offsets.push(0);
+        }
+        let entries = StructArray::try_new(
+            fields.clone(),
+            vec![
+                Arc::new(self.keys.finish()) as ArrayRef,
+                Arc::new(self.values.finish()) as ArrayRef,
+            ],
+            None,
+        )?;
+        let offsets = OffsetBuffer::new(std::mem::take(&mut self.offsets).into());
+        let valid = NullBuffer::from(std::mem::take(&mut self.valid));
+        self.entries = 0;
+        Ok(Arc::new(ListArray::try_new(
+            item.clone(),
+            offsets,
+            Arc::new(entries),
+            Some(valid),
+        )?))
+    }
 }
 
 /// Builds one `_dlq` record batch.

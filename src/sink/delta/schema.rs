@@ -32,6 +32,13 @@ pub(super) fn evolve(
     events: &[&ChangeEvent],
 ) -> (SchemaRef, Vec<Option<String>>) {
     let mut fields: Vec<FieldRef> = base.fields().iter().cloned().collect();
+    // A table written by an earlier version lacks the newer metadata columns: added like any
+    // new column (older rows read NULL).
+    for f in bronze::bronze_schema().fields() {
+        if !fields.iter().any(|g| g.name() == f.name()) {
+            fields.push(f.clone());
+        }
+    }
     let mut verdicts: HashMap<*const RowSchema, Option<String>> = HashMap::new();
     let mut out = Vec::with_capacity(events.len());
     for e in events {

@@ -12,10 +12,11 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient};
 
 use super::table::{Target, key_text, positions_table};
+use super::jsonb::JsonbText;
 use super::{PgvectorError, WriteOutcome, load};
 use crate::config::PgvectorSinkConfig as Config;
 use crate::dead_letter::DeadLetter;
-use crate::event::{ChangeEvent, Op, Position, StreamId, Value};
+use crate::event::{ChangeEvent, Op, Position, StreamId, Value, json_string, write_json_str};
 use crate::pg::quote_ident;
 
 pub(super) fn group_by_source<'a>(
@@ -125,6 +126,7 @@ fn moved_from(target: &Target, e: &ChangeEvent) -> Option<ChangeEvent> {
         embedding: None,
         text_hash: None,
         schema: None,
+        origin: None,
         ..e.clone()
     })
 }
@@ -314,7 +316,7 @@ pub(super) async fn column_types(
 
 /// The columns a row carries after its key, as sent by binary COPY (staging and bulk load).
 pub(super) struct RowTail<'e> {
-    pub payload: Option<serde_json::Value>,
+    pub payload: Option<JsonbText>,
     /// Names of unchanged-TOAST columns (staging only: the bulk load never sees them).
     pub toast_keys: Option<Vec<String>>,
     embedding: Option<pgvector::Vector>,
@@ -354,16 +356,14 @@ impl<'e> RowTail<'e> {
     }
 }
 
-/// The row's payload (selected columns as jsonb) and the names of its unchanged-TOAST columns,
-/// whose stored values the merge keeps.
-fn payload_of(
-    config: &Config,
-    e: &ChangeEvent,
-) -> (Option<serde_json::Value>, Option<Vec<String>>) {
+/// The row's payload (selected columns as jsonb, numbers as the source wrote them) and the
+/// names of its unchanged-TOAST columns, whose stored values the merge keeps.
+fn payload_of(config: &Config, e: &ChangeEvent) -> (Option<JsonbText>, Option<Vec<String>>) {
     let Some(after) = &e.after else {
         return (None, None);
     };
-    let mut obj = serde_json::Map::new();
+    let mut out = Vec::with_capacity(32 * after.len() + 2);
+    out.push(b'{');
     let mut toast = Vec::new();
     for c in after.columns() {
         if !config.keeps_in_payload(&e.source, &c.name) {
@@ -372,12 +372,18 @@ fn payload_of(
         match &c.value {
             Value::UnchangedToast => toast.push(c.name.to_string()),
             v => {
-                obj.insert(c.name.to_string(), v.to_json());
+                if out.len() > 1 {
+                    out.push(b',');
+                }
+                write_json_str(&mut out, &c.name);
+                out.push(b':');
+                v.write_json(&mut out);
             }
         }
     }
+    out.push(b'}');
     (
-        Some(serde_json::Value::Object(obj)),
+        Some(JsonbText(json_string(out))),
         (!toast.is_empty()).then_some(toast),
     )
 }

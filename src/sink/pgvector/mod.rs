@@ -20,7 +20,9 @@
 //! then one `MERGE` per source table.
 
 mod apply;
+mod jsonb;
 mod load;
+mod reject;
 mod sink;
 mod table;
 
@@ -269,9 +271,25 @@ impl PgvectorSink {
     pub async fn write(&mut self, events: &[ChangeEvent]) -> Result<WriteOutcome, PgvectorError> {
         let fresh: Vec<&ChangeEvent> = events.iter().filter(|e| !self.already_applied(e)).collect();
         let skipped = events.len() - fresh.len();
-        if fresh.is_empty() {
+        // Events no pgvector table can hold are set aside before any SQL: one such event must
+        // neither fail the batch nor stop the run (it would fail again on every restart).
+        let mut rejected = Vec::new();
+        let mut taken = Vec::with_capacity(fresh.len());
+        for e in &fresh {
+            match self.rejection(e) {
+                Some(reason) => rejected.push(reject::dead_letter(e, reason)),
+                None => taken.push(*e),
+            }
+        }
+        if !rejected.is_empty() {
+            metrics::counter!("tributary_dead_letters_total", "stage" => "pgvector")
+                .increment(rejected.len() as u64);
+        }
+        if taken.is_empty() {
+            self.advance_positions(&fresh);
             return Ok(WriteOutcome {
                 skipped,
+                dead_letters: rejected,
                 ..WriteOutcome::default()
             });
         }
@@ -280,7 +298,7 @@ impl PgvectorSink {
         let mut retry =
             Retry::new("pgvector batch", Patience::Bounded).with_health(self.health.as_ref());
         let mut outcome = loop {
-            match self.apply(&fresh).await {
+            match self.apply(&taken).await {
                 Ok(o) => break o,
                 Err(e) => {
                     retry.after(e).await?;
@@ -290,18 +308,13 @@ impl PgvectorSink {
             }
         };
         outcome.skipped = skipped;
-        for e in &fresh {
-            let key = (e.source.clone(), e.position.stream());
-            let newer = self
-                .positions
-                .get(&key)
-                .is_none_or(|p| e.position.partial_cmp(p) == Some(std::cmp::Ordering::Greater));
-            if newer {
-                self.positions.insert(key, e.position.clone());
-            }
-        }
+        // The sink's own rejections first, then the database's.
+        let mut letters = rejected;
+        letters.append(&mut outcome.dead_letters);
+        outcome.dead_letters = letters;
+        self.advance_positions(&fresh);
         // The index is built once a source's snapshot is over: at its first streamed change.
-        let streamed: HashSet<&str> = fresh
+        let streamed: HashSet<&str> = taken
             .iter()
             .filter(|e| e.op != Op::Snapshot)
             .map(|e| e.source.as_str())
@@ -342,6 +355,25 @@ impl PgvectorSink {
             t.has_index = true;
         }
         Ok(())
+    }
+
+    /// Remembers the events' positions as applied (rejected ones included: they are done).
+    fn advance_positions(&mut self, events: &[&ChangeEvent]) {
+        for e in events {
+            let key = (e.source.clone(), e.position.stream());
+            let newer = self
+                .positions
+                .get(&key)
+                .is_none_or(|p| e.position.partial_cmp(p) == Some(std::cmp::Ordering::Greater));
+            if newer {
+                self.positions.insert(key, e.position.clone());
+            }
+        }
+    }
+
+    /// Why no pgvector table can take `e`, if none can.
+    fn rejection(&self, e: &ChangeEvent) -> Option<String> {
+        reject::reason(e, self.targets.get(&e.source), self.config.dimension)
     }
 
     fn already_applied(&self, e: &ChangeEvent) -> bool {

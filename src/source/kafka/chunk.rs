@@ -6,7 +6,10 @@
 
 use std::ops::Range;
 
+use rdkafka::Timestamp;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
+
+use crate::event::TimestampType;
 
 /// Messages handed over per chunk and events per channel message: one wake-up of the next task
 /// per batch, not per event (waking a parked task costs more than decoding a message).
@@ -29,6 +32,7 @@ pub(super) struct Copied {
     key: Option<Range<usize>>,
     payload: Option<Range<usize>>,
     pub(super) timestamp_ms: Option<i64>,
+    pub(super) timestamp_type: Option<TimestampType>,
     pub(super) headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
@@ -58,6 +62,11 @@ impl Chunk {
             key,
             payload,
             timestamp_ms: m.timestamp().to_millis(),
+            timestamp_type: match m.timestamp() {
+                Timestamp::NotAvailable => None,
+                Timestamp::CreateTime(_) => Some(TimestampType::CreateTime),
+                Timestamp::LogAppendTime(_) => Some(TimestampType::LogAppendTime),
+            },
             headers,
         });
     }

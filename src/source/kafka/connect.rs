@@ -1003,6 +1003,7 @@ mod tests {
             key: None,
             payload: Some(text.as_bytes()),
             timestamp_ms: None,
+            timestamp_type: None,
             headers: Vec::new(),
         };
         match d.decode(&msg)? {

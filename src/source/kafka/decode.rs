@@ -14,7 +14,10 @@ use serde_json::{Map, Value as J};
 
 use super::connect::{self, EnvelopeSchema, SchemaCache};
 use crate::config::{ColumnType, MessageFormat, TopicConfig};
-use crate::event::{ChangeEvent, Name, Op, Position, Row, RowSchema, StreamId, Value, ValueType};
+use crate::event::{
+    ChangeEvent, JsonText, Name, Op, Origin, Position, Row, RowSchema, StreamId, TimestampType,
+    Value, ValueType,
+};
 
 /// A consumed message, borrowed from the client.
 #[derive(Debug, Clone)]
@@ -26,6 +29,8 @@ pub struct RawMessage<'a> {
     pub payload: Option<&'a [u8]>,
     /// Message timestamp (create or log-append time), milliseconds since the epoch.
     pub timestamp_ms: Option<i64>,
+    /// What the timestamp records.
+    pub timestamp_type: Option<TimestampType>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
@@ -41,6 +46,8 @@ pub struct KafkaMeta {
     pub source_ts_ms: Option<i64>,
     /// Debezium envelope `ts_ms`: when the connector processed the change.
     pub envelope_ts_ms: Option<i64>,
+    /// The Debezium `source` block, as JSON text.
+    pub source_block: Option<JsonText>,
 }
 
 /// A decoded message with its Kafka metadata.
@@ -173,6 +180,12 @@ impl Decoder {
             .source_ts_ms
             .and_then(DateTime::from_timestamp_millis)
             .or(meta.timestamp);
+        let origin = Some(Box::new(Origin {
+            headers: meta.headers.clone(),
+            timestamp: meta.timestamp,
+            timestamp_type: msg.timestamp_type.filter(|_| meta.timestamp.is_some()),
+            source_meta: meta.source_block.clone(),
+        }));
         Ok(Decoded::Event(KafkaEvent {
             event: ChangeEvent {
                 source: msg.topic.to_owned(),
@@ -186,6 +199,7 @@ impl Decoder {
                 embedding: None,
                 text_hash: None,
                 schema: schema.0,
+                origin,
             },
             meta,
         }))
@@ -273,9 +287,10 @@ impl Decoder {
             }
             None => return Err(DecodeError::Envelope("missing `op`".into())),
         };
-        if let Some(J::Object(source)) = envelope.get("source") {
+        if let Some(block @ J::Object(source)) = envelope.get("source") {
             meta.source_lsn = source.get("lsn").and_then(J::as_i64);
             meta.source_ts_ms = source.get("ts_ms").and_then(J::as_i64);
+            meta.source_block = Some(JsonText::from_written(block.to_string()));
         }
         meta.envelope_ts_ms = envelope.get("ts_ms").and_then(J::as_i64);
         let before = self.image(&mut envelope, "before", connect.as_deref())?;
@@ -405,15 +420,18 @@ pub fn message_key(key: Option<&[u8]>) -> Result<Option<Row>, DecodeError> {
                 .collect(),
         ));
     };
+    // Parsed as a row (not a `serde_json` tree), so its numbers keep their digits.
     if text.trim_start().starts_with('{')
-        && let Ok(J::Object(mut o)) = serde_json::from_str::<J>(text)
+        && let Ok(row) = super::row_json::parse_row(text, &[], "message key")
     {
-        if o.contains_key("schema")
-            && let Some(J::Object(inner)) = o.remove("payload")
+        if row.get("schema").is_some()
+            && let Some(Value::Json(inner)) = row.get("payload")
+            && inner.as_str().starts_with('{')
+            && let Ok(inner) = super::row_json::parse_row(inner.as_str(), &[], "message key")
         {
-            o = inner;
+            return Ok(Some(inner));
         }
-        return Ok(Some(o.into_iter().map(|(k, v)| (k, inferred(v))).collect()));
+        return Ok(Some(row));
     }
     Ok(Some(
         [("key", Value::Text(text.into()))].into_iter().collect(),
@@ -426,8 +444,10 @@ fn inferred(json: J) -> Value {
         J::Bool(b) => Value::Bool(b),
         J::Number(n) => match n.as_i64() {
             Some(i) => Value::Int64(i),
-            None if n.is_u64() => Value::Numeric(compact_str::format_compact!("{n}")),
-            None => Value::Float64(n.as_f64().unwrap_or(f64::NAN)),
+            None => match n.as_u64() {
+                Some(u) => super::row_json::big_integer(u),
+                None => Value::Float64(n.as_f64().unwrap_or(f64::NAN)),
+            },
         },
         J::String(s) => Value::Text(s.into()),
         other @ (J::Array(_) | J::Object(_)) => Value::Json(other.into()),
@@ -440,10 +460,11 @@ pub(super) fn typed(column: &str, ty: ColumnType, json: J) -> Result<Value, Deco
         (ColumnType::Json, _) => Ok(Value::Json(json.into())),
         (_, J::Bool(b)) => typed_scalar(column, ty, Scalar::Bool(*b)),
         (_, J::Number(n)) => {
+            let text = n.to_string();
             let scalar = match (n.as_i64(), n.as_u64()) {
                 (Some(i), _) => Scalar::Int(i),
                 (None, Some(u)) => Scalar::UInt(u),
-                _ => Scalar::Float(n.as_f64().unwrap_or(f64::NAN)),
+                _ => Scalar::Float(n.as_f64().unwrap_or(f64::NAN), Some(&text)),
             };
             typed_scalar(column, ty, scalar)
         }
@@ -461,7 +482,8 @@ pub(super) enum Scalar<'a> {
     Int(i64),
     /// A positive integer beyond `i64`.
     UInt(u64),
-    Float(f64),
+    /// Any other number, with its text as the message wrote it (when known).
+    Float(f64, Option<&'a str>),
     Str(&'a str),
     Array,
     Object,
@@ -472,7 +494,7 @@ impl Scalar<'_> {
         match self {
             Scalar::Null => "null",
             Scalar::Bool(_) => "a boolean",
-            Scalar::Int(_) | Scalar::UInt(_) | Scalar::Float(_) => "a number",
+            Scalar::Int(_) | Scalar::UInt(_) | Scalar::Float(..) => "a number",
             Scalar::Str(_) => "a string",
             Scalar::Array => "an array",
             Scalar::Object => "an object",
@@ -491,22 +513,40 @@ pub(super) fn typed_scalar(
         expected: ty,
         found: v.kind().to_owned(),
     };
+    // An integer column given a number it cannot hold: named with the number, never rounded.
+    let beyond = |text: String| {
+        wrong_text(
+            column,
+            ty,
+            &format!("the number {text}, which is not a {ty} (out of range or not an integer)"),
+        )
+    };
+    let float_text = |x: f64, text: Option<&str>| text.map_or_else(|| x.to_string(), str::to_owned);
     let value = match (ty, v) {
         (_, Scalar::Null) => Value::Null,
         (ColumnType::Bool, Scalar::Bool(b)) => Value::Bool(b),
-        (ColumnType::Int32, Scalar::Int(i)) => Value::Int32(i32::try_from(i).map_err(|_| wrong())?),
+        (ColumnType::Int32, Scalar::Int(i)) => {
+            Value::Int32(i32::try_from(i).map_err(|_| beyond(i.to_string()))?)
+        }
         (ColumnType::Int64, Scalar::Int(i)) => Value::Int64(i),
+        (ColumnType::Int32 | ColumnType::Int64, Scalar::UInt(u)) => {
+            return Err(beyond(u.to_string()));
+        }
+        (ColumnType::Int32 | ColumnType::Int64, Scalar::Float(x, text)) => {
+            return Err(beyond(float_text(x, text)));
+        }
         (ColumnType::Float64, Scalar::Int(i)) => Value::Float64(i as f64),
         (ColumnType::Float64, Scalar::UInt(u)) => Value::Float64(u as f64),
-        (ColumnType::Float64, Scalar::Float(x)) => Value::Float64(x),
+        (ColumnType::Float64, Scalar::Float(x, _)) => Value::Float64(x),
         (ColumnType::Numeric, Scalar::Int(i)) => {
             Value::Numeric(compact_str::format_compact!("{i}"))
         }
         (ColumnType::Numeric, Scalar::UInt(u)) => {
             Value::Numeric(compact_str::format_compact!("{u}"))
         }
-        // As serde_json writes the number it parsed.
-        (ColumnType::Numeric, Scalar::Float(x)) => Value::Numeric(
+        // The digits as the message wrote them.
+        (ColumnType::Numeric, Scalar::Float(_, Some(text))) => Value::Numeric(text.into()),
+        (ColumnType::Numeric, Scalar::Float(x, None)) => Value::Numeric(
             serde_json::Number::from_f64(x)
                 .map(|n| compact_str::format_compact!("{n}"))
                 .ok_or_else(wrong)?,
@@ -540,7 +580,7 @@ pub(super) fn typed_scalar(
             Value::TimestampTz(DateTime::from_timestamp_nanos(v))
         }
         // A number has no unit of its own: never guess one.
-        (ColumnType::Timestamptz, Scalar::Int(_) | Scalar::UInt(_) | Scalar::Float(_)) => {
+        (ColumnType::Timestamptz, Scalar::Int(_) | Scalar::UInt(_) | Scalar::Float(..)) => {
             return Err(wrong_text(
                 column,
                 ty,
@@ -558,7 +598,7 @@ pub(super) fn typed_scalar(
                 .and_then(NaiveDate::from_num_days_from_ce_opt)
                 .ok_or_else(|| out_of_range(column, ty))?,
         ),
-        (ColumnType::Date, Scalar::Int(_) | Scalar::UInt(_) | Scalar::Float(_)) => {
+        (ColumnType::Date, Scalar::Int(_) | Scalar::UInt(_) | Scalar::Float(..)) => {
             return Err(wrong_text(
                 column,
                 ty,
@@ -618,6 +658,7 @@ mod tests {
             key,
             payload,
             timestamp_ms: Some(1_732_356_000_000),
+            timestamp_type: None,
             headers: Vec::new(),
         }
     }

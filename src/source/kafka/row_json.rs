@@ -1,9 +1,25 @@
 //! Parses a JSON object straight into a typed [`Row`], without building a `serde_json::Value`
 //! tree first (the intermediate map's allocations cost more than the parse itself): a nested
 //! array or object is re-written as compact JSON text ([`JsonText`]) while it is parsed.
+//!
+//! **Numbers keep their digits.** serde_json (without `arbitrary_precision`) hands a visitor
+//! only an `f64` for any number that is not an `i64`/`u64`, so `123456789012345678901234567890`
+//! or `0.1000000000000000000000001` would be rounded. Where a number is not converted to a
+//! declared type its source text is kept instead: an undeclared number whose `f64` does not
+//! print as it was written becomes a JSON number of exactly that text ([`Value::Json`]), a
+//! nested number is copied as written, and a declared `numeric` takes the text. The text is
+//! found by [`Numbers`]: numbers are visited in document order, so the n-th number visited is
+//! the n-th number token of the message; the tokens are located (one scan of the message) only
+//! once a message has a number that needs its text, so messages with integers alone pay
+//! nothing. Not serde_json's `arbitrary_precision`: that feature changes `serde_json::Number`
+//! in the whole dependency graph (deltalake, tokio-postgres, …) and breaks numbers inside
+//! `#[serde(untagged)]` enums, such as [`crate::event::Position`]'s older forms. Not its
+//! `raw_value` either: capturing every value raw and parsing it again costs a second pass over
+//! every value, where this costs one over the messages that need it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, OnceCell, RefCell};
 use std::fmt;
+use std::ops::Range;
 
 use super::decode::{DecodeError, Scalar, typed_scalar};
 use crate::config::ColumnType;
@@ -18,10 +34,12 @@ pub(super) fn parse_row(
     what: &'static str,
 ) -> Result<Row, DecodeError> {
     let failure = RefCell::new(None);
+    let numbers = Numbers::new(text);
     let seed = RowSeed {
         columns,
         what,
         failure: &failure,
+        numbers: &numbers,
     };
     let mut de = serde_json::Deserializer::from_str(text);
     let result = seed
@@ -39,6 +57,100 @@ struct RowSeed<'a> {
     what: &'static str,
     /// A decoding error that is not a JSON syntax error (kept apart from serde's error text).
     failure: &'a RefCell<Option<DecodeError>>,
+    numbers: &'a Numbers<'a>,
+}
+
+/// The source text of the numbers of one message, by their order in it (see the module doc).
+pub(super) struct Numbers<'t> {
+    text: &'t str,
+    /// Numbers visited so far.
+    seen: Cell<usize>,
+    /// Where each number token of `text` is, located on first need.
+    spans: OnceCell<Vec<Range<usize>>>,
+}
+
+impl<'t> Numbers<'t> {
+    pub(super) fn new(text: &'t str) -> Self {
+        Numbers {
+            text,
+            seen: Cell::new(0),
+            spans: OnceCell::new(),
+        }
+    }
+
+    /// Counts a number that is visited: the next in document order; returns its index.
+    fn visit(&self) -> usize {
+        let n = self.seen.get();
+        self.seen.set(n + 1);
+        n
+    }
+
+    /// The text of the number with index `n`, as the message wrote it.
+    fn text(&self, n: usize) -> Option<&'t str> {
+        let spans = self.spans.get_or_init(|| number_spans(self.text));
+        spans.get(n).and_then(|r| self.text.get(r.clone()))
+    }
+
+    /// A number visited as `x`: its text (`None` when it cannot be found, which valid JSON
+    /// never does; the caller then uses `x`).
+    fn float_text(&self) -> Option<&'t str> {
+        let n = self.visit();
+        self.text(n)
+    }
+}
+
+/// Where the number tokens of a JSON text are (everything outside strings that starts with a
+/// digit or `-`), in order.
+fn number_spans(text: &str) -> Vec<Range<usize>> {
+    let b = text.as_bytes();
+    let mut spans = Vec::new();
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'"' => {
+                i += 1;
+                while let Some(&c) = b.get(i) {
+                    i += if c == b'\\' { 2 } else { 1 };
+                    if c == b'"' {
+                        break;
+                    }
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while b
+                    .get(i)
+                    .is_some_and(|c| matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+                {
+                    i += 1;
+                }
+                spans.push(start..i);
+            }
+            _ => i += 1,
+        }
+    }
+    spans
+}
+
+/// Whether `x` prints (as serde_json prints an `f64`) exactly as `text`: then `x` carries the
+/// number without loss of its digits.
+fn prints_as(x: f64, text: &str) -> bool {
+    let mut buf = [0u8; 32];
+    let mut out = std::io::Cursor::new(&mut buf[..]);
+    if serde_json::to_writer(&mut out, &x).is_err() {
+        return false;
+    }
+    let n = out.position() as usize;
+    buf.get(..n) == Some(text.as_bytes())
+}
+
+/// An undeclared number that serde_json gave as `x`, written as `text`: a float when it prints
+/// as written, else the exact text as a JSON number.
+fn inferred_float(x: f64, text: Option<&str>) -> Value {
+    match text {
+        Some(t) if !prints_as(x, t) => Value::Json(JsonText::from_written(t.to_owned())),
+        _ => Value::Float64(x),
+    }
 }
 
 impl RowSeed<'_> {
@@ -70,14 +182,16 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
         let mut row = Row(Vec::with_capacity(map.size_hint().unwrap_or(8)));
         while let Some(name) = map.next_key::<Name>()? {
             let declared = self.columns.iter().find(|(n, _)| *n == name);
+            let numbers = self.numbers;
             let value = match declared {
-                Some((_, ColumnType::Json)) => map.next_value_seed(JsonSeed)?,
+                Some((_, ColumnType::Json)) => map.next_value_seed(JsonSeed(numbers))?,
                 Some((_, ty)) => map.next_value_seed(TypedSeed {
                     column: &name,
                     ty: *ty,
                     failure: self.failure,
+                    numbers,
                 })?,
-                None => map.next_value_seed(Inferred)?,
+                None => map.next_value_seed(Inferred(numbers))?,
             };
             row.push(name, value);
         }
@@ -113,6 +227,7 @@ struct TypedSeed<'a> {
     column: &'a str,
     ty: ColumnType,
     failure: &'a RefCell<Option<DecodeError>>,
+    numbers: &'a Numbers<'a>,
 }
 
 impl TypedSeed<'_> {
@@ -145,16 +260,24 @@ impl<'de> Visitor<'de> for TypedSeed<'_> {
         self.convert(Scalar::Bool(b))
     }
     fn visit_i64<E: de::Error>(self, i: i64) -> Result<Value, E> {
+        self.numbers.visit();
         self.convert(Scalar::Int(i))
     }
     fn visit_u64<E: de::Error>(self, u: u64) -> Result<Value, E> {
+        self.numbers.visit();
         match i64::try_from(u) {
             Ok(i) => self.convert(Scalar::Int(i)),
             Err(_) => self.convert(Scalar::UInt(u)),
         }
     }
     fn visit_f64<E: de::Error>(self, x: f64) -> Result<Value, E> {
-        self.convert(Scalar::Float(x))
+        let n = self.numbers.visit();
+        // A float64 column is the f64 itself: its text is not needed (nor looked for).
+        let text = match self.ty {
+            ColumnType::Float64 => None,
+            _ => self.numbers.text(n),
+        };
+        self.convert(Scalar::Float(x, text))
     }
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Value, E> {
         self.convert(Scalar::Str(s))
@@ -167,11 +290,12 @@ impl<'de> Visitor<'de> for TypedSeed<'_> {
     }
 }
 
-/// An undeclared column: typed from its JSON form (integers → Int64, other numbers → Float64,
-/// integers beyond i64 → Numeric, arrays/objects → Json).
-struct Inferred;
+/// An undeclared column: typed from its JSON form (integers → Int64, other numbers → Float64
+/// when that keeps their digits, else their exact text as a JSON number, arrays/objects →
+/// Json).
+struct Inferred<'a>(&'a Numbers<'a>);
 
-impl<'de> DeserializeSeed<'de> for Inferred {
+impl<'de> DeserializeSeed<'de> for Inferred<'_> {
     type Value = Value;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
@@ -179,7 +303,7 @@ impl<'de> DeserializeSeed<'de> for Inferred {
     }
 }
 
-impl<'de> Visitor<'de> for Inferred {
+impl<'de> Visitor<'de> for Inferred<'_> {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -192,16 +316,15 @@ impl<'de> Visitor<'de> for Inferred {
         Ok(Value::Bool(b))
     }
     fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+        self.0.visit();
         Ok(Value::Int64(i))
     }
     fn visit_u64<E>(self, u: u64) -> Result<Value, E> {
-        Ok(i64::try_from(u).map_or_else(
-            |_| Value::Numeric(compact_str::format_compact!("{u}")),
-            Value::Int64,
-        ))
+        self.0.visit();
+        Ok(i64::try_from(u).map_or_else(|_| big_integer(u), Value::Int64))
     }
     fn visit_f64<E>(self, x: f64) -> Result<Value, E> {
-        Ok(Value::Float64(x))
+        Ok(inferred_float(x, self.0.float_text()))
     }
     fn visit_str<E>(self, s: &str) -> Result<Value, E> {
         Ok(Value::Text(s.into()))
@@ -211,25 +334,31 @@ impl<'de> Visitor<'de> for Inferred {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
         let mut out = Vec::with_capacity(64);
-        JsonWriter(&mut out).visit_seq(seq)?;
+        JsonWriter(&mut out, self.0).visit_seq(seq)?;
         Ok(Value::Json(JsonText::from_written(json_string(out))))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
         let mut out = Vec::with_capacity(64);
-        JsonWriter(&mut out).visit_map(map)?;
+        JsonWriter(&mut out, self.0).visit_map(map)?;
         Ok(Value::Json(JsonText::from_written(json_string(out))))
     }
 }
 
-/// A column declared `json`: any JSON value, kept as compact text (`null` is a NULL).
-struct JsonSeed;
+/// An undeclared integer beyond `i64`: its digits as a JSON number (not a string: `_payload`
+/// and the pgvector payload keep it a number).
+pub(super) fn big_integer(u: u64) -> Value {
+    Value::Json(JsonText::from_written(u.to_string()))
+}
 
-impl<'de> DeserializeSeed<'de> for JsonSeed {
+/// A column declared `json`: any JSON value, kept as compact text (`null` is a NULL).
+struct JsonSeed<'a>(&'a Numbers<'a>);
+
+impl<'de> DeserializeSeed<'de> for JsonSeed<'_> {
     type Value = Value;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         let mut out = Vec::with_capacity(64);
-        JsonWriter(&mut out).deserialize(d)?;
+        JsonWriter(&mut out, self.0).deserialize(d)?;
         Ok(if out == b"null" {
             Value::Null
         } else {
@@ -238,11 +367,11 @@ impl<'de> DeserializeSeed<'de> for JsonSeed {
     }
 }
 
-/// Writes the JSON value being parsed to the buffer as compact JSON (numbers as `serde_json`
-/// writes them once parsed, strings re-escaped), without an intermediate tree.
-struct JsonWriter<'a>(&'a mut Vec<u8>);
+/// Writes the JSON value being parsed to the buffer as compact JSON (numbers as written,
+/// strings re-escaped), without an intermediate tree.
+struct JsonWriter<'a, 'n>(&'a mut Vec<u8>, &'n Numbers<'n>);
 
-impl<'de> DeserializeSeed<'de> for JsonWriter<'_> {
+impl<'de> DeserializeSeed<'de> for JsonWriter<'_, '_> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -250,7 +379,7 @@ impl<'de> DeserializeSeed<'de> for JsonWriter<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for JsonWriter<'_> {
+impl<'de> Visitor<'de> for JsonWriter<'_, '_> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -265,16 +394,21 @@ impl<'de> Visitor<'de> for JsonWriter<'_> {
         Ok(())
     }
     fn visit_i64<E>(self, i: i64) -> Result<(), E> {
+        self.1.visit();
         Value::Int64(i).write_json(self.0);
         Ok(())
     }
     fn visit_u64<E>(self, u: u64) -> Result<(), E> {
+        self.1.visit();
         // serde_json writes integers with itoa.
         let _ = serde_json::to_writer(&mut *self.0, &u);
         Ok(())
     }
     fn visit_f64<E>(self, x: f64) -> Result<(), E> {
-        Value::Float64(x).write_json(self.0);
+        match self.1.float_text() {
+            Some(text) => self.0.extend_from_slice(text.as_bytes()),
+            None => Value::Float64(x).write_json(self.0),
+        }
         Ok(())
     }
     fn visit_str<E>(self, s: &str) -> Result<(), E> {
@@ -289,7 +423,7 @@ impl<'de> Visitor<'de> for JsonWriter<'_> {
             if !first {
                 self.0.push(b',');
             }
-            if seq.next_element_seed(JsonWriter(&mut *self.0))?.is_none() {
+            if seq.next_element_seed(JsonWriter(&mut *self.0, self.1))?.is_none() {
                 self.0.truncate(mark);
                 break;
             }
@@ -306,15 +440,77 @@ impl<'de> Visitor<'de> for JsonWriter<'_> {
             if !first {
                 self.0.push(b',');
             }
-            if map.next_key_seed(JsonWriter(&mut *self.0))?.is_none() {
+            if map.next_key_seed(JsonWriter(&mut *self.0, self.1))?.is_none() {
                 self.0.truncate(mark);
                 break;
             }
             self.0.push(b':');
-            map.next_value_seed(JsonWriter(&mut *self.0))?;
+            map.next_value_seed(JsonWriter(&mut *self.0, self.1))?;
             first = false;
         }
         self.0.push(b'}');
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(text: &str) -> Value {
+        Value::Json(JsonText::from_written(text.to_owned()))
+    }
+
+    #[test]
+    fn numbers_a_float_would_round_keep_their_text() {
+        let text = r#"{"big": 123456789012345678901234567890, "u": 18446744073709551615,
+            "dec": 1234567890.123456789012345678901234567890, "plain": 12.5, "exp": 1e3,
+            "s": "a \"quoted\" 1.0000000000000000000001 in a string", "i": -7,
+            "deep": {"x": [0.1000000000000000000000001, 2, "3"], "y": 0.25}}"#;
+        let row = parse_row(text, &[], "message value").unwrap();
+        assert_eq!(row.get("big"), Some(&json("123456789012345678901234567890")));
+        assert_eq!(row.get("u"), Some(&json("18446744073709551615")));
+        assert_eq!(
+            row.get("dec"),
+            Some(&json("1234567890.123456789012345678901234567890"))
+        );
+        assert_eq!(row.get("plain"), Some(&Value::Float64(12.5)));
+        assert_eq!(row.get("exp"), Some(&json("1e3")));
+        assert_eq!(row.get("i"), Some(&Value::Int64(-7)));
+        assert_eq!(
+            row.get("deep"),
+            Some(&json(r#"{"x":[0.1000000000000000000000001,2,"3"],"y":0.25}"#))
+        );
+        assert_eq!(
+            row.json_text(),
+            r#"{"big":123456789012345678901234567890,"u":18446744073709551615,"dec":1234567890.123456789012345678901234567890,"plain":12.5,"exp":1e3,"s":"a \"quoted\" 1.0000000000000000000001 in a string","i":-7,"deep":{"x":[0.1000000000000000000000001,2,"3"],"y":0.25}}"#
+        );
+    }
+
+    #[test]
+    fn declared_numeric_takes_the_text_and_an_overflowing_int64_names_the_value() {
+        let columns = [
+            (Name::from("amount"), ColumnType::Numeric),
+            (Name::from("n"), ColumnType::Int64),
+        ];
+        let row = parse_row(
+            r#"{"amount": 0.1000000000000000000000000000000000000001, "n": 5}"#,
+            &columns,
+            "message value",
+        )
+        .unwrap();
+        assert_eq!(
+            row.get("amount"),
+            Some(&Value::Numeric(
+                "0.1000000000000000000000000000000000000001".into()
+            ))
+        );
+        for big in ["123456789012345678901234567890", "9223372036854775808", "1.5"] {
+            let err = parse_row(&format!(r#"{{"n": {big}}}"#), &columns, "message value")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(r#"column "n""#), "{err}");
+            assert!(err.contains(big), "{err}");
+        }
     }
 }

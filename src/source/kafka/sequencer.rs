@@ -83,6 +83,7 @@ async fn decode_chunks(
                     key: chunk.key(m),
                     payload: chunk.payload(m),
                     timestamp_ms: m.timestamp_ms,
+                    timestamp_type: m.timestamp_type,
                     headers: m.headers.clone(),
                 })
             })

@@ -256,6 +256,7 @@ impl Snapshot {
                     embedding: None,
                     text_hash: None,
                     schema: Some(schema.clone()),
+                    origin: None,
                 });
             }
             t.rows += out.len() as u64;

@@ -453,6 +453,7 @@ impl PostgresSourceReader {
                     embedding: None,
                     text_hash: None,
                     schema: self.row_schemas.get(&id).cloned(),
+                    origin: None,
                 }))
             })
             .collect()
