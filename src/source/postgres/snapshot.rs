@@ -43,6 +43,8 @@ pub struct SnapTable {
     pub dead_letters: u64,
     last_event: Option<u64>,
     pub done: bool,
+    /// Its last row's position is in the state table.
+    pub recorded: bool,
 }
 
 pub struct Snapshot {
@@ -154,16 +156,18 @@ impl Snapshot {
                 let cols: Vec<String> = t
                     .columns
                     .iter()
-                    .map(|(c, _)| format!("{}::text", quote_ident(c)))
+                    .map(|(c, _)| format!("t.{}::text", quote_ident(c)))
                     .collect();
+                // Qualified: a bare name would sort by the `::text` output column of that
+                // name (so 10 before 9), not by the column's own type.
                 let order: Vec<String> = if t.key.is_empty() {
-                    t.columns.iter().map(|(c, _)| quote_ident(c)).collect()
+                    t.columns.iter().map(|(c, _)| format!("t.{}", quote_ident(c))).collect()
                 } else {
-                    t.key.iter().map(|c| quote_ident(c)).collect()
+                    t.key.iter().map(|c| format!("t.{}", quote_ident(c))).collect()
                 };
                 self.client
                     .batch_execute(&format!(
-                        "DECLARE tributary_snap NO SCROLL CURSOR FOR SELECT {} FROM {} ORDER BY {}",
+                        "DECLARE tributary_snap NO SCROLL CURSOR FOR SELECT {} FROM {} t ORDER BY {}",
                         if cols.is_empty() {
                             "1".to_string()
                         } else {
@@ -375,5 +379,6 @@ async fn plan_table(
         dead_letters: 0,
         last_event: None,
         done: false,
+        recorded: false,
     })
 }
