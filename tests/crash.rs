@@ -571,7 +571,11 @@ listen = ""
     );
     let (code, log) = wait_exit(run, &config).await;
     assert_ne!(code, Some(0), "the run dies at the crash point: {log}");
-    assert_eq!(state().await, (1, false), "the crash came before the table was noted done");
+    assert_eq!(
+        state().await,
+        (1, false),
+        "the crash came before the table was noted done"
+    );
     assert_eq!(common::bronze_positions(&bronze), (500, 500));
 
     src.execute("UPDATE items SET note = 'changed' WHERE id = 7", &[])
@@ -581,7 +585,9 @@ listen = ""
     let pg = pg_connect(&env("TRIBUTARY_PG_URL")).await;
     wait_for("the change in pgvector", async || {
         pg.query_opt(
-            &format!("SELECT 1 FROM \"{schema}\".\"items\" WHERE id = 7 AND payload->>'note' = 'changed'"),
+            &format!(
+                "SELECT 1 FROM \"{schema}\".\"items\" WHERE id = 7 AND payload->>'note' = 'changed'"
+            ),
             &[],
         )
         .await
@@ -591,7 +597,11 @@ listen = ""
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (code, log) = stop(run, &config);
     assert_eq!(code, 0, "{log}");
-    assert_eq!(state().await, (1, true), "the snapshot is not taken again: {log}");
+    assert_eq!(
+        state().await,
+        (1, true),
+        "the snapshot is not taken again: {log}"
+    );
     assert_eq!(
         common::bronze_positions(&bronze),
         (501, 501),

@@ -270,7 +270,9 @@ impl PostgresSourceReader {
                 r.try_get::<_, Option<i64>>(5).map_err(db)?,
                 r.try_get::<_, Option<i64>>(6).map_err(db)?,
             ) {
-                (Some(major), Some(minor)) => Some(super::position(Lsn(major as u64), minor as u64)),
+                (Some(major), Some(minor)) => {
+                    Some(super::position(Lsn(major as u64), minor as u64))
+                }
                 _ => None,
             };
             let done = r.try_get::<_, bool>(4).map_err(db)?
@@ -345,7 +347,9 @@ impl PostgresSourceReader {
         t: &(String, String),
         last: &crate::event::Position,
     ) -> Result<bool, PgSourceError> {
-        let held = durable.everywhere(&source_name(t), &super::stream()).await?;
+        let held = durable
+            .everywhere(&source_name(t), &super::stream())
+            .await?;
         if !held.is_some_and(|h| h >= *last) {
             return Ok(false);
         }
@@ -391,7 +395,13 @@ impl PostgresSourceReader {
                          WHERE slot = $1 AND schema_name = $2 AND table_name = $3",
                         Self::qualified(&self.state_table)
                     ),
-                    &[&self.cfg.slot, &schema, &name, &(base.0 as i64), &(last as i64)],
+                    &[
+                        &self.cfg.slot,
+                        &schema,
+                        &name,
+                        &(base.0 as i64),
+                        &(last as i64),
+                    ],
                 )
                 .await
                 .map_err(db)?;

@@ -12,8 +12,8 @@ use tokio::task::JoinHandle;
 use super::{PgSourceError, PostgresSourceReader};
 use crate::config::PostgresSourceConfig;
 use crate::dead_letter::DeadLetters;
-use crate::sink::durable::Durable;
 use crate::event::{ChangeEvent, Position};
+use crate::sink::durable::Durable;
 use crate::source::{SourceError, StartContext, Started};
 use crate::telemetry::health::SourceHealth;
 
