@@ -510,6 +510,114 @@ listen = ""
     common::drop_source_db(&admin, &dbname, &slot).await;
 }
 
+/// The process dies after every sink committed the whole snapshot but before the source noted
+/// the table done (the acknowledgement is lost): the restart finds the snapshot durable in the
+/// sinks and does not take it again, so Bronze holds each row once and the change made in
+/// between follows it.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_durable_in_every_sink_is_not_taken_again_after_a_crash() {
+    let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let (dbname, src_url, src) = common::create_source_db(
+        &admin,
+        "snapdone",
+        "CREATE TABLE items (id int PRIMARY KEY, note text NOT NULL);
+         INSERT INTO items SELECT g, 'note ' || g FROM generate_series(1, 500) g;",
+    )
+    .await;
+    let slot = unique("slot");
+    let schema = unique("snapdone");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "snapshot-done-test"
+[sources.postgres]
+url = "{src_url}"
+publication = "items_pub"
+slot = "{slot}"
+tables = ["items"]
+[sinks.delta]
+uri = "{lake}"
+flush_interval_ms = 200
+[sinks.pgvector]
+url = "{pg}"
+schema = "{schema}"
+[pipeline]
+batch_max_wait_ms = 50
+[telemetry]
+listen = ""
+"#,
+            pg = env("TRIBUTARY_PG_URL"),
+            lake = dir.path().join("lake").display(),
+        ),
+    )
+    .unwrap();
+    let state = async || {
+        src.query_one(
+            "SELECT epoch, done FROM public.tributary_snapshot_state WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, bool>(1)))
+        .unwrap()
+    };
+    let bronze = dir.path().join("lake").join("public.items");
+    let run = common::run::start_with_env(
+        &config,
+        &[("FAILPOINTS", "postgres::before-snapshot-done=return")],
+    );
+    let (code, log) = wait_exit(run, &config).await;
+    assert_ne!(code, Some(0), "the run dies at the crash point: {log}");
+    assert_eq!(
+        state().await,
+        (1, false),
+        "the crash came before the table was noted done"
+    );
+    assert_eq!(common::bronze_positions(&bronze), (500, 500));
+
+    src.execute("UPDATE items SET note = 'changed' WHERE id = 7", &[])
+        .await
+        .unwrap();
+    let run = start(&config);
+    let pg = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    wait_for("the change in pgvector", async || {
+        pg.query_opt(
+            &format!(
+                "SELECT 1 FROM \"{schema}\".\"items\" WHERE id = 7 AND payload->>'note' = 'changed'"
+            ),
+            &[],
+        )
+        .await
+        .is_ok_and(|r| r.is_some())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, log) = stop(run, &config);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(
+        state().await,
+        (1, true),
+        "the snapshot is not taken again: {log}"
+    );
+    assert_eq!(
+        common::bronze_positions(&bronze),
+        (501, 501),
+        "Bronze holds the snapshot once and the change after it"
+    );
+    let rows: i64 = pg
+        .query_one(&format!("SELECT count(*) FROM \"{schema}\".\"items\""), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 500);
+
+    drop(src);
+    common::drop_source_db(&admin, &dbname, &slot).await;
+}
+
 /// The TOAST workload, run while the connector is being killed: notes updated while the TOASTed
 /// column stays untouched, the TOASTed column updated and then the note in the next transaction,
 /// key moves, inserts and deletes, each in its own transaction. Returns the row changes.
@@ -585,13 +693,7 @@ async fn toast_workload(url: String, seeded: i32) -> u64 {
 /// SIGKILLed at random moments while a table with a TOASTed template column takes updates,
 /// key moves and deletes: afterwards every pgvector row equals its source row, carries the hash
 /// of its current text and that text's vector, and Bronze holds every change once.
-///
-/// Ignored until the snapshot issue (#17) is fixed: it fails today, and not for TOAST. After
-/// SIGKILLs the PostgreSQL source takes the table's snapshot again on restarts (the positions
-/// show snapshot epoch 26 after 24 kills), and a new snapshot cannot remove from pgvector the rows
-/// deleted or moved away before it, so seeded rows stay behind. Run it with `--ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails until restarts after SIGKILL stop re-taking the snapshot (#17)"]
 async fn sigkill_with_a_toasted_template_column_and_key_moves_keeps_vectors_exact() {
     const SEEDED: i32 = 60;
     let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
@@ -655,7 +757,8 @@ listen = ""
         }
     };
 
-    // The snapshot first (so that Bronze must hold each later change as a row of its own).
+    // The snapshot first, durably (so that Bronze must hold each later change as a row of its
+    // own): pgvector holding it is not enough, the kill may land before Delta's commit.
     let run = start(&config);
     wait_for("the snapshot in pgvector", async || {
         count(format!(
@@ -663,6 +766,15 @@ listen = ""
         ))
         .await
             == i64::from(SEEDED)
+    })
+    .await;
+    wait_for("the snapshot durable", async || {
+        src.query_opt(
+            "SELECT 1 FROM public.tributary_snapshot_state WHERE slot = $1 AND done",
+            &[&slot],
+        )
+        .await
+        .is_ok_and(|r| r.is_some())
     })
     .await;
     sigkill(run);

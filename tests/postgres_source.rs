@@ -1044,3 +1044,24 @@ async fn a_change_the_server_cannot_send_stops_the_reader_instead_of_reconnectin
     src.close().await;
     db.drop_slot().await;
 }
+
+/// The snapshot reads a table in its key's own order (9 before 10), not in the order of the key
+/// selected as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_reads_numeric_keys_in_numeric_order() {
+    let db = Db::new(
+        "CREATE TABLE n (id bigint PRIMARY KEY, note text);
+         INSERT INTO n SELECT g, 'n' || g FROM generate_series(1, 120) g;",
+    )
+    .await;
+    let mut cfg = db.config(&["n"]);
+    cfg.snapshot_chunk_rows = 7;
+    let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    let evs = poll_n(&mut src, 120).await;
+    let ids: Vec<Option<Value>> = evs.iter().map(|e| int(e, "after", "id")).collect();
+    let expected: Vec<Option<Value>> = (1..=120).map(|i| Some(Value::Int64(i))).collect();
+    assert_eq!(ids, expected);
+    assert!(evs.iter().all(|e| e.op == Op::Snapshot));
+    src.close().await;
+    db.drop_slot().await;
+}

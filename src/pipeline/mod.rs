@@ -38,6 +38,7 @@ use crate::dead_letter::DeadLetters;
 use crate::enrich::{Enriched, Enricher};
 use crate::error::{Classify, ErrorKind};
 use crate::event::ChangeEvent;
+use crate::sink::durable::Durable;
 use crate::sink::{self, Sink};
 use crate::source::{self, Source, SourceError, StartContext, Stop};
 use crate::telemetry::{self, health::Health};
@@ -151,6 +152,8 @@ async fn run_parts(
     let (merged_tx, merged_rx) = mpsc::channel(batches);
     let mut ackers = Vec::new();
     let mut stops: Vec<Box<dyn Stop>> = Vec::new();
+    // Lent to the sources while they start (a snapshot durable everywhere is not taken again).
+    let durable = Durable::new(parts.sinks);
     for source in parts.sources {
         let name = source.name();
         let context = StartContext {
@@ -158,6 +161,7 @@ async fn run_parts(
             batch_max_events: settings.batch_max_events,
             health: parts.health.source(name),
             dead_letters: parts.dead_letters.clone(),
+            durable: durable.clone(),
         };
         let started = match source.start(context).await {
             Ok(s) => s,
@@ -172,6 +176,7 @@ async fn run_parts(
         stops.push(started.stop);
     }
     drop(merged_tx);
+    let sinks = durable.into_sinks().await;
     let (batch_tx, batch_rx) = mpsc::channel::<Vec<ChangeEvent>>(4);
     let max_wait = Duration::from_millis(settings.batch_max_wait_ms);
     let batcher = stages::batch(merged_rx, batch_tx, settings.batch_max_events, max_wait);
@@ -181,7 +186,7 @@ async fn run_parts(
         Some(e) => stages.spawn("enrich", e.run(batch_rx, enriched_tx)),
         None => stages.spawn("enrich", stages::pass_through(batch_rx, enriched_tx)),
     }
-    let delivery = Delivery::new(parts.sinks, ackers, parts.dead_letters, &parts.health);
+    let delivery = Delivery::new(sinks, ackers, parts.dead_letters, &parts.health);
     stages.spawn("delivery", async move {
         delivery.run(enriched_rx).await.map(Some)
     });

@@ -19,6 +19,7 @@
 //! line in [`open`].
 
 pub mod delta;
+pub mod durable;
 pub mod pgvector;
 
 use std::future::Future;
@@ -27,7 +28,7 @@ use std::pin::Pin;
 use crate::config::Config;
 use crate::dead_letter::DeadLetter;
 use crate::error::{Classify, ErrorKind};
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, Position, StreamId};
 use crate::telemetry::health::Health;
 
 /// The future a [`Sink`] method returns (boxed, so sinks can sit in one `Vec<Box<dyn Sink>>`).
@@ -89,6 +90,18 @@ pub trait Sink: Send {
 
     /// Makes everything accepted so far durable; returns once it is.
     fn flush(&mut self) -> SinkFuture<'_, Flushed>;
+
+    /// The highest position of `stream` this sink durably holds for `source`; `None` when it
+    /// holds nothing of it or cannot tell (then nothing is taken as durable). Asked at start-up,
+    /// before anything is accepted (see [`durable::Durable`]).
+    fn committed<'a>(
+        &'a mut self,
+        source: &'a str,
+        stream: &'a StreamId,
+    ) -> SinkFuture<'a, Option<Position>> {
+        let _ = (source, stream);
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Opens every configured sink, in a fixed order; each registers with readiness.

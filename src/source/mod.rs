@@ -64,6 +64,8 @@ pub struct StartContext {
     pub batch_max_events: usize,
     pub health: SourceHealth,
     pub dead_letters: DeadLetters,
+    /// What every sink already holds (ask only while starting; see [`crate::sink::durable`]).
+    pub durable: crate::sink::durable::Durable,
 }
 
 /// Acknowledges durable positions to a source; positions of other sources are ignored.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::DeltaSink;
 use crate::dead_letter::DeadLetter;
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, Position, StreamId};
 use crate::sink::{FlushWhen, Flushed, Sink, SinkError, SinkFuture};
 
 impl Sink for DeltaSink {
@@ -53,6 +53,18 @@ impl Sink for DeltaSink {
                 );
             }
             Ok(Flushed { rows: outcome.rows })
+        })
+    }
+
+    fn committed<'a>(
+        &'a mut self,
+        source: &'a str,
+        stream: &'a StreamId,
+    ) -> SinkFuture<'a, Option<Position>> {
+        Box::pin(async move {
+            DeltaSink::committed(self, source, stream)
+                .await
+                .map_err(|e| SinkError::from_stage(&e))
         })
     }
 }

@@ -3,7 +3,7 @@
 
 use super::PgvectorSink;
 use crate::dead_letter::DeadLetter;
-use crate::event::ChangeEvent;
+use crate::event::{ChangeEvent, Position, StreamId};
 use crate::sink::{FlushWhen, Flushed, Sink, SinkError, SinkFuture};
 
 impl Sink for PgvectorSink {
@@ -28,5 +28,17 @@ impl Sink for PgvectorSink {
 
     fn flush(&mut self) -> SinkFuture<'_, Flushed> {
         Box::pin(async { Ok(Flushed::default()) })
+    }
+
+    fn committed<'a>(
+        &'a mut self,
+        source: &'a str,
+        stream: &'a StreamId,
+    ) -> SinkFuture<'a, Option<Position>> {
+        let held = self
+            .positions()
+            .get(&(source.to_owned(), stream.clone()))
+            .cloned();
+        Box::pin(async move { Ok(held) })
     }
 }

@@ -56,6 +56,7 @@ use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::error::{Classify, ErrorKind};
 use crate::event::{ChangeEvent, Lsn, Position, StreamId};
 use crate::secret::ConnString;
+use crate::sink::durable::Durable;
 use decode::Relation;
 use snapshot::Snapshot;
 use txbuf::{Replay, TxBuffer};
@@ -104,6 +105,8 @@ pub enum PgSourceError {
     Spill(#[from] std::io::Error),
     #[error("writing a dead letter: {0}")]
     DeadLetter(#[from] crate::dead_letter::DeadLetterError),
+    #[error("asking the sinks what they hold: {0}")]
+    Sink(#[from] crate::sink::SinkError),
 }
 
 impl Classify for PgSourceError {
@@ -121,6 +124,7 @@ impl Classify for PgSourceError {
             PgSourceError::Connection(_) | PgSourceError::Setup(_) => ErrorKind::Config,
             PgSourceError::Decode(_) => ErrorKind::Data,
             PgSourceError::DeadLetter(e) => e.kind(),
+            PgSourceError::Sink(e) => e.kind(),
         }
     }
 }
@@ -296,6 +300,16 @@ impl PostgresSourceReader {
     /// the caller's runtime, where a read interrupted by [`poll`](Self::poll)'s wait deadline
     /// keeps what it had buffered (its worker-thread driver would drop it).
     pub async fn connect(cfg: &PostgresSourceConfig) -> Result<Self, PgSourceError> {
+        Self::connect_with(cfg, &Durable::none()).await
+    }
+
+    /// [`connect`](Self::connect), asking `durable` whether an unfinished table's snapshot is
+    /// in fact durable in every sink (its acknowledgement lost to a crash): such a table is
+    /// marked done instead of being read again.
+    pub async fn connect_with(
+        cfg: &PostgresSourceConfig,
+        durable: &Durable,
+    ) -> Result<Self, PgSourceError> {
         if tokio::runtime::Handle::current().runtime_flavor()
             != tokio::runtime::RuntimeFlavor::MultiThread
         {
@@ -350,7 +364,7 @@ impl PostgresSourceReader {
         reader.check_replica_identity().await?;
         reader.ensure_heartbeat_table().await?;
         reader.ensure_state_table().await?;
-        reader.prepare_slot_and_snapshot().await?;
+        reader.prepare_slot_and_snapshot(durable).await?;
         Ok(reader)
     }
 
@@ -421,6 +435,7 @@ impl PostgresSourceReader {
             if !snap.finished() {
                 let (chunk, letters) = snap.next_chunk().await?;
                 Self::write_dead_letters(&self.dead_letters, &letters).await?;
+                self.record_read_tables().await?;
                 if !chunk.is_empty() {
                     return Ok(chunk);
                 }

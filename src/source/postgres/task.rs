@@ -13,6 +13,7 @@ use super::{PgSourceError, PostgresSourceReader};
 use crate::config::PostgresSourceConfig;
 use crate::dead_letter::DeadLetters;
 use crate::event::{ChangeEvent, Position};
+use crate::sink::durable::Durable;
 use crate::source::{SourceError, StartContext, Started};
 use crate::telemetry::health::SourceHealth;
 
@@ -56,7 +57,7 @@ impl PostgresSourceHandle {
     }
 }
 
-/// Connects (publication, slot, snapshot plan) and starts reading: batches of up to
+/// Connects (publication, slot, snapshot plan; `durable`: what the sinks hold) and starts reading: batches of up to
 /// `max_events`, at most `capacity` queued; every completed poll is reported to `health`; rows
 /// that cannot be decoded go to `dead_letters`.
 pub async fn start(
@@ -65,8 +66,9 @@ pub async fn start(
     max_events: usize,
     health: Option<SourceHealth>,
     dead_letters: DeadLetters,
+    durable: &Durable,
 ) -> Result<(mpsc::Receiver<Vec<ChangeEvent>>, PostgresSourceHandle), PgSourceError> {
-    let mut reader = PostgresSourceReader::connect(cfg).await?;
+    let mut reader = PostgresSourceReader::connect_with(cfg, durable).await?;
     reader.set_dead_letters(dead_letters);
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Position>();
@@ -171,6 +173,7 @@ impl crate::source::Source for PostgresSource {
                 batch,
                 Some(context.health),
                 context.dead_letters,
+                &context.durable,
             )
             .await
             .map_err(|e| SourceError::from_stage(&e))?;
