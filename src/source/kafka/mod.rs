@@ -31,6 +31,7 @@ pub mod decode;
 mod handle;
 pub mod offsets;
 mod rebalance;
+pub mod registry;
 mod row_json;
 mod sequencer;
 mod source;
