@@ -469,3 +469,94 @@ async fn registry_down_then_up_loses_nothing_and_dead_letters_nothing() {
     assert_eq!(ids, (1..=20).collect::<Vec<_>>());
     assert!(log.contains("Schema Registry unavailable; retrying"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_topic_into_typed_bronze_by_its_message_indexes() {
+    let registry = env("TRIBUTARY_SCHEMA_REGISTRY_URL");
+    let topic = create_topic(1).await;
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        dir.path(),
+        &topic,
+        &group,
+        "protobuf",
+        &registry,
+        "[telemetry]\nlisten = \"\"",
+    );
+    // `Order` is the file's second message: its messages carry the index path [1].
+    let schema = json!({
+        "package": "shop.registry_test",
+        "messages": [
+            {"name": "Address", "fields": [{"name": "city", "number": 1, "type": "string"}]},
+            {"name": "Order", "fields": [
+                {"name": "id", "number": 1, "type": "int64"},
+                {"name": "customer", "number": 2, "type": "string"},
+                {"name": "amount", "number": 3, "type": "double"},
+                {"name": "tags", "number": 4, "type": "string", "repeated": true},
+                {"name": "status", "number": 5, "type": "enum:NEW,PAID"},
+                {"name": "ship", "number": 6, "type": "message", "message": "Address"},
+                {"name": "ok", "number": 7, "type": "bool"},
+                {"name": "big", "number": 8, "type": "uint64"}]}
+        ],
+        "produce": "Order"
+    });
+    let records: Vec<J> = (1..=3)
+        .map(|i| json!({"id": i, "customer": format!("Customer {i}"), "amount": i as f64 + 0.5,
+                        "tags": ["a", "b"], "status": "PAID", "ship": {"city": "Oslo"},
+                        "ok": true, "big": "18446744073709551615"}))
+        .collect();
+    let id = produce_registered(&registry, &topic, "protobuf", &schema, &records);
+    produce(
+        &topic,
+        &[
+            // Index path [1] (count 1, index 1, zig-zag), then bytes that are no Order.
+            ("4".into(), framed(id, b"\x02\x02\x0a\xff")),
+            ("5".into(), framed(id, b"\x02\x08\x00")),
+        ],
+        1,
+    )
+    .await;
+
+    let run = start(&config);
+    wait_for("all five messages committed", async || {
+        committed(&topic, &group, 1) == vec![Some(5)]
+    })
+    .await;
+    let (code, log) = stop(run, &config);
+    assert_eq!(code, 0, "{log}");
+    let letters = dead_letters(dir.path());
+    let reasons: Vec<&str> = letters.iter().map(|l| l["error"].as_str().unwrap()).collect();
+    assert_eq!(reasons.len(), 2, "{letters:?}");
+    assert!(
+        reasons[0].contains("does not match its Protobuf schema"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("message index 4 is not in the schema"),
+        "{reasons:?}"
+    );
+
+    let (fields, rows) = bronze(
+        &dir.path().join("lake").join(&topic),
+        &["id", "customer", "amount", "tags", "status", "ship", "ok", "big"],
+    );
+    assert_eq!(fields["id"], "int64", "{fields}");
+    assert_eq!(fields["amount"], "double", "{fields}");
+    assert_eq!(fields["status"], "string", "{fields}");
+    assert_eq!(fields["ok"], "bool", "{fields}");
+    assert_eq!(fields["big"], "string", "{fields}");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(rows[1]["id"], 2);
+    assert_eq!(rows[1]["customer"], "Customer 2");
+    assert_eq!(rows[1]["status"], "PAID");
+    assert_eq!(rows[1]["big"], "18446744073709551615");
+    assert_eq!(
+        serde_json::from_str::<J>(rows[1]["ship"].as_str().unwrap()).unwrap(),
+        json!({"city": "Oslo"})
+    );
+    assert_eq!(
+        serde_json::from_str::<J>(rows[1]["tags"].as_str().unwrap()).unwrap(),
+        json!(["a", "b"])
+    );
+}

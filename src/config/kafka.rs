@@ -39,7 +39,8 @@ pub struct KafkaSourceConfig {
     /// the number of cores, at most 4.
     #[serde(default)]
     pub decode_tasks: Option<usize>,
-    /// The Confluent Schema Registry the `avro` and `json_schema` topics' schemas come from.
+    /// The Confluent Schema Registry the `avro`, `json_schema` and `protobuf` topics' schemas
+    /// come from.
     #[serde(default)]
     pub schema_registry: Option<SchemaRegistryConfig>,
     /// Where undecodable messages go (until the Delta `_dlq` table takes over).
@@ -161,12 +162,18 @@ pub enum MessageFormat {
     /// Confluent Schema Registry framed JSON: magic byte 0, a 4-byte schema id, then a JSON
     /// object checked against that JSON Schema's declared types and `required` properties.
     JsonSchema,
+    /// Confluent Schema Registry framed Protobuf: the header, the message indexes, then the
+    /// message, decoded by the schema's descriptor.
+    Protobuf,
 }
 
 impl MessageFormat {
     /// Whether messages carry a Schema Registry id to fetch their schema by.
     pub fn uses_registry(self) -> bool {
-        matches!(self, MessageFormat::Avro | MessageFormat::JsonSchema)
+        matches!(
+            self,
+            MessageFormat::Avro | MessageFormat::JsonSchema | MessageFormat::Protobuf
+        )
     }
 }
 
@@ -449,5 +456,53 @@ impl KafkaSourceConfig {
         })?;
         parse_properties(&text)
             .map_err(|m| ConfigError::invalid(key, format!("{}: {m}", path.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> KafkaSourceConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_registry_topic_needs_a_registry_url_and_credentials_come_from_client_properties() {
+        let c = parse(
+            "brokers = \"b:9092\"\ngroup_id = \"g\"\n[[topics]]\nname = \"t\"\nformat = \"avro\"\n",
+        );
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("sources.kafka.schema_registry.url"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("client.properties");
+        std::fs::write(
+            &file,
+            "bootstrap.servers=b:9092\nschema.registry.url=https://sr.example:443\n\
+             basic.auth.credentials.source=USER_INFO\nbasic.auth.user.info=KEY:sr-secret\n",
+        )
+        .unwrap();
+        let c = parse(&format!(
+            "client_properties = {:?}\ngroup_id = \"g\"\n[[topics]]\nname = \"t\"\n\
+             format = \"json_schema\"\n",
+            file.display()
+        ));
+        c.validate().unwrap();
+        let r = c.registry().unwrap().unwrap();
+        assert_eq!(r.url.as_str(), "https://sr.example/");
+        assert_eq!(r.username.as_deref(), Some("KEY"));
+        assert_eq!(r.password.as_ref().map(Secret::expose), Some("sr-secret"));
+        assert!(!format!("{r:?}").contains("sr-secret"));
+        // The registry's keys are not librdkafka's.
+        let props = c.librdkafka_properties().unwrap();
+        assert!(props.iter().all(|(k, _)| !is_registry_property(k)));
+
+        let c = parse(
+            "brokers = \"b:9092\"\ngroup_id = \"g\"\n[schema_registry]\n\
+             url = \"https://u:p@sr.example\"\n[[topics]]\nname = \"t\"\nformat = \"avro\"\n",
+        );
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("must not carry credentials") && !e.contains("u:p"), "{e}");
     }
 }

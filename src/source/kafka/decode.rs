@@ -195,7 +195,11 @@ impl Decoder {
             return Ok(());
         }
         match (&self.registry, payload.and_then(wire::schema_id)) {
-            (Some(registry), Some(id)) => registry.ensure(id).await,
+            (Some(registry), Some(id)) => {
+                registry
+                    .ensure(id, self.format == MessageFormat::Protobuf)
+                    .await
+            }
             _ => Ok(()),
         }
     }
@@ -221,7 +225,7 @@ impl Decoder {
                 Some(parts) => parts,
                 None => return Ok(Decoded::Tombstone),
             },
-            MessageFormat::Avro | MessageFormat::JsonSchema => {
+            MessageFormat::Avro | MessageFormat::JsonSchema | MessageFormat::Protobuf => {
                 match self.registered(msg, &mut meta, &mut schema)? {
                     Some(parts) => parts,
                     None => return Ok(Decoded::Tombstone),
@@ -341,6 +345,12 @@ impl Decoder {
                     DecodeError::Schema(problem) => mismatch(problem),
                     other => other,
                 })?;
+                let key = self.key(msg.key, Some(&row))?;
+                Ok(Some((Op::Insert, key, None, Some(row))))
+            }
+            (MessageFormat::Protobuf, Compiled::Protobuf(pb)) => {
+                let (row, row_schema) = pb.decode(body).map_err(mismatch)?;
+                *schema = (Some(row_schema), id);
                 let key = self.key(msg.key, Some(&row))?;
                 Ok(Some((Op::Insert, key, None, Some(row))))
             }

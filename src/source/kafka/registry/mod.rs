@@ -1,4 +1,4 @@
-//! Schema Registry formats: Confluent-framed Avro and JSON Schema messages, decoded by the schema
+//! Schema Registry formats: Confluent-framed Avro, JSON Schema and Protobuf messages, decoded by the schema
 //! their id names, fetched from the registry's REST API (`GET /schemas/ids/{id}`) and compiled
 //! once per id.
 //!
@@ -23,6 +23,7 @@
 
 pub mod avro;
 pub mod json_schema;
+pub mod protobuf;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -40,6 +41,7 @@ use crate::telemetry::health::SourceHealth;
 pub enum Compiled {
     Avro(avro::AvroSchema),
     Json(json_schema::JsonSchema),
+    Protobuf(protobuf::ProtobufSchema),
     /// A schema the registry holds but that cannot be used (unsupported type, references, a
     /// schema that does not parse): every message naming it is a dead letter with this reason.
     Unusable(String),
@@ -110,12 +112,14 @@ impl Registry {
     /// Makes sure the schema of `id` is cached, retrying transient failures with backoff until
     /// the registry answers. `Ok` also when the registry does not know the id (the message is
     /// then a dead letter); `Err` only for a fatal answer.
-    pub async fn ensure(&self, id: u32) -> Result<(), FetchError> {
+    /// `serialized`: ask for the serialized form (`?format=serialized`: a Protobuf schema as the
+    /// base64 of its `FileDescriptorProto`, as Confluent's own deserializers do).
+    pub async fn ensure(&self, id: u32, serialized: bool) -> Result<(), FetchError> {
         if self.cached(id).is_some() {
             return Ok(());
         }
         let url = self.base.as_str().to_owned();
-        let fetched = (|| self.fetch(id))
+        let fetched = (|| self.fetch(id, serialized))
             .retry(backoff(Patience::Unbounded))
             .when(|e| matches!(e, FetchError::Transient(_)))
             .notify(|e, wait| {
@@ -140,10 +144,11 @@ impl Registry {
     }
 
     /// One `GET /schemas/ids/{id}`; `None` when the registry does not know the id.
-    async fn fetch(&self, id: u32) -> Result<Option<Compiled>, FetchError> {
+    async fn fetch(&self, id: u32, serialized: bool) -> Result<Option<Compiled>, FetchError> {
+        let query = if serialized { "?format=serialized" } else { "" };
         let url = self
             .base
-            .join(&format!("schemas/ids/{id}"))
+            .join(&format!("schemas/ids/{id}{query}"))
             .map_err(|e| FetchError::Fatal(format!("Schema Registry URL: {e}")))?;
         let mut request = self
             .http
@@ -231,6 +236,9 @@ fn compile(id: u32, body: &[u8]) -> Compiled {
         "JSON" => json_schema::JsonSchema::parse(&answer.schema)
             .map(Compiled::Json)
             .unwrap_or_else(|e| Compiled::Unusable(format!("schema id {id}: {e}"))),
+        "PROTOBUF" => protobuf::ProtobufSchema::parse(&answer.schema)
+            .map(Compiled::Protobuf)
+            .unwrap_or_else(|e| Compiled::Unusable(format!("schema id {id}: {e}"))),
         other => Compiled::Unusable(format!(
             "schema id {id} is a {other} schema, which is not supported"
         )),
@@ -243,6 +251,7 @@ impl Compiled {
         match self {
             Compiled::Avro(_) => "AVRO",
             Compiled::Json(_) => "JSON",
+            Compiled::Protobuf(_) => "PROTOBUF",
             Compiled::Unusable(_) => "unusable",
         }
     }
