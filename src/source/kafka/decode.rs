@@ -147,7 +147,7 @@ pub struct Decoder {
     /// The topic, and its stream name (`kafka:{topic}`) built once: each position shares it.
     topic: String,
     stream_name: std::sync::Arc<str>,
-    /// The Schema Registry of `avro` / `json_schema` topics.
+    /// The Schema Registry of `avro` / `json_schema` / `protobuf` topics.
     registry: Option<std::sync::Arc<Registry>>,
 }
 
@@ -176,9 +176,6 @@ impl Decoder {
         self
     }
 
-    /// Makes sure the schema a framed message names is fetched (retrying a registry outage
-    /// until it answers), so that [`Decoder::decode`] finds it; nothing to do for other formats
-    /// or unframed values (those are dead letters).
     /// The schema id a framed message names when it is not fetched yet.
     pub fn missing_schema(&self, payload: Option<&[u8]>) -> Option<u32> {
         if !self.format.uses_registry() {
@@ -190,6 +187,9 @@ impl Decoder {
             .filter(|id| registry.cached(*id).is_none())
     }
 
+    /// Makes sure the schema a framed message names is fetched (retrying a registry outage
+    /// until it answers), so that [`Decoder::decode`] finds it; nothing to do for other formats
+    /// or unframed values (those are dead letters).
     pub async fn fetch_schema(&self, payload: Option<&[u8]>) -> Result<(), FetchError> {
         if !self.format.uses_registry() {
             return Ok(());
@@ -292,7 +292,7 @@ impl Decoder {
         Ok((Op::Insert, key, None, Some(row)))
     }
 
-    /// A Schema Registry framed message (`avro`, `json_schema`); `None` for a tombstone. Sets
+    /// A Schema Registry framed message (`avro`, `json_schema`, `protobuf`); `None` for a tombstone. Sets
     /// `schema` to the rows' schema, versioned by the schema id.
     fn registered(
         &self,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use apache_avro::schema::{Name, ResolvedSchema, Schema};
 use apache_avro::types::Value as Avro;
 use base64::Engine as _;
-use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime};
 use serde_json::Value as J;
 
 use crate::event::{Row, RowSchema, Value, ValueType};
