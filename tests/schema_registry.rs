@@ -87,6 +87,23 @@ batch_max_wait_ms = 100
     config
 }
 
+/// Runs the connector until the group has committed `end` on the topic's one partition, stops it
+/// (cleanly) and returns the dead letters' reasons.
+async fn run_until_committed(config: &Path, topic: &str, group: &str, end: i64) -> Vec<String> {
+    let run = start(config);
+    wait_for("every message committed", async || {
+        committed(topic, group, 1) == vec![Some(end)]
+    })
+    .await;
+    let (code, log) = stop(run, config);
+    assert_eq!(code, 0, "{log}");
+    let dir = config.parent().unwrap();
+    dead_letters(dir)
+        .iter()
+        .map(|l| l["error"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn dead_letters(dir: &Path) -> Vec<J> {
     std::fs::read_to_string(dir.join("dead.jsonl"))
         .unwrap_or_default()
@@ -199,18 +216,9 @@ listen = ""
     let id2 = produce_registered(&registry, &topic, "avro", &order_schema(true), &v2);
     assert_ne!(id1, id2);
 
-    let run = start(&config);
-    wait_for("all eight messages committed", async || {
-        committed(&topic, &group, 1) == vec![Some(8)]
-    })
-    .await;
-    let (code, log) = stop(run, &config);
-    assert_eq!(code, 0, "{log}");
-
     // Each bad message is a dead letter whose reason names what is wrong.
-    let letters = dead_letters(dir.path());
-    let reasons: Vec<&str> = letters.iter().map(|l| l["error"].as_str().unwrap()).collect();
-    assert_eq!(reasons.len(), 3, "{letters:?}");
+    let reasons = run_until_committed(&config, &topic, &group, 8).await;
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
     assert!(reasons[0].contains("not Schema Registry framed: magic byte is 0x7b"), "{reasons:?}");
     assert!(
         reasons[1].contains("schema id 2000000000 is not in the Schema Registry"),
@@ -321,16 +329,9 @@ async fn json_schema_topic_into_typed_bronze_and_mismatches_are_dead_letters() {
     )
     .await;
 
-    let run = start(&config);
-    wait_for("all six messages committed", async || {
-        committed(&topic, &group, 1) == vec![Some(6)]
-    })
-    .await;
-    let (code, log) = stop(run, &config);
-    assert_eq!(code, 0, "{log}");
-    let letters = dead_letters(dir.path());
-    let reasons: Vec<&str> = letters.iter().map(|l| l["error"].as_str().unwrap()).collect();
-    assert_eq!(reasons.len(), 3, "{letters:?}");
+    // Each bad message is a dead letter whose reason names what is wrong.
+    let reasons = run_until_committed(&config, &topic, &group, 6).await;
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
     assert!(
         reasons[0].contains(r#"property "id" is a string, the schema declares integer"#),
         "{reasons:?}"
@@ -518,16 +519,9 @@ async fn protobuf_topic_into_typed_bronze_by_its_message_indexes() {
     )
     .await;
 
-    let run = start(&config);
-    wait_for("all five messages committed", async || {
-        committed(&topic, &group, 1) == vec![Some(5)]
-    })
-    .await;
-    let (code, log) = stop(run, &config);
-    assert_eq!(code, 0, "{log}");
-    let letters = dead_letters(dir.path());
-    let reasons: Vec<&str> = letters.iter().map(|l| l["error"].as_str().unwrap()).collect();
-    assert_eq!(reasons.len(), 2, "{letters:?}");
+    // Each bad message is a dead letter whose reason names what is wrong.
+    let reasons = run_until_committed(&config, &topic, &group, 5).await;
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(
         reasons[0].contains("does not match its Protobuf schema"),
         "{reasons:?}"

@@ -733,7 +733,7 @@ fn wrong_text(column: &str, expected: ColumnType, found: &str) -> DecodeError {
     }
 }
 
-fn json_kind(j: &J) -> &'static str {
+pub(super) fn json_kind(j: &J) -> &'static str {
     match j {
         J::Null => "null",
         J::Bool(_) => "a boolean",

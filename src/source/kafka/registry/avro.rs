@@ -264,7 +264,9 @@ impl AvroSchema {
     /// A value that is not JSON by its schema.
     fn scalar(&self, schema: &Schema, v: Avro) -> Result<Value, String> {
         Ok(match v {
-            Avro::Null => Value::Null,
+            Avro::Null if matches!(schema, Schema::Null) => Value::Null,
+            // apache-avro reads a string cut short by the end of the payload as null.
+            Avro::Null => return Err(TRUNCATED.into()),
             Avro::Boolean(b) => Value::Bool(b),
             Avro::Int(i) => Value::Int32(i),
             Avro::Long(l) => Value::Int64(l),
@@ -310,7 +312,8 @@ impl AvroSchema {
     fn json(&self, schema: &Schema, v: Avro) -> Result<J, String> {
         let schema = self.resolve(schema);
         Ok(match v {
-            Avro::Null => J::Null,
+            Avro::Null if matches!(schema, Schema::Null | Schema::Union(_)) => J::Null,
+            Avro::Null => return Err(TRUNCATED.into()),
             Avro::Boolean(b) => J::Bool(b),
             Avro::Int(i) => J::from(i),
             Avro::Long(l) => J::from(l),
@@ -375,6 +378,10 @@ impl AvroSchema {
         })
     }
 }
+
+/// A null where the schema has no null: the payload ended early (apache-avro reads a string
+/// cut short as null).
+const TRUNCATED: &str = "does not match its Avro schema: the payload ends before a value";
 
 /// A union's branch value.
 fn unwrap_union(v: Avro) -> Avro {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value as J};
 
-use super::super::decode::{DecodeError, declared_type, inferred, typed};
+use super::super::decode::{DecodeError, declared_type, inferred, json_kind as kind, typed};
 use crate::config::ColumnType;
 use crate::event::{Row, RowSchema};
 
@@ -149,17 +149,6 @@ fn column_type(allowed: &[String], p: &Map<String, J>) -> ColumnType {
             _ => ColumnType::Text,
         },
         _ => ColumnType::Json,
-    }
-}
-
-fn kind(j: &J) -> &'static str {
-    match j {
-        J::Null => "null",
-        J::Bool(_) => "a boolean",
-        J::Number(_) => "a number",
-        J::String(_) => "a string",
-        J::Array(_) => "an array",
-        J::Object(_) => "an object",
     }
 }
 
