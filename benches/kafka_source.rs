@@ -9,6 +9,8 @@
 //! the decoder alone on in-memory messages, and serde_json's bare parse of them. Also reports the
 //! CPU time per message of this process and of the local broker (its pid file from
 //! `scripts/services`) for both loops. Medians are reported; the topic is deleted afterwards.
+//! The decoder alone also runs on the same orders as Schema Registry framed Avro (the schema
+//! registered in the services' registry, `TRIBUTARY_SCHEMA_REGISTRY_URL`), beside JSON.
 
 use std::time::Instant;
 
@@ -198,6 +200,110 @@ fn decode_debezium(n: usize, with_schema: bool) -> (f64, usize) {
     (n as f64 / start.elapsed().as_secs_f64(), avg)
 }
 
+/// The order of [`order`] as an Avro schema: decimals for money, timestamp-micros, an array of
+/// item records.
+const ORDER_AVRO: &str = r#"{"type":"record","name":"Order","namespace":"bench","fields":[
+    {"name":"order_id","type":"string"},{"name":"customer_id","type":"string"},
+    {"name":"status","type":"string"},{"name":"currency","type":"string"},
+    {"name":"total","type":{"type":"bytes","logicalType":"decimal","precision":12,"scale":2}},
+    {"name":"items","type":{"type":"array","items":{"type":"record","name":"Item","fields":[
+        {"name":"sku","type":"string"},{"name":"qty","type":"int"},
+        {"name":"price","type":{"type":"bytes","logicalType":"decimal","precision":12,"scale":2}}]}}},
+    {"name":"created_at","type":{"type":"long","logicalType":"timestamp-micros"}},
+    {"name":"note","type":["null","string"]}]}"#;
+
+/// A JSON order as the Avro datum of [`ORDER_AVRO`].
+fn avro_order(i: usize, schema: &apache_avro::Schema) -> Vec<u8> {
+    use apache_avro::types::Value as A;
+    let j: serde_json::Value = serde_json::from_str(&order(i)).expect("order");
+    let text = |k: &str| A::String(j[k].as_str().unwrap_or_default().to_owned());
+    let cents = |v: &serde_json::Value| {
+        let c = (v.as_f64().unwrap_or(0.0) * 100.0).round() as i64;
+        A::Decimal(apache_avro::Decimal::from(c.to_be_bytes().to_vec()))
+    };
+    let items = j["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|it| {
+                    A::Record(vec![
+                        ("sku".into(), A::String(it["sku"].as_str().unwrap_or_default().into())),
+                        ("qty".into(), A::Int(it["qty"].as_i64().unwrap_or(0) as i32)),
+                        ("price".into(), cents(&it["price"])),
+                    ])
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let at = chrono::DateTime::parse_from_rfc3339(j["created_at"].as_str().unwrap_or_default())
+        .expect("created_at")
+        .timestamp_micros();
+    let value = A::Record(vec![
+        ("order_id".into(), text("order_id")),
+        ("customer_id".into(), text("customer_id")),
+        ("status".into(), text("status")),
+        ("currency".into(), text("currency")),
+        ("total".into(), cents(&j["total"])),
+        ("items".into(), A::Array(items)),
+        ("created_at".into(), A::TimestampMicros(at)),
+        ("note".into(), A::Union(1, Box::new(text("note")))),
+    ]);
+    apache_avro::to_avro_datum(schema, value).expect("avro datum")
+}
+
+/// The decoder alone on the orders as Confluent-framed Avro, the schema fetched from the
+/// services' registry: (msg/s, average bytes); `None` without a registry.
+async fn decode_avro(n: usize) -> Option<(f64, usize)> {
+    let url = std::env::var("TRIBUTARY_SCHEMA_REGISTRY_URL").ok()?;
+    let answer = reqwest::Client::new()
+        .post(format!("{url}/subjects/bench-orders-value/versions"))
+        .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        .body(serde_json::json!({ "schema": ORDER_AVRO }).to_string())
+        .send()
+        .await
+        .ok()?
+        .bytes()
+        .await
+        .ok()?;
+    let id = serde_json::from_slice::<serde_json::Value>(&answer).ok()?["id"].as_u64()? as u32;
+    let config: tributary::config::KafkaSourceConfig = toml::from_str(&format!(
+        "brokers = \"127.0.0.1:9\"\ngroup_id = \"g\"\n[schema_registry]\nurl = \"{url}\"\n\
+         [[topics]]\nname = \"orders\"\nformat = \"avro\"\nkey_columns = [\"order_id\"]\n"
+    ))
+    .expect("config");
+    let settings = config.registry().expect("registry settings")?;
+    let registry = tributary::source::kafka::registry::Registry::new(&settings, None).ok()?;
+    let decoder = Decoder::new(&config.topics[0], config.max_message_bytes)
+        .with_registry(Some(std::sync::Arc::new(registry)));
+    let schema = apache_avro::Schema::parse_str(ORDER_AVRO).expect("schema");
+    let payloads: Vec<Vec<u8>> = (0..n.min(20_000))
+        .map(|i| {
+            let mut framed = vec![0];
+            framed.extend_from_slice(&id.to_be_bytes());
+            framed.extend_from_slice(&avro_order(i, &schema));
+            framed
+        })
+        .collect();
+    decoder.fetch_schema(Some(&payloads[0])).await.ok()?;
+    let avg = payloads.iter().map(Vec::len).sum::<usize>() / payloads.len();
+    let start = Instant::now();
+    for i in 0..n {
+        let p = &payloads[i % payloads.len()];
+        let msg = RawMessage {
+            topic: "orders",
+            partition: 0,
+            offset: i as i64,
+            key: None,
+            payload: Some(p),
+            timestamp_ms: Some(1_732_356_000_000),
+            headers: Vec::new(),
+        };
+        std::hint::black_box(decoder.decode(&msg).expect("decode"));
+    }
+    Some((n as f64 / start.elapsed().as_secs_f64(), avg))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n: usize = std::env::args()
@@ -272,6 +378,21 @@ async fn main() {
     } else {
         ((f64::NAN, 0), (f64::NAN, 0))
     };
+    let mut avro_runs = Vec::new();
+    if only.is_empty() || only == "decode" {
+        for _ in 0..RUNS {
+            match decode_avro(n.min(300_000)).await {
+                Some(r) => avro_runs.push(r),
+                None => eprintln!("no Schema Registry at TRIBUTARY_SCHEMA_REGISTRY_URL: Avro skipped"),
+            }
+        }
+    }
+    let avro_avg = avro_runs.first().map_or(0, |r| r.1);
+    let avro = if avro_runs.is_empty() {
+        f64::NAN
+    } else {
+        median(avro_runs.into_iter().map(|r| r.0).collect())
+    };
     let _ = admin.delete_topics(&[&topic], &AdminOptions::new()).await;
 
     let (b, s) = (median(bares), median(ours));
@@ -284,6 +405,9 @@ async fn main() {
         "| Tributary Kafka source → ChangeEvent (decode + batches over a channel + ack per batch) | {s:.0} |"
     );
     println!("| decoder alone (in memory, no Kafka) | {decode:.0} |");
+    println!(
+        "| decoder alone, the same orders as Schema Registry Avro (~{avro_avg} B) | {avro:.0} |"
+    );
     println!("| serde_json parse alone (`IgnoredAny`, no values kept) | {parse:.0} |");
     println!(
         "| decoder alone, Debezium envelope without schema (~{} B) | {:.0} |",

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::DeadLetterConfig;
 use super::{ConfigError, parse_properties};
-use crate::secret::SecretMap;
+use crate::secret::{Secret, SecretMap};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,6 +39,10 @@ pub struct KafkaSourceConfig {
     /// the number of cores, at most 4.
     #[serde(default)]
     pub decode_tasks: Option<usize>,
+    /// The Confluent Schema Registry the `avro`, `json_schema` and `protobuf` topics' schemas
+    /// come from.
+    #[serde(default)]
+    pub schema_registry: Option<SchemaRegistryConfig>,
     /// Where undecodable messages go (until the Delta `_dlq` table takes over).
     #[serde(default)]
     /// The run's dead-letter destination in its older place (see [`super::DeadLetterConfig`]).
@@ -152,6 +156,71 @@ pub enum MessageFormat {
     Debezium,
     /// The bytes as they are.
     Raw,
+    /// Confluent Schema Registry framed Avro: magic byte 0, a 4-byte big-endian schema id, then
+    /// the Avro binary datum written with that schema (a Debezium envelope is recognised too).
+    Avro,
+    /// Confluent Schema Registry framed JSON: magic byte 0, a 4-byte schema id, then a JSON
+    /// object checked against that JSON Schema's declared types and `required` properties.
+    JsonSchema,
+    /// Confluent Schema Registry framed Protobuf: the header, the message indexes, then the
+    /// message, decoded by the schema's descriptor.
+    Protobuf,
+}
+
+impl MessageFormat {
+    /// Whether messages carry a Schema Registry id to fetch their schema by.
+    pub fn uses_registry(self) -> bool {
+        matches!(
+            self,
+            MessageFormat::Avro | MessageFormat::JsonSchema | MessageFormat::Protobuf
+        )
+    }
+}
+
+/// `[sources.kafka.schema_registry]`. Every key may instead come from the `client_properties`
+/// file as Confluent Cloud writes it (`schema.registry.url`, `basic.auth.user.info=KEY:SECRET`);
+/// keys set here win. Use `${VAR}` to take the secret from the environment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// `https://psrc-….confluent.cloud`, `http://127.0.0.1:8081`.
+    pub url: Option<String>,
+    /// Basic-auth user (a Confluent Cloud Schema Registry API key).
+    pub username: Option<String>,
+    /// Basic-auth password (the API secret); never logged.
+    pub password: Option<Secret>,
+    /// Per-request timeout.
+    #[serde(default = "default_registry_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_registry_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Default for SchemaRegistryConfig {
+    fn default() -> Self {
+        SchemaRegistryConfig {
+            url: None,
+            username: None,
+            password: None,
+            timeout_ms: default_registry_timeout_ms(),
+        }
+    }
+}
+
+/// The registry to use, resolved from the section and the properties file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistrySettings {
+    pub url: url::Url,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub timeout: std::time::Duration,
+}
+
+/// Keys of a `client.properties` file meant for Schema Registry clients, not for librdkafka.
+pub fn is_registry_property(key: &str) -> bool {
+    key.starts_with("schema.registry.") || key.starts_with("basic.auth.")
 }
 
 impl KafkaSourceConfig {
@@ -182,6 +251,7 @@ impl KafkaSourceConfig {
             }
         }
         let props = self.client_properties()?;
+        self.registry()?;
         let has_brokers = self
             .brokers
             .as_deref()
@@ -196,6 +266,73 @@ impl KafkaSourceConfig {
             ));
         }
         self.validate_consumer_settings()
+    }
+
+    /// The Schema Registry settings; `None` when no topic needs one. An `avro` or `json_schema`
+    /// topic without a registry URL is an error naming the key.
+    pub fn registry(&self) -> Result<Option<RegistrySettings>, ConfigError> {
+        let key = "sources.kafka.schema_registry.url";
+        let Some(topic) = self.topics.iter().position(|t| t.format.uses_registry()) else {
+            return Ok(None);
+        };
+        let file = self.client_properties()?;
+        let section = self.schema_registry.clone().unwrap_or_default();
+        let Some(raw) = section
+            .url
+            .clone()
+            .or_else(|| file.get("schema.registry.url").cloned())
+            .filter(|u| !u.trim().is_empty())
+        else {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "missing: topic sources.kafka.topics[{topic}] has a Schema Registry format; \
+                     set `url` in [sources.kafka.schema_registry] or `schema.registry.url` in the \
+                     client_properties file"
+                ),
+            ));
+        };
+        // A URL list (`http://a,http://b`) is allowed by Confluent clients: the first is used.
+        let first = raw.split(',').next().unwrap_or_default().trim();
+        let url = url::Url::parse(first)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| {
+                ConfigError::invalid(key, "must be an http:// or https:// URL with a host")
+            })?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(ConfigError::invalid(
+                key,
+                "must not carry credentials: set `username` and `password` instead",
+            ));
+        }
+        let (mut username, mut password) = (section.username, section.password);
+        if let Some(info) = file
+            .get("basic.auth.user.info")
+            .or_else(|| file.get("schema.registry.basic.auth.user.info"))
+            && let Some((user, secret)) = info.split_once(':')
+        {
+            username.get_or_insert_with(|| user.to_owned());
+            password.get_or_insert_with(|| Secret::new(secret));
+        }
+        if password.is_some() && username.is_none() {
+            return Err(ConfigError::invalid(
+                "sources.kafka.schema_registry.username",
+                "missing: a password is set, so basic auth needs its user",
+            ));
+        }
+        if section.timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "sources.kafka.schema_registry.timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        Ok(Some(RegistrySettings {
+            url,
+            username,
+            password,
+            timeout: std::time::Duration::from_millis(section.timeout_ms),
+        }))
     }
 
     /// `decode_tasks`, or its default.
@@ -255,6 +392,13 @@ impl KafkaSourceConfig {
                     "`raw` messages have no columns: remove `key_columns` and `columns`",
                 ));
             }
+            if t.format.uses_registry() && !t.columns.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("sources.kafka.topics[{i}].columns"),
+                    "the column types of a Schema Registry topic come from its schemas: remove \
+                     `columns`",
+                ));
+            }
         }
         Ok(())
     }
@@ -281,6 +425,8 @@ impl KafkaSourceConfig {
     /// `brokers` and `group_id` on top.
     pub fn librdkafka_properties(&self) -> Result<SecretMap, ConfigError> {
         let mut all = self.client_properties()?;
+        // Confluent's client.properties carries the registry's keys too: they are not librdkafka's.
+        all.retain(|k, _| !is_registry_property(k));
         all.extend(self.properties.iter().map(|(k, v)| (k.clone(), v.clone())));
         if let Some(b) = &self.brokers {
             all.insert("bootstrap.servers".into(), b.clone());
@@ -310,5 +456,53 @@ impl KafkaSourceConfig {
         })?;
         parse_properties(&text)
             .map_err(|m| ConfigError::invalid(key, format!("{}: {m}", path.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> KafkaSourceConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_registry_topic_needs_a_registry_url_and_credentials_come_from_client_properties() {
+        let c = parse(
+            "brokers = \"b:9092\"\ngroup_id = \"g\"\n[[topics]]\nname = \"t\"\nformat = \"avro\"\n",
+        );
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("sources.kafka.schema_registry.url"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("client.properties");
+        std::fs::write(
+            &file,
+            "bootstrap.servers=b:9092\nschema.registry.url=https://sr.example:443\n\
+             basic.auth.credentials.source=USER_INFO\nbasic.auth.user.info=KEY:sr-secret\n",
+        )
+        .unwrap();
+        let c = parse(&format!(
+            "client_properties = {:?}\ngroup_id = \"g\"\n[[topics]]\nname = \"t\"\n\
+             format = \"json_schema\"\n",
+            file.display()
+        ));
+        c.validate().unwrap();
+        let r = c.registry().unwrap().unwrap();
+        assert_eq!(r.url.as_str(), "https://sr.example/");
+        assert_eq!(r.username.as_deref(), Some("KEY"));
+        assert_eq!(r.password.as_ref().map(Secret::expose), Some("sr-secret"));
+        assert!(!format!("{r:?}").contains("sr-secret"));
+        // The registry's keys are not librdkafka's.
+        let props = c.librdkafka_properties().unwrap();
+        assert!(props.iter().all(|(k, _)| !is_registry_property(k)));
+
+        let c = parse(
+            "brokers = \"b:9092\"\ngroup_id = \"g\"\n[schema_registry]\n\
+             url = \"https://u:p@sr.example\"\n[[topics]]\nname = \"t\"\nformat = \"avro\"\n",
+        );
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("must not carry credentials") && !e.contains("u:p"), "{e}");
     }
 }

@@ -33,7 +33,10 @@ mod validate;
 pub use dead_letter::DeadLetterConfig;
 pub use delta::{DELTA_SCHEMES, DeltaSinkConfig};
 pub use embedding::{EmbeddingConfig, Pooling};
-pub use kafka::{ColumnType, KafkaSourceConfig, MessageFormat, StartFrom, TopicConfig};
+pub use kafka::{
+    ColumnType, KafkaSourceConfig, MessageFormat, RegistrySettings, SchemaRegistryConfig, StartFrom,
+    TopicConfig,
+};
 pub(crate) use pgvector::truncate;
 pub use pgvector::{Distance, PgvectorSinkConfig, VectorIndexConfig};
 pub use pipeline::PipelineConfig;

@@ -75,6 +75,11 @@ impl Redactor {
                 .librdkafka_properties()
                 .unwrap_or_else(|_| k.properties.clone());
             r.extend(crate::source::kafka::redactor(&props));
+            if let Ok(Some(registry)) = k.registry()
+                && let Some(p) = &registry.password
+            {
+                r.add(p.expose());
+            }
         }
         if let Some(d) = &config.sinks.delta {
             let unknown = crate::storage::unknown_options(&d.uri, &d.storage);

@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug)]
 enum State {
-    Source { last_progress: Instant },
+    /// `blocked`: why the source cannot make progress right now (readiness is red meanwhile).
+    Source {
+        last_progress: Instant,
+        blocked: Option<String>,
+    },
     Sink { last_error: Option<String> },
 }
 
@@ -51,6 +55,7 @@ impl Health {
             name.clone(),
             State::Source {
                 last_progress: Instant::now(),
+                blocked: None,
             },
         );
         SourceHealth {
@@ -77,7 +82,14 @@ impl Health {
             .iter()
             .map(|(name, state)| {
                 let (ready, detail) = match state {
-                    State::Source { last_progress } => {
+                    State::Source {
+                        blocked: Some(reason),
+                        ..
+                    } => (false, reason.clone()),
+                    State::Source {
+                        last_progress,
+                        blocked: None,
+                    } => {
                         let idle = now.saturating_duration_since(*last_progress);
                         if idle <= self.window {
                             (true, format!("progress {:.1}s ago", idle.as_secs_f64()))
@@ -120,7 +132,26 @@ pub struct SourceHealth {
 
 impl SourceHealth {
     pub fn progress(&self) {
-        if let Some(State::Source { last_progress }) = self.health.lock().get_mut(&self.name) {
+        if let Some(State::Source { last_progress, .. }) = self.health.lock().get_mut(&self.name) {
+            *last_progress = Instant::now();
+        }
+    }
+
+    /// The source waits on something outside its own server (the Schema Registry): readiness
+    /// is red with `reason` (free of secrets) until [`SourceHealth::unblocked`].
+    pub fn blocked(&self, reason: impl std::fmt::Display) {
+        if let Some(State::Source { blocked, .. }) = self.health.lock().get_mut(&self.name) {
+            *blocked = Some(reason.to_string());
+        }
+    }
+
+    pub fn unblocked(&self) {
+        if let Some(State::Source {
+            blocked,
+            last_progress,
+        }) = self.health.lock().get_mut(&self.name)
+            && blocked.take().is_some()
+        {
             *last_progress = Instant::now();
         }
     }

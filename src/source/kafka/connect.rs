@@ -820,7 +820,7 @@ fn time_of_day(v: i64, unit: Unit) -> Result<Text, String> {
 
 /// The decimal text of an unscaled big-endian two's-complement integer and a scale (Java's
 /// `new BigDecimal(new BigInteger(bytes), scale)`).
-fn decimal_text(bytes: &[u8], scale: i32) -> Result<String, String> {
+pub(super) fn decimal_text(bytes: &[u8], scale: i32) -> Result<String, String> {
     let Some(&first) = bytes.first() else {
         return Err("an empty decimal".into());
     };

@@ -102,6 +102,12 @@ pub async fn start_with(
         .map_err(|e| KafkaSourceError::client(e, &redactor))?;
     tracing::info!(group = %config.group_id, topics = ?topics, "Kafka source subscribed");
 
+    let registry = config
+        .registry()
+        .map_err(|e| KafkaSourceError::Config(e.to_string()))?
+        .map(|settings| super::registry::Registry::new(&settings, health.clone()).map(Arc::new))
+        .transpose()
+        .map_err(KafkaSourceError::Config)?;
     // Messages name their topic by its index in this list from here on.
     let decoders: Vec<TopicState> = config
         .topics
@@ -110,7 +116,8 @@ pub async fn start_with(
             let labels = [("source", t.name.clone())];
             TopicState {
                 name: t.name.clone(),
-                decoder: Decoder::new(t, config.max_message_bytes),
+                decoder: Decoder::new(t, config.max_message_bytes)
+                    .with_registry(registry.clone()),
                 events: metrics::counter!("tributary_source_events_total", &labels),
             }
         })

@@ -13,6 +13,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value as J};
 
 use super::connect::{self, EnvelopeSchema, SchemaCache};
+use super::registry::avro::Datum;
+use super::registry::{Compiled, FetchError, Registry, wire};
 use crate::config::{ColumnType, MessageFormat, TopicConfig};
 use crate::event::{
     ChangeEvent, JsonText, Name, Op, Origin, Position, Row, RowSchema, StreamId, TimestampType,
@@ -101,6 +103,20 @@ pub enum DecodeError {
     },
     #[error("invalid Debezium envelope: {0}")]
     Envelope(String),
+    /// A Schema Registry topic's message without the Confluent header.
+    #[error("not Schema Registry framed: {0}")]
+    Framing(String),
+    #[error("schema id {0} is not in the Schema Registry")]
+    UnknownSchema(u32),
+    /// A schema the registry holds that cannot decode this topic's messages.
+    #[error("{0}")]
+    UnusableSchema(String),
+    /// A payload that does not match the schema its id names.
+    #[error("value (schema id {id}) {problem}")]
+    SchemaMismatch { id: u32, problem: String },
+    /// A JSON Schema check that failed (wrapped in `SchemaMismatch` with its id).
+    #[error("{0}")]
+    Schema(String),
 }
 
 impl DecodeError {
@@ -114,6 +130,10 @@ impl DecodeError {
             DecodeError::MissingKey(_) | DecodeError::NoKey => "missing_key",
             DecodeError::WrongType { .. } | DecodeError::ConnectValue { .. } => "wrong_type",
             DecodeError::Envelope(_) => "invalid_envelope",
+            DecodeError::Framing(_) => "not_framed",
+            DecodeError::UnknownSchema(_) => "unknown_schema",
+            DecodeError::UnusableSchema(_) => "unusable_schema",
+            DecodeError::SchemaMismatch { .. } | DecodeError::Schema(_) => "schema_mismatch",
         }
     }
 }
@@ -134,6 +154,8 @@ pub struct Decoder {
     /// The topic, and its stream name (`kafka:{topic}`) built once: each position shares it.
     topic: String,
     stream_name: std::sync::Arc<str>,
+    /// The Schema Registry of `avro` / `json_schema` / `protobuf` topics.
+    registry: Option<std::sync::Arc<Registry>>,
 }
 
 impl Decoder {
@@ -151,6 +173,41 @@ impl Decoder {
             max_bytes: max_message_bytes,
             topic: topic.name.clone(),
             stream_name: super::stream(&topic.name, 0).name().into(),
+            registry: None,
+        }
+    }
+
+    /// This decoder, taking the schemas of framed messages from `registry`.
+    pub fn with_registry(mut self, registry: Option<std::sync::Arc<Registry>>) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// The schema id a framed message names when it is not fetched yet.
+    pub fn missing_schema(&self, payload: Option<&[u8]>) -> Option<u32> {
+        if !self.format.uses_registry() {
+            return None;
+        }
+        let registry = self.registry.as_ref()?;
+        payload
+            .and_then(wire::schema_id)
+            .filter(|id| registry.cached(*id).is_none())
+    }
+
+    /// Makes sure the schema a framed message names is fetched (retrying a registry outage
+    /// until it answers), so that [`Decoder::decode`] finds it; nothing to do for other formats
+    /// or unframed values (those are dead letters).
+    pub async fn fetch_schema(&self, payload: Option<&[u8]>) -> Result<(), FetchError> {
+        if !self.format.uses_registry() {
+            return Ok(());
+        }
+        match (&self.registry, payload.and_then(wire::schema_id)) {
+            (Some(registry), Some(id)) => {
+                registry
+                    .ensure(id, self.format == MessageFormat::Protobuf)
+                    .await
+            }
+            _ => Ok(()),
         }
     }
 
@@ -175,6 +232,12 @@ impl Decoder {
                 Some(parts) => parts,
                 None => return Ok(Decoded::Tombstone),
             },
+            MessageFormat::Avro | MessageFormat::JsonSchema | MessageFormat::Protobuf => {
+                match self.registered(msg, &mut meta, &mut schema)? {
+                    Some(parts) => parts,
+                    None => return Ok(Decoded::Tombstone),
+                }
+            }
         };
         let source_ts = meta
             .source_ts_ms
@@ -243,6 +306,102 @@ impl Decoder {
         Ok((Op::Insert, key, None, Some(row)))
     }
 
+    /// A Schema Registry framed message (`avro`, `json_schema`, `protobuf`); `None` for a tombstone. Sets
+    /// `schema` to the rows' schema, versioned by the schema id.
+    fn registered(
+        &self,
+        msg: &RawMessage<'_>,
+        meta: &mut KafkaMeta,
+        schema: &mut (Option<std::sync::Arc<RowSchema>>, u32),
+    ) -> Result<Option<Parts>, DecodeError> {
+        let Some(payload) = msg.payload else {
+            // A null value: a Debezium tombstone when keyless, else a compaction delete.
+            return match message_key(msg.key)? {
+                Some(key) if self.key_columns.is_empty() => Ok(Some((Op::Delete, key, None, None))),
+                _ => Ok(None),
+            };
+        };
+        let (id, body) = wire::split(payload)?;
+        let compiled = self
+            .registry
+            .as_ref()
+            .and_then(|r| r.cached(id))
+            .ok_or(DecodeError::UnknownSchema(id))?;
+        let mismatch = |problem: String| DecodeError::SchemaMismatch { id, problem };
+        match (self.format, &*compiled) {
+            (_, Compiled::Unusable(reason)) => Err(DecodeError::UnusableSchema(reason.clone())),
+            (MessageFormat::Avro, Compiled::Avro(avro)) => {
+                *schema = (Some(avro.row_schema.clone()), id);
+                match avro.decode(body).map_err(mismatch)? {
+                    Datum::Row(row) => {
+                        let key = self.key(msg.key, Some(&row))?;
+                        Ok(Some((Op::Insert, key, None, Some(row))))
+                    }
+                    Datum::Envelope {
+                        op,
+                        before,
+                        after,
+                        source_lsn,
+                        source_ts_ms,
+                        ts_ms,
+                    } => {
+                        meta.source_lsn = source_lsn;
+                        meta.source_ts_ms = source_ts_ms;
+                        meta.envelope_ts_ms = ts_ms;
+                        let op = op.ok_or_else(|| DecodeError::Envelope("missing `op`".into()))?;
+                        self.envelope_parts(msg, op_of(&op)?, before, after).map(Some)
+                    }
+                }
+            }
+            (MessageFormat::JsonSchema, Compiled::Json(js)) => {
+                *schema = (Some(js.row_schema.clone()), id);
+                let row = js.row(body).map_err(|e| match e {
+                    DecodeError::Schema(problem) => mismatch(problem),
+                    other => other,
+                })?;
+                let key = self.key(msg.key, Some(&row))?;
+                Ok(Some((Op::Insert, key, None, Some(row))))
+            }
+            (MessageFormat::Protobuf, Compiled::Protobuf(pb)) => {
+                let (row, row_schema) = pb.decode(body).map_err(mismatch)?;
+                *schema = (Some(row_schema), id);
+                let key = self.key(msg.key, Some(&row))?;
+                Ok(Some((Op::Insert, key, None, Some(row))))
+            }
+            (format, other) => Err(DecodeError::UnusableSchema(format!(
+                "schema id {id} is an {} schema, but the topic's format is {format:?}",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// The parts of a Debezium change: checks the images `op` needs, takes the key.
+    fn envelope_parts(
+        &self,
+        msg: &RawMessage<'_>,
+        op: Op,
+        before: Option<Row>,
+        after: Option<Row>,
+    ) -> Result<Parts, DecodeError> {
+        let missing = match op {
+            Op::Insert | Op::Update | Op::Snapshot => after.is_none().then_some("after"),
+            Op::Delete => (before.is_none() && msg.key.is_none()).then_some("before"),
+            Op::Truncate => None,
+        };
+        if let Some(field) = missing {
+            return Err(DecodeError::Envelope(format!(
+                "op {:?} needs `{field}`",
+                op.as_str()
+            )));
+        }
+        let key = if op == Op::Truncate {
+            Row::new()
+        } else {
+            self.key(msg.key, after.as_ref().or(before.as_ref()))?
+        };
+        Ok((op, key, before, after))
+    }
+
     /// `None` for a tombstone. An envelope with a Connect schema that describes its rows sets
     /// `schema` to the rows' schema and its version.
     fn debezium(
@@ -271,14 +430,7 @@ impl Decoder {
             *schema = (c.row_schema.clone(), c.version);
         }
         let op = match envelope.get("op") {
-            Some(J::String(s)) => match s.as_str() {
-                "c" => Op::Insert,
-                "u" => Op::Update,
-                "d" => Op::Delete,
-                "r" => Op::Snapshot,
-                "t" => Op::Truncate,
-                other => return Err(DecodeError::Envelope(format!("unknown op {other:?}"))),
-            },
+            Some(J::String(s)) => op_of(s)?,
             Some(other) => {
                 return Err(DecodeError::Envelope(format!(
                     "`op` must be a string, found {}",
@@ -295,23 +447,7 @@ impl Decoder {
         meta.envelope_ts_ms = envelope.get("ts_ms").and_then(J::as_i64);
         let before = self.image(&mut envelope, "before", connect.as_deref())?;
         let after = self.image(&mut envelope, "after", connect.as_deref())?;
-        let missing = match op {
-            Op::Insert | Op::Update | Op::Snapshot => after.is_none().then_some("after"),
-            Op::Delete => (before.is_none() && msg.key.is_none()).then_some("before"),
-            Op::Truncate => None,
-        };
-        if let Some(field) = missing {
-            return Err(DecodeError::Envelope(format!(
-                "op {:?} needs `{field}`",
-                op.as_str()
-            )));
-        }
-        let key = if op == Op::Truncate {
-            Row::new()
-        } else {
-            self.key(msg.key, after.as_ref().or(before.as_ref()))?
-        };
-        Ok(Some((op, key, before, after)))
+        self.envelope_parts(msg, op, before, after).map(Some)
     }
 
     fn image(
@@ -406,6 +542,18 @@ pub(super) fn declared_type(ty: ColumnType) -> ValueType {
 
 type Parts = (Op, Row, Option<Row>, Option<Row>);
 
+/// A Debezium `op` code.
+fn op_of(code: &str) -> Result<Op, DecodeError> {
+    Ok(match code {
+        "c" => Op::Insert,
+        "u" => Op::Update,
+        "d" => Op::Delete,
+        "r" => Op::Snapshot,
+        "t" => Op::Truncate,
+        other => return Err(DecodeError::Envelope(format!("unknown op {other:?}"))),
+    })
+}
+
 /// The Kafka message key as key columns: a JSON object (Debezium's `{schema, payload}` key
 /// unwrapped) gives its fields, any other UTF-8 text one `key` text column, other bytes one `key`
 /// bytes column.
@@ -438,7 +586,7 @@ pub fn message_key(key: Option<&[u8]>) -> Result<Option<Row>, DecodeError> {
     ))
 }
 
-fn inferred(json: J) -> Value {
+pub(super) fn inferred(json: J) -> Value {
     match json {
         J::Null => Value::Null,
         J::Bool(b) => Value::Bool(b),
@@ -625,7 +773,7 @@ fn wrong_text(column: &str, expected: ColumnType, found: &str) -> DecodeError {
     }
 }
 
-fn json_kind(j: &J) -> &'static str {
+pub(super) fn json_kind(j: &J) -> &'static str {
     match j {
         J::Null => "null",
         J::Bool(_) => "a boolean",

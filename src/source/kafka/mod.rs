@@ -34,6 +34,7 @@ mod handle;
 pub mod login;
 pub mod offsets;
 mod rebalance;
+pub mod registry;
 mod row_json;
 mod sequencer;
 mod source;

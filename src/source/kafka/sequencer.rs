@@ -47,7 +47,12 @@ pub(super) fn spawn(
     for _ in 0..tasks {
         let (chunks_tx, chunks_rx) = mpsc::channel::<Chunk>(1);
         let (decoded_tx, decoded_rx) = mpsc::channel::<DecodedChunk>(1);
-        tokio::spawn(decode_chunks(Arc::clone(&topics), chunks_rx, decoded_tx));
+        tokio::spawn(decode_chunks(
+            Arc::clone(&topics),
+            chunks_rx,
+            decoded_tx,
+            stopped.clone(),
+        ));
         chunk_senders.push(chunks_tx);
         decoded_receivers.push(decoded_rx);
     }
@@ -61,16 +66,39 @@ pub(super) fn spawn(
     (chunk_senders, task)
 }
 
-/// A chunk and what each of its messages decoded to.
-type DecodedChunk = (Chunk, Vec<Result<Decoded, DecodeError>>);
+/// A chunk and what each of its messages decoded to, or why decoding cannot go on (the
+/// Schema Registry refused the credentials).
+type DecodedChunk = Result<(Chunk, Vec<Result<Decoded, DecodeError>>), KafkaSourceError>;
 
-/// One decode task: decodes the chunks it is given, in the order given.
+/// One decode task: decodes the chunks it is given, in the order given. The schemas that framed
+/// messages name are fetched first (an outage of the registry waits here, retried, until it is
+/// back or the source stops).
 async fn decode_chunks(
     topics: Arc<Vec<TopicState>>,
     mut chunks: mpsc::Receiver<Chunk>,
     decoded: mpsc::Sender<DecodedChunk>,
+    mut stopped: watch::Receiver<bool>,
 ) {
     while let Some(chunk) = chunks.recv().await {
+        for m in &chunk.messages {
+            let decoder = &topics[m.topic].decoder;
+            if decoder.missing_schema(chunk.payload(m)).is_none() {
+                continue;
+            }
+            if *stopped.borrow() {
+                return;
+            }
+            tokio::select! {
+                // The chunk's offsets were never recorded: its messages are re-delivered later.
+                _ = stopped.changed() => return,
+                fetched = decoder.fetch_schema(chunk.payload(m)) => {
+                    if let Err(e) = fetched {
+                        let _ = decoded.send(Err(KafkaSourceError::Config(e.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+        }
         let results = chunk
             .messages
             .iter()
@@ -88,7 +116,7 @@ async fn decode_chunks(
                 })
             })
             .collect();
-        if decoded.send((chunk, results)).await.is_err() {
+        if decoded.send(Ok((chunk, results))).await.is_err() {
             // The sequencing task ended (shutdown or failure): nothing more to do.
             return;
         }
@@ -114,10 +142,11 @@ impl Sequencer {
         // the order they were received in.
         let mut next = 0;
         loop {
-            let Some((chunk, decoded)) = decoded_chunks[next].recv().await else {
+            let Some(received) = decoded_chunks[next].recv().await else {
                 // The receiver stopped handing chunks out, so every chunk before was taken.
                 break;
             };
+            let (chunk, decoded) = received?;
             next = (next + 1) % decoded_chunks.len();
             let mut batch = Vec::with_capacity(chunk.messages.len());
             if decoded.iter().all(Result::is_ok) {
