@@ -540,6 +540,9 @@ pub fn events_to_batch(
     RecordBatch::try_new(schema.clone(), columns)
 }
 
+/// One Kafka header: its key, and its value (any bytes, or none).
+type Header = (String, Option<Vec<u8>>);
+
 /// The `_headers` column, built as its parts: a list per event (NULL when the event has no
 /// headers) of `(key, value)` structs.
 #[derive(Default)]
@@ -553,7 +556,7 @@ struct HeadersBuilder {
 }
 
 impl HeadersBuilder {
-    fn append(&mut self, headers: Option<&[(String, Option<Vec<u8>>)]>) {
+    fn append(&mut self, headers: Option<&[Header]>) {
         if self.offsets.is_empty() {
             self.offsets.push(0);
         }
