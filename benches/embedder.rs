@@ -4,7 +4,8 @@
 //! Run: `scripts/services up && eval "$(scripts/services env)" &&
 //!       cargo bench --profile dev --bench embedder`
 //! Prints sentences/s (median of REPS) at batch 1/8/32/128 for short (~12 tokens) and medium
-//! (~100 tokens) texts, and the ratio Rust / Python.
+//! (~100 tokens) texts, and the ratio Rust / Python; then the int8 copy
+//! (`TRIBUTARY_MODEL_INT8_DIR`) against float32 at batch 32 on 1 and 2 threads, same run.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -120,6 +121,49 @@ fn main() {
                 py[i],
                 rust[i] / py[i]
             );
+        }
+    }
+    int8_vs_float32(&model_dir);
+}
+
+/// Texts/s (median of REPS) of `embedder` over `texts` in batches of 32.
+fn rate(embedder: &mut Embedder, texts: &[&str]) -> f64 {
+    embedder.embed(&texts[..8]).unwrap();
+    median(
+        (0..REPS)
+            .map(|_| {
+                let t = Instant::now();
+                for chunk in texts.chunks(32) {
+                    embedder.embed(chunk).unwrap();
+                }
+                texts.len() as f64 / t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn int8_vs_float32(float_dir: &std::path::Path) {
+    let Some(int8_dir) = std::env::var_os("TRIBUTARY_MODEL_INT8_DIR").map(PathBuf::from) else {
+        println!("TRIBUTARY_MODEL_INT8_DIR is not set: int8 skipped");
+        return;
+    };
+    println!("\nint8 ({}) vs float32, batch 32, sentences/s (median of {REPS})", int8_dir.display());
+    println!("| texts | threads | float32 | int8 | ratio |");
+    println!("|---|---|---|---|---|");
+    for threads in [1, 2] {
+        let load = |dir: &std::path::Path| {
+            let mut cfg = EmbeddingConfig::for_model(dir.to_path_buf());
+            cfg.intra_threads = Some(threads);
+            Embedder::load(&cfg).unwrap()
+        };
+        let (mut f32_model, mut int8_model) = (load(float_dir), load(&int8_dir));
+        for (label, texts) in [
+            ("short ~12 tok", short_texts(256)),
+            ("medium ~100 tok", medium_texts(64)),
+        ] {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let (f, q) = (rate(&mut f32_model, &refs), rate(&mut int8_model, &refs));
+            println!("| {label} | {threads} | {f:.0} | {q:.0} | {:.2} |", q / f);
         }
     }
 }

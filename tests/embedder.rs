@@ -68,6 +68,76 @@ fn matches_sentence_transformers_one_by_one_and_in_one_batch() {
     }
 }
 
+/// The int8 copy scripts/services builds (scripts/quantize_model.py) is a model a user may pick
+/// for speed: its vectors must stay within the documented bounds of the float32 model's
+/// (min cosine 0.995, mean 0.998), alone and in a padded batch.
+#[test]
+fn the_int8_model_stays_within_its_fidelity_bounds() {
+    let refs = reference();
+    let mut cfg = EmbeddingConfig::for_model(PathBuf::from(env("TRIBUTARY_MODEL_INT8_DIR")));
+    cfg.intra_threads = Some(1);
+    let mut e = Embedder::load(&cfg).unwrap();
+    assert_eq!(e.dimension(), 384);
+    let texts: Vec<&str> = refs.iter().map(|(t, _)| t.as_str()).collect();
+    let alone: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| e.embed(&[t]).unwrap().remove(0))
+        .collect();
+    let batch = e.embed(&texts).unwrap();
+    for (mode, got) in [("alone", &alone), ("in a batch", &batch)] {
+        let cos: Vec<f64> = refs
+            .iter()
+            .zip(got)
+            .map(|((_, want), v)| cosine(v, want))
+            .collect();
+        let min = cos.iter().copied().fold(f64::INFINITY, f64::min);
+        let mean = cos.iter().sum::<f64>() / cos.len() as f64;
+        assert!(min >= 0.995, "{mode}: min cosine {min} < 0.995 ({cos:?})");
+        assert!(mean >= 0.998, "{mode}: mean cosine {mean} < 0.998");
+    }
+}
+
+/// Token-aware batching: a window of short texts with long ones among them is sorted by length
+/// and cut by padded tokens, so the short texts run together and are not padded to a long
+/// text's length — and every vector is the one the text gets alone.
+#[test]
+fn a_mixed_short_and_long_window_is_cut_by_tokens_and_matches_one_by_one() {
+    let mut cfg = model_config();
+    cfg.max_batch = 8;
+    cfg.max_batch_tokens = 256;
+    let mut e = Embedder::load(&cfg).unwrap();
+    let long = |i: usize| {
+        format!(
+            "Ticket {i}: {}",
+            "the parcel arrived late and the lamp shade was cracked again, please send a \
+             replacement before the weekend. "
+                .repeat(8)
+        )
+    };
+    let owned: Vec<String> = vec![
+        "a rug".into(),
+        long(1),
+        "two chairs for the kitchen".into(),
+        "late delivery".into(),
+        long(2),
+        "refund the kettle".into(),
+        long(3),
+        "gift wrap please".into(),
+    ];
+    let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
+    let (vectors, runs) = e.embed_runs(&texts);
+    // Five short texts (< 20 tokens each) fit one run of 256 padded tokens; each long text
+    // (~150 tokens) needs a run of its own.
+    let sizes: Vec<usize> = runs.iter().map(|r| r.texts).collect();
+    assert_eq!(sizes, vec![5, 1, 1, 1], "runs {runs:?}");
+    for (text, got) in texts.iter().zip(&vectors) {
+        let got = got.as_ref().unwrap();
+        let alone = e.embed(&[text]).unwrap().remove(0);
+        let c = cosine(got, &alone);
+        assert!(c > 0.999_999, "cosine {c} to the text alone: {text:?}");
+    }
+}
+
 #[test]
 fn identical_text_gives_identical_vectors_whatever_the_batch() {
     let mut e = Embedder::load(&model_config()).unwrap();

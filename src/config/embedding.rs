@@ -29,6 +29,10 @@ pub struct EmbeddingConfig {
     /// Texts per model run.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// Tokens per model run, padding included (texts × the longest text's tokens): a run is cut
+    /// at whichever of this and `max_batch` comes first.
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
     /// How long a partial batch may wait for more texts.
     #[serde(default = "default_max_wait_ms")]
     pub max_wait_ms: u64,
@@ -49,6 +53,7 @@ impl EmbeddingConfig {
             normalize: true,
             max_length: default_max_length(),
             max_batch: default_max_batch(),
+            max_batch_tokens: default_max_batch_tokens(),
             max_wait_ms: default_max_wait_ms(),
             intra_threads: None,
             cache_capacity: default_cache_capacity(),
@@ -68,6 +73,11 @@ impl EmbeddingConfig {
         for (key, value, range) in [
             ("embedding.max_length", self.max_length, 1..=8192),
             ("embedding.max_batch", self.max_batch, 1..=4096),
+            (
+                "embedding.max_batch_tokens",
+                self.max_batch_tokens,
+                1..=1_048_576,
+            ),
             (
                 "embedding.intra_threads",
                 self.intra_threads.unwrap_or(1),
@@ -114,6 +124,11 @@ fn default_max_length() -> usize {
 
 fn default_max_batch() -> usize {
     32
+}
+
+/// 32 texts of 256 tokens: the default batch of the longest texts all-MiniLM-L6-v2 takes.
+fn default_max_batch_tokens() -> usize {
+    8192
 }
 
 fn default_max_wait_ms() -> u64 {

@@ -27,7 +27,6 @@ pub mod toast;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
 
 pub use model::{Embedder, EnrichError};
 pub use stage::{Enriched, run, spawn};
@@ -262,29 +261,23 @@ impl Enricher {
                 });
             }
         }
-        let mut vectors: Vec<Option<Result<Arc<Vec<f32>>, String>>> = vec![None; texts.len()];
-        for (chunk_no, chunk) in texts.chunks(self.max_batch).enumerate() {
-            let started = Instant::now();
-            let result = self.embedder.embed(chunk);
+        // Sorted by token length and cut by count and tokens inside the embedder.
+        let (results, runs) = self.embedder.embed_runs(&texts);
+        for run in &runs {
             self.stats.model_runs += 1;
-            metrics::histogram!("tributary_embed_batch_size").record(chunk.len() as f64);
-            metrics::histogram!("tributary_embed_seconds").record(started.elapsed().as_secs_f64());
-            let base = chunk_no * self.max_batch;
-            match result {
-                Ok(vs) => {
-                    self.stats.embedded += vs.len() as u64;
-                    metrics::counter!("tributary_embed_texts_total").increment(vs.len() as u64);
-                    for (i, v) in vs.into_iter().enumerate() {
-                        vectors[base + i] = Some(Ok(Arc::new(v)));
-                    }
-                }
-                Err(e) => {
-                    for slot in &mut vectors[base..base + chunk.len()] {
-                        *slot = Some(Err(e.clone()));
-                    }
-                }
-            }
+            metrics::histogram!("tributary_embed_batch_size").record(run.texts as f64);
+            metrics::histogram!("tributary_embed_seconds").record(run.seconds);
         }
+        let vectors: Vec<Option<Result<Arc<Vec<f32>>, String>>> = results
+            .into_iter()
+            .map(|r| {
+                if r.is_ok() {
+                    self.stats.embedded += 1;
+                    metrics::counter!("tributary_embed_texts_total").increment(1);
+                }
+                Some(r.map(Arc::new))
+            })
+            .collect();
         let mut dead = Vec::new();
         for (e, plan) in events.iter_mut().zip(plans) {
             let (vector, hash) = match plan {

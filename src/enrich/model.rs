@@ -5,6 +5,12 @@
 //! whatever its tokenizer.json says), the last hidden state is pooled (mean over the attention
 //! mask, or the CLS token) and L2-normalised. The dimension is read from the model's output.
 //!
+//! Batching: [`Embedder::embed_runs`] sorts a window of texts by token count and cuts it into
+//! model runs of at most `max_batch` texts and `max_batch_tokens` padded tokens, so one long text
+//! does not pad 31 short ones to its length. A text's vector does not depend on its neighbours
+//! (padding is masked), so the order is restored afterwards and the vectors are those of
+//! embedding each text alone.
+//!
 //! The ONNX Runtime library is loaded at run time from `ORT_DYLIB_PATH` (ort's `load-dynamic`):
 //! nothing is downloaded.
 
@@ -13,7 +19,7 @@ use std::sync::OnceLock;
 
 use ort::session::Session;
 use ort::value::{Tensor, ValueType};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
 use crate::config::{EmbeddingConfig, Pooling};
 use crate::error::{Classify, ErrorKind};
@@ -69,6 +75,18 @@ pub struct Embedder {
     normalize: bool,
     token_type_ids: bool,
     output: String,
+    /// Token and type ids a padded position gets (masked out).
+    pad_id: i64,
+    pad_type_id: i64,
+    max_batch: usize,
+    max_batch_tokens: usize,
+}
+
+/// One model run of [`Embedder::embed_runs`]: the texts it held and how long it took.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub texts: usize,
+    pub seconds: f64,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -95,11 +113,9 @@ impl Embedder {
         }
         let mut tokenizer = Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| EnrichError::Model(format!("{}: {e}", tokenizer_path.display())))?;
+        // Padding is done here, per run, to that run's longest text.
         let pad = tokenizer.get_padding().cloned().unwrap_or_default();
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..pad
-        }));
+        tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: config.max_length,
@@ -124,6 +140,10 @@ impl Embedder {
             normalize: config.normalize,
             token_type_ids,
             output,
+            pad_id: i64::from(pad.pad_id),
+            pad_type_id: i64::from(pad.pad_type_id),
+            max_batch: config.max_batch.max(1),
+            max_batch_tokens: config.max_batch_tokens.max(1),
         })
     }
 
@@ -141,16 +161,82 @@ impl Embedder {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| format!("tokenizer: {e}"))?;
+        let all: Vec<&Encoding> = encodings.iter().collect();
+        self.run(&all)
+    }
+
+    /// Embeds `texts` in runs cut by count and by padded tokens, shortest texts first (module
+    /// doc); returns each text's vector or error in the order given, and the runs made. A text
+    /// the tokenizer rejects, or a run the model fails, fails only its own texts.
+    #[allow(clippy::type_complexity)]
+    pub fn embed_runs(&mut self, texts: &[&str]) -> (Vec<Result<Vec<f32>, String>>, Vec<Run>) {
+        let mut results: Vec<Result<Vec<f32>, String>> =
+            vec![Err("not embedded".to_owned()); texts.len()];
+        let encodings: Vec<Result<Encoding, String>> =
+            match self.tokenizer.encode_batch(texts.to_vec(), true) {
+                Ok(all) => all.into_iter().map(Ok).collect(),
+                // Find the text at fault: the others still embed.
+                Err(_) => texts
+                    .iter()
+                    .map(|t| {
+                        self.tokenizer
+                            .encode(*t, true)
+                            .map_err(|e| format!("tokenizer: {e}"))
+                    })
+                    .collect(),
+            };
+        let mut order: Vec<(usize, &Encoding)> = Vec::with_capacity(texts.len());
+        for (i, e) in encodings.iter().enumerate() {
+            match e {
+                Ok(e) => order.push((i, e)),
+                Err(msg) => results[i] = Err(msg.clone()),
+            }
+        }
+        order.sort_by_key(|(_, e)| e.len());
+        let lengths: Vec<usize> = order.iter().map(|(_, e)| e.len()).collect();
+        let mut runs = Vec::new();
+        let mut start = 0;
+        for len in cut_runs(&lengths, self.max_batch, self.max_batch_tokens) {
+            let part = &order[start..start + len];
+            start += len;
+            let started = std::time::Instant::now();
+            let encs: Vec<&Encoding> = part.iter().map(|(_, e)| *e).collect();
+            let outcome = self.run(&encs);
+            runs.push(Run {
+                texts: len,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+            match outcome {
+                Ok(vectors) => {
+                    for ((i, _), v) in part.iter().zip(vectors) {
+                        results[*i] = Ok(v);
+                    }
+                }
+                Err(msg) => {
+                    for (i, _) in part {
+                        results[*i] = Err(msg.clone());
+                    }
+                }
+            }
+        }
+        (results, runs)
+    }
+
+    /// One model run over `encodings`, padded to the longest.
+    fn run(&mut self, encodings: &[&Encoding]) -> Result<Vec<Vec<f32>>, String> {
         let batch = encodings.len();
         let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(batch * seq);
         let mut mask = Vec::with_capacity(batch * seq);
         let mut types = Vec::with_capacity(batch * seq);
-        for e in &encodings {
-            // Padding is to the longest, so every encoding already has `seq` tokens.
+        for e in encodings {
+            let pad = seq - e.len();
             ids.extend(e.get_ids().iter().map(|&x| i64::from(x)));
+            ids.extend(std::iter::repeat_n(self.pad_id, pad));
             mask.extend(e.get_attention_mask().iter().map(|&x| i64::from(x)));
+            mask.extend(std::iter::repeat_n(0, pad));
             types.extend(e.get_type_ids().iter().map(|&x| i64::from(x)));
+            types.extend(std::iter::repeat_n(self.pad_type_id, pad));
         }
         let shape = [batch, seq];
         let tensor = |v: Vec<i64>| Tensor::from_array((shape, v)).map_err(|e| e.to_string());
@@ -211,6 +297,27 @@ impl Embedder {
     }
 }
 
+/// Lengths of consecutive runs over texts of `lengths` tokens (sorted ascending): each run
+/// holds at most `max_texts` texts and, unless one text alone exceeds it, at most `max_tokens`
+/// padded tokens (texts × the run's longest).
+pub fn cut_runs(lengths: &[usize], max_texts: usize, max_tokens: usize) -> Vec<usize> {
+    let mut runs = Vec::new();
+    let (mut count, mut longest) = (0usize, 0usize);
+    for &len in lengths {
+        let wider = longest.max(len);
+        if count > 0 && (count + 1 > max_texts || (count + 1) * wider > max_tokens) {
+            runs.push(count);
+            count = 0;
+        }
+        longest = if count == 0 { len } else { longest.max(len) };
+        count += 1;
+    }
+    if count > 0 {
+        runs.push(count);
+    }
+    runs
+}
+
 /// The model must take `input_ids` and `attention_mask` (and optionally `token_type_ids`) and
 /// return a `[batch, seq, dim]` float tensor; returns (output name, dim, takes token_type_ids).
 fn check_signature(session: &Session, path: &Path) -> Result<(String, usize, bool), EnrichError> {
@@ -256,4 +363,22 @@ fn check_signature(session: &Session, path: &Path) -> Result<(String, usize, boo
         dim,
         inputs.contains(&"token_type_ids"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_runs;
+
+    #[test]
+    fn runs_are_cut_by_count_and_by_padded_tokens() {
+        assert_eq!(cut_runs(&[], 32, 8192), Vec::<usize>::new());
+        assert_eq!(cut_runs(&[10; 70], 32, 8192), vec![32, 32, 6]);
+        // 12 short texts (12 × 20 = 240) fit; a 200-token text alone exceeds nothing but
+        // cannot join them (13 × 200 > 256).
+        let mut lengths = vec![20; 12];
+        lengths.push(200);
+        assert_eq!(cut_runs(&lengths, 32, 256), vec![12, 1]);
+        // A text longer than the budget still runs, alone.
+        assert_eq!(cut_runs(&[5, 300, 300], 32, 256), vec![1, 1, 1]);
+    }
 }
