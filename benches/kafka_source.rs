@@ -298,6 +298,7 @@ async fn decode_avro(n: usize) -> Option<(f64, usize)> {
             payload: Some(p),
             timestamp_ms: Some(1_732_356_000_000),
             headers: Vec::new(),
+            timestamp_type: None,
         };
         std::hint::black_box(decoder.decode(&msg).expect("decode"));
     }

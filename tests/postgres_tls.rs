@@ -179,6 +179,7 @@ fn item(id: i32, note: &str, lsn: u64) -> ChangeEvent {
         embedding: Some(vec![1.0, 0.0]),
         text_hash: Some(note.len() as u64),
         schema: None,
+        origin: None,
     }
 }
 
