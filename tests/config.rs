@@ -142,11 +142,11 @@ fn wrong_type_is_named_without_echoing_the_value() {
     // `x` comes after; the type error on `tables` is reported first.
     assert_key(&e, "sources.postgres.tables", "invalid type");
     assert!(!e.to_string().contains("pg-secret-1"), "{e}");
-    let e = error_with("format = \"json\"", "format = \"avro\"");
+    let e = error_with("format = \"json\"", "format = \"csv\"");
     assert_key(
         &e,
         "sources.kafka.topics[0].format",
-        "unknown variant `avro`",
+        "unknown variant `csv`",
     );
 }
 

@@ -16,7 +16,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+/// What a URL query value must escape: all but RFC 3986's unreserved characters.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 use crate::secret::key_values;
 
@@ -273,7 +276,7 @@ fn append(s: &mut String, url_form: bool, key: &str, value: &str) {
         s.push(if s.contains('?') { '&' } else { '?' });
         s.push_str(key);
         s.push('=');
-        s.extend(utf8_percent_encode(value, NON_ALPHANUMERIC));
+        s.extend(utf8_percent_encode(value, QUERY_VALUE));
     } else {
         if !s.is_empty() {
             s.push(' ');
@@ -325,7 +328,8 @@ mod tests {
             "host=h user=u password='a b\\'c' sslmode = verify-ca sslrootcert='/ca dir/ca.pem' dbname=d",
         )
         .unwrap();
-        assert_eq!(s.rest, "host=h user=u password='a b\\'c'  dbname=d");
+        let words: Vec<&str> = s.rest.split_whitespace().collect();
+        assert_eq!(words, ["host=h", "user=u", "password='a", "b\\'c'", "dbname=d"]);
         assert_eq!(s.tls.mode, SslMode::VerifyCa);
         assert_eq!(s.tls.roots, Some(Roots::File("/ca dir/ca.pem".into())));
         let c: tokio_postgres::Config = s.rest.parse().unwrap();
@@ -379,7 +383,7 @@ mod tests {
                 .unwrap();
         assert_eq!(
             s.replication_url(),
-            "postgres://u@h/db?sslmode=verify-ca&sslrootcert=%2Fc%2Epem&replication=database"
+            "postgres://u@h/db?sslmode=verify-ca&sslrootcert=%2Fc.pem&replication=database"
         );
         let s = split_no_home("host=h user=u").unwrap();
         assert_eq!(

@@ -135,8 +135,9 @@ pub fn connect_error(url: &ConnString, target: &Target, e: &tokio_postgres::Erro
         ));
     }
     if let Some(Roots::File(path)) = &target.tls().roots
-        && let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) =
-            tls::rustls_error(e)
+        && let Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+        )) = tls::rustls_error(e)
     {
         text.push_str(&format!(" (sslrootcert is {})", path.display()));
     }

@@ -126,9 +126,13 @@ pub(crate) fn certificate_problem(e: &rustls::Error) -> Option<&'static str> {
             "the server's certificate is not valid yet (check the clock)"
         }
         CertificateError::Revoked => "the server's certificate is revoked",
-        CertificateError::BadSignature | CertificateError::BadEncoding => {
-            "the server's certificate is malformed or badly signed"
+        // webpki picks the issuer by name: a CA in sslrootcert with the issuer's name but
+        // another key (a different CA of the same name) shows as a bad signature.
+        CertificateError::BadSignature => {
+            "the server's certificate is not signed by a CA in sslrootcert (one there has its \
+             issuer's name, but another key)"
         }
+        CertificateError::BadEncoding => "the server's certificate is malformed",
         _ => "the server's certificate was rejected",
     })
 }

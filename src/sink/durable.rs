@@ -16,10 +16,13 @@ use tokio::sync::Mutex;
 use super::{Sink, SinkError};
 use crate::event::{Position, StreamId};
 
+/// The sinks while they are lent (`None` once taken back).
+type Lent = Option<Vec<Box<dyn Sink>>>;
+
 /// The sinks, lent to the sources while they start; cheap to clone.
 #[derive(Clone)]
 pub struct Durable {
-    sinks: Arc<Mutex<Option<Vec<Box<dyn Sink>>>>>,
+    sinks: Arc<Mutex<Lent>>,
 }
 
 impl Durable {

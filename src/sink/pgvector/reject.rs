@@ -44,11 +44,15 @@ pub(super) fn reason(e: &ChangeEvent, target: Option<&Target>, dimension: u32) -
             ));
         }
     }
+    // Only against a table already checked to have the configured dimension: before that, a
+    // table of another dimension must stop the sink as a configuration error (every event
+    // would be "wrong"), not turn every event into a dead letter.
     if let Some(v) = &e.embedding
+        && target.is_some()
         && v.len() != dimension as usize
     {
         return Some(format!(
-            "{} at {}: the embedding has {} dimensions but the table's vector has {dimension}",
+            "{} at {}: the embedding has {} dimensions but the table's column is vector({dimension})",
             e.source,
             e.position,
             v.len()
