@@ -147,7 +147,10 @@ fn int8_vs_float32(float_dir: &std::path::Path) {
         println!("TRIBUTARY_MODEL_INT8_DIR is not set: int8 skipped");
         return;
     };
-    println!("\nint8 ({}) vs float32, batch 32, sentences/s (median of {REPS})", int8_dir.display());
+    println!(
+        "\nint8 ({}) vs float32, batch 32, sentences/s (median of {REPS})",
+        int8_dir.display()
+    );
     println!("| texts | threads | float32 | int8 | ratio |");
     println!("|---|---|---|---|---|");
     for threads in [1, 2] {

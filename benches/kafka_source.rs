@@ -228,7 +228,10 @@ fn avro_order(i: usize, schema: &apache_avro::Schema) -> Vec<u8> {
                 .iter()
                 .map(|it| {
                     A::Record(vec![
-                        ("sku".into(), A::String(it["sku"].as_str().unwrap_or_default().into())),
+                        (
+                            "sku".into(),
+                            A::String(it["sku"].as_str().unwrap_or_default().into()),
+                        ),
                         ("qty".into(), A::Int(it["qty"].as_i64().unwrap_or(0) as i32)),
                         ("price".into(), cents(&it["price"])),
                     ])
@@ -384,7 +387,9 @@ async fn main() {
         for _ in 0..RUNS {
             match decode_avro(n.min(300_000)).await {
                 Some(r) => avro_runs.push(r),
-                None => eprintln!("no Schema Registry at TRIBUTARY_SCHEMA_REGISTRY_URL: Avro skipped"),
+                None => {
+                    eprintln!("no Schema Registry at TRIBUTARY_SCHEMA_REGISTRY_URL: Avro skipped")
+                }
             }
         }
     }

@@ -172,9 +172,10 @@ async fn a_null_key_message_first_on_a_keyless_topic_is_a_dead_letter_and_the_me
             .unwrap_or_default()
     };
     let run = start(&config);
-    wait_for("the keyed messages in pgvector and all offsets committed", async || {
-        keys().await == ["a", "b"] && committed(&topic, &group, 1) == vec![Some(3)]
-    })
+    wait_for(
+        "the keyed messages in pgvector and all offsets committed",
+        async || keys().await == ["a", "b"] && committed(&topic, &group, 1) == vec![Some(3)],
+    )
     .await;
     // Mid-stream, with the table there: the same again.
     send(&topic, None, br#"{"n":3}"#, None, None).await;
@@ -193,7 +194,10 @@ async fn a_null_key_message_first_on_a_keyless_topic_is_a_dead_letter_and_the_me
         assert_eq!(letter["position"]["major"], offset, "{letter}");
         assert_eq!(letter["source"], topic.as_str());
         let error = letter["error"].as_str().unwrap();
-        assert!(error.starts_with("pgvector sink rejected the event"), "{error}");
+        assert!(
+            error.starts_with("pgvector sink rejected the event"),
+            "{error}"
+        );
         assert!(error.contains("has no key"), "{error}");
         assert!(error.contains(&format!("@{offset}.0")), "{error}");
     }
@@ -259,7 +263,13 @@ fn debezium_with_schema(id: i32, note: &str) -> String {
 async fn kafka_headers_timestamp_and_the_debezium_source_block_read_back_from_bronze() {
     let topic = create_topic(1).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = kafka_config(dir.path(), &topic, "debezium", "key_columns = [\"id\"]", None);
+    let config = kafka_config(
+        dir.path(),
+        &topic,
+        "debezium",
+        "key_columns = [\"id\"]",
+        None,
+    );
     let group = group_of(&config);
     let table = dir.path().join("lake").join(&topic);
 
@@ -419,7 +429,10 @@ async fn json_numbers_keep_their_digits_in_bronze_and_pgvector_and_an_int64_over
     assert_eq!(rows.len(), 2, "{rows:?}");
     let row = &rows[0];
     assert_eq!(row["_key"], key.as_str());
-    assert_eq!(row["amount"], BIG_DECIMAL, "declared numeric keeps the exact text");
+    assert_eq!(
+        row["amount"], BIG_DECIMAL,
+        "declared numeric keeps the exact text"
+    );
     assert_eq!(row["n64"], 7);
     let payload = row["_payload"].as_str().unwrap();
     assert_eq!(
@@ -543,7 +556,10 @@ listen = ""
         .collect();
     assert_eq!(
         got,
-        vec![(BIG_DECIMAL.to_owned(), BIG_INT.to_owned()), (tiny, "0".to_owned())]
+        vec![
+            (BIG_DECIMAL.to_owned(), BIG_INT.to_owned()),
+            (tiny, "0".to_owned())
+        ]
     );
     drop(_src);
     common::drop_source_db(&admin, &dbname, &slot).await;

@@ -72,7 +72,8 @@ async fn source_snapshot_and_stream_over_verify_full() {
         .await
         .unwrap();
     let slot = unique("tls_slot");
-    let cfg = PostgresSourceConfig::new(ConnString::new(url.clone()), "tls_pub", &slot, &["orders"]);
+    let cfg =
+        PostgresSourceConfig::new(ConnString::new(url.clone()), "tls_pub", &slot, &["orders"]);
     let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
 
     let mut events: Vec<ChangeEvent> = Vec::new();
@@ -218,7 +219,10 @@ async fn pgvector_sink_over_verify_full() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(!sink_tls.is_empty() && sink_tls.iter().all(|s| *s), "{sink_tls:?}");
+    assert!(
+        !sink_tls.is_empty() && sink_tls.iter().all(|s| *s),
+        "{sink_tls:?}"
+    );
     client
         .batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
         .await
@@ -237,8 +241,7 @@ async fn a_wrong_ca_fails_naming_the_host_and_the_certificate_problem() {
         .to_string();
     assert!(err.contains("localhost:"), "names the host: {err}");
     assert!(
-        err.contains("not signed by a CA in sslrootcert")
-            && err.contains(&wrong),
+        err.contains("not signed by a CA in sslrootcert") && err.contains(&wrong),
         "says what is wrong with the certificate: {err}"
     );
     assert_no_password(&err);
@@ -279,7 +282,8 @@ async fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
     let client = connect(&kv("verify-ca")).await;
     assert!(own_tls(&client).await.0);
     // The IP address is in the certificate too.
-    let ip = url_with(&format!("sslmode=verify-full&sslrootcert={ca}")).replace("@localhost:", "@127.0.0.1:");
+    let ip = url_with(&format!("sslmode=verify-full&sslrootcert={ca}"))
+        .replace("@localhost:", "@127.0.0.1:");
     assert!(own_tls(&connect(&ip).await).await.0);
 }
 

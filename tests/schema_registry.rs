@@ -51,7 +51,14 @@ fn framed(id: u32, body: &[u8]) -> Vec<u8> {
     v
 }
 
-fn config(dir: &Path, topic: &str, group: &str, format: &str, registry: &str, extra: &str) -> PathBuf {
+fn config(
+    dir: &Path,
+    topic: &str,
+    group: &str,
+    format: &str,
+    registry: &str,
+    extra: &str,
+) -> PathBuf {
     let config = dir.join("run.toml");
     std::fs::write(
         &config,
@@ -140,7 +147,10 @@ os._exit(0)
         String::from_utf8_lossy(&out.stderr)
     );
     let got: J = serde_json::from_slice(&out.stdout).unwrap();
-    (got["fields"].clone(), got["rows"].as_array().unwrap().clone())
+    (
+        got["fields"].clone(),
+        got["rows"].as_array().unwrap().clone(),
+    )
 }
 
 fn order_schema(with_qty: bool) -> J {
@@ -219,7 +229,10 @@ listen = ""
     // Each bad message is a dead letter whose reason names what is wrong.
     let reasons = run_until_committed(&config, &topic, &group, 8).await;
     assert_eq!(reasons.len(), 3, "{reasons:?}");
-    assert!(reasons[0].contains("not Schema Registry framed: magic byte is 0x7b"), "{reasons:?}");
+    assert!(
+        reasons[0].contains("not Schema Registry framed: magic byte is 0x7b"),
+        "{reasons:?}"
+    );
     assert!(
         reasons[1].contains("schema id 2000000000 is not in the Schema Registry"),
         "{reasons:?}"
@@ -314,8 +327,10 @@ async fn json_schema_topic_into_typed_bronze_and_mismatches_are_dead_letters() {
         }
     });
     let records: Vec<J> = (1..=3)
-        .map(|i| json!({"id": i, "amount": i as f64 + 0.5, "at": "2024-05-06T07:08:09Z",
-                        "note": null, "ok": true}))
+        .map(|i| {
+            json!({"id": i, "amount": i as f64 + 0.5, "at": "2024-05-06T07:08:09Z",
+                        "note": null, "ok": true})
+        })
         .collect();
     let id = produce_registered(&registry, &topic, "json", &schema, &records);
     produce(
@@ -340,7 +355,10 @@ async fn json_schema_topic_into_typed_bronze_and_mismatches_are_dead_letters() {
         reasons[1].contains(r#"required property "amount" is missing"#),
         "{reasons:?}"
     );
-    assert!(reasons[2].contains("not Schema Registry framed"), "{reasons:?}");
+    assert!(
+        reasons[2].contains("not Schema Registry framed"),
+        "{reasons:?}"
+    );
 
     let (fields, rows) = bronze(
         &dir.path().join("lake").join(&topic),
@@ -439,7 +457,9 @@ async fn registry_down_then_up_loses_nothing_and_dead_letters_nothing() {
         &url,
         &format!("[telemetry]\nlisten = \"127.0.0.1:{telemetry}\"\nready_window_s = 30"),
     );
-    let records: Vec<J> = (1..=20).map(|i| order(i, "while the registry is down")).collect();
+    let records: Vec<J> = (1..=20)
+        .map(|i| order(i, "while the registry is down"))
+        .collect();
     produce_registered(&url, &topic, "avro", &order_schema(false), &records);
     let (port, data_dir) = reg.stop();
 
@@ -460,15 +480,25 @@ async fn registry_down_then_up_loses_nothing_and_dead_letters_nothing() {
         committed(&topic, &group, 1) == vec![Some(20)]
     })
     .await;
-    wait_for("readiness green again", async || readyz(telemetry).await.0 == 200).await;
+    wait_for("readiness green again", async || {
+        readyz(telemetry).await.0 == 200
+    })
+    .await;
     let (code, log) = stop(run, &config);
     assert_eq!(code, 0, "{log}");
     drop(reg);
-    assert!(dead_letters(dir.path()).is_empty(), "{:?}", dead_letters(dir.path()));
+    assert!(
+        dead_letters(dir.path()).is_empty(),
+        "{:?}",
+        dead_letters(dir.path())
+    );
     let (_, rows) = bronze(&dir.path().join("lake").join(&topic), &["id"]);
     let ids: Vec<i64> = rows.iter().map(|r| r["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, (1..=20).collect::<Vec<_>>());
-    assert!(log.contains("Schema Registry unavailable; retrying"), "{log}");
+    assert!(
+        log.contains("Schema Registry unavailable; retrying"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,9 +533,11 @@ async fn protobuf_topic_into_typed_bronze_by_its_message_indexes() {
         "produce": "Order"
     });
     let records: Vec<J> = (1..=3)
-        .map(|i| json!({"id": i, "customer": format!("Customer {i}"), "amount": i as f64 + 0.5,
+        .map(|i| {
+            json!({"id": i, "customer": format!("Customer {i}"), "amount": i as f64 + 0.5,
                         "tags": ["a", "b"], "status": "PAID", "ship": {"city": "Oslo"},
-                        "ok": true, "big": "18446744073709551615"}))
+                        "ok": true, "big": "18446744073709551615"})
+        })
         .collect();
     let id = produce_registered(&registry, &topic, "protobuf", &schema, &records);
     produce(
@@ -533,7 +565,9 @@ async fn protobuf_topic_into_typed_bronze_by_its_message_indexes() {
 
     let (fields, rows) = bronze(
         &dir.path().join("lake").join(&topic),
-        &["id", "customer", "amount", "tags", "status", "ship", "ok", "big"],
+        &[
+            "id", "customer", "amount", "tags", "status", "ship", "ok", "big",
+        ],
     );
     assert_eq!(fields["id"], "int64", "{fields}");
     assert_eq!(fields["amount"], "double", "{fields}");

@@ -503,6 +503,9 @@ mod tests {
              url = \"https://u:p@sr.example\"\n[[topics]]\nname = \"t\"\nformat = \"avro\"\n",
         );
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("must not carry credentials") && !e.contains("u:p"), "{e}");
+        assert!(
+            e.contains("must not carry credentials") && !e.contains("u:p"),
+            "{e}"
+        );
     }
 }

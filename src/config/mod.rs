@@ -34,8 +34,8 @@ pub use dead_letter::DeadLetterConfig;
 pub use delta::{DELTA_SCHEMES, DeltaSinkConfig};
 pub use embedding::{EmbeddingConfig, Pooling};
 pub use kafka::{
-    ColumnType, KafkaSourceConfig, MessageFormat, RegistrySettings, SchemaRegistryConfig, StartFrom,
-    TopicConfig,
+    ColumnType, KafkaSourceConfig, MessageFormat, RegistrySettings, SchemaRegistryConfig,
+    StartFrom, TopicConfig,
 };
 pub(crate) use pgvector::truncate;
 pub use pgvector::{Distance, PgvectorSinkConfig, VectorIndexConfig};

@@ -19,7 +19,11 @@ use std::path::{Path, PathBuf};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 /// What a URL query value must escape: all but RFC 3986's unreserved characters.
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 use crate::secret::key_values;
 
@@ -329,7 +333,10 @@ mod tests {
         )
         .unwrap();
         let words: Vec<&str> = s.rest.split_whitespace().collect();
-        assert_eq!(words, ["host=h", "user=u", "password='a", "b\\'c'", "dbname=d"]);
+        assert_eq!(
+            words,
+            ["host=h", "user=u", "password='a", "b\\'c'", "dbname=d"]
+        );
         assert_eq!(s.tls.mode, SslMode::VerifyCa);
         assert_eq!(s.tls.roots, Some(Roots::File("/ca dir/ca.pem".into())));
         let c: tokio_postgres::Config = s.rest.parse().unwrap();
@@ -364,7 +371,10 @@ mod tests {
     #[test]
     fn a_verifying_mode_needs_a_ca() {
         let e = split_no_home("postgres://h/db?sslmode=verify-full").unwrap_err();
-        assert!(e.contains("needs the CA") && e.contains("sslrootcert"), "{e}");
+        assert!(
+            e.contains("needs the CA") && e.contains("sslrootcert"),
+            "{e}"
+        );
         // ~/.postgresql/root.crt stands in, as in libpq, also turning require into verify-ca
         let home = Path::new("/home/u/.postgresql/root.crt");
         let s = split_with("postgres://h/db?sslmode=verify-full", Some(home)).unwrap();
@@ -378,9 +388,10 @@ mod tests {
 
     #[test]
     fn the_replication_url_carries_the_resolved_settings() {
-        let s =
-            split_no_home("postgres://u@h/db?sslmode=require&sslrootcert=/c.pem&channel_binding=require")
-                .unwrap();
+        let s = split_no_home(
+            "postgres://u@h/db?sslmode=require&sslrootcert=/c.pem&channel_binding=require",
+        )
+        .unwrap();
         assert_eq!(
             s.replication_url(),
             "postgres://u@h/db?sslmode=verify-ca&sslrootcert=%2Fc.pem&replication=database"

@@ -20,7 +20,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 
 use super::dsn::{Roots, SslMode, TlsOptions};
 
@@ -74,9 +76,9 @@ fn root_store(roots: Option<&Roots>) -> Result<RootCertStore, String> {
             }
             let mut store = RootCertStore::empty();
             for cert in certs {
-                store
-                    .add(cert)
-                    .map_err(|e| format!("sslrootcert {shown}: a certificate in it is unusable: {e}"))?;
+                store.add(cert).map_err(|e| {
+                    format!("sslrootcert {shown}: a certificate in it is unusable: {e}")
+                })?;
             }
             Ok(store)
         }
@@ -159,7 +161,12 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -168,7 +175,12 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -233,13 +245,19 @@ mod tests {
         let missing = dir.path().join("missing.pem");
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
-        for (path, want) in [(&missing, "cannot read it"), (&empty, "no certificate in it")] {
+        for (path, want) in [
+            (&missing, "cannot read it"),
+            (&empty, "no certificate in it"),
+        ] {
             let tls = TlsOptions {
                 mode: SslMode::VerifyFull,
                 roots: Some(Roots::File(path.clone())),
             };
             let e = client_config(&tls).unwrap_err();
-            assert!(e.contains(&path.display().to_string()) && e.contains(want), "{e}");
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains(want),
+                "{e}"
+            );
         }
     }
 

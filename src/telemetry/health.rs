@@ -16,7 +16,9 @@ enum State {
         last_progress: Instant,
         blocked: Option<String>,
     },
-    Sink { last_error: Option<String> },
+    Sink {
+        last_error: Option<String>,
+    },
 }
 
 /// Shared health registry; cheap to clone.

@@ -507,9 +507,17 @@ pub fn events_to_batch(
         date.append_value(day);
         let origin = e.origin.as_deref();
         headers.append(origin.map(|o| o.headers.as_slice()));
-        kafka_ts.append_option(origin.and_then(|o| o.timestamp).map(|t| t.timestamp_micros()));
+        kafka_ts.append_option(
+            origin
+                .and_then(|o| o.timestamp)
+                .map(|t| t.timestamp_micros()),
+        );
         kafka_ts_type.append_option(origin.and_then(|o| o.timestamp_type).map(|t| t.as_str()));
-        source_meta.append_option(origin.and_then(|o| o.source_meta.as_ref()).map(|j| j.as_str()));
+        source_meta.append_option(
+            origin
+                .and_then(|o| o.source_meta.as_ref())
+                .map(|j| j.as_str()),
+        );
     }
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     let mut typed = typed.into_iter().peekable();

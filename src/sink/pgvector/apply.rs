@@ -11,8 +11,8 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient};
 
-use super::table::{Target, key_text, positions_table};
 use super::jsonb::JsonbText;
+use super::table::{Target, key_text, positions_table};
 use super::{PgvectorError, WriteOutcome, load};
 use crate::config::PgvectorSinkConfig as Config;
 use crate::dead_letter::DeadLetter;

@@ -116,8 +116,7 @@ pub async fn start_with(
             let labels = [("source", t.name.clone())];
             TopicState {
                 name: t.name.clone(),
-                decoder: Decoder::new(t, config.max_message_bytes)
-                    .with_registry(registry.clone()),
+                decoder: Decoder::new(t, config.max_message_bytes).with_registry(registry.clone()),
                 events: metrics::counter!("tributary_source_events_total", &labels),
             }
         })

@@ -349,7 +349,8 @@ impl Decoder {
                         meta.source_ts_ms = source_ts_ms;
                         meta.envelope_ts_ms = ts_ms;
                         let op = op.ok_or_else(|| DecodeError::Envelope("missing `op`".into()))?;
-                        self.envelope_parts(msg, op_of(&op)?, before, after).map(Some)
+                        self.envelope_parts(msg, op_of(&op)?, before, after)
+                            .map(Some)
                     }
                 }
             }

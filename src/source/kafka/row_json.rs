@@ -423,7 +423,10 @@ impl<'de> Visitor<'de> for JsonWriter<'_, '_> {
             if !first {
                 self.0.push(b',');
             }
-            if seq.next_element_seed(JsonWriter(&mut *self.0, self.1))?.is_none() {
+            if seq
+                .next_element_seed(JsonWriter(&mut *self.0, self.1))?
+                .is_none()
+            {
                 self.0.truncate(mark);
                 break;
             }
@@ -440,7 +443,10 @@ impl<'de> Visitor<'de> for JsonWriter<'_, '_> {
             if !first {
                 self.0.push(b',');
             }
-            if map.next_key_seed(JsonWriter(&mut *self.0, self.1))?.is_none() {
+            if map
+                .next_key_seed(JsonWriter(&mut *self.0, self.1))?
+                .is_none()
+            {
                 self.0.truncate(mark);
                 break;
             }
@@ -468,7 +474,10 @@ mod tests {
             "s": "a \"quoted\" 1.0000000000000000000001 in a string", "i": -7,
             "deep": {"x": [0.1000000000000000000000001, 2, "3"], "y": 0.25}}"#;
         let row = parse_row(text, &[], "message value").unwrap();
-        assert_eq!(row.get("big"), Some(&json("123456789012345678901234567890")));
+        assert_eq!(
+            row.get("big"),
+            Some(&json("123456789012345678901234567890"))
+        );
         assert_eq!(row.get("u"), Some(&json("18446744073709551615")));
         assert_eq!(
             row.get("dec"),
@@ -479,7 +488,9 @@ mod tests {
         assert_eq!(row.get("i"), Some(&Value::Int64(-7)));
         assert_eq!(
             row.get("deep"),
-            Some(&json(r#"{"x":[0.1000000000000000000000001,2,"3"],"y":0.25}"#))
+            Some(&json(
+                r#"{"x":[0.1000000000000000000000001,2,"3"],"y":0.25}"#
+            ))
         );
         assert_eq!(
             row.json_text(),
@@ -505,7 +516,11 @@ mod tests {
                 "0.1000000000000000000000000000000000000001".into()
             ))
         );
-        for big in ["123456789012345678901234567890", "9223372036854775808", "1.5"] {
+        for big in [
+            "123456789012345678901234567890",
+            "9223372036854775808",
+            "1.5",
+        ] {
             let err = parse_row(&format!(r#"{{"n": {big}}}"#), &columns, "message value")
                 .unwrap_err()
                 .to_string();

@@ -180,12 +180,14 @@ async fn sql_connect(url: &ConnString) -> Result<Client, PgSourceError> {
 /// A server refusing connections for now (starting up, shutting down, connections disallowed).
 fn is_refused(e: &PgSourceError) -> bool {
     match e {
-        PgSourceError::Connection(e) | PgSourceError::Connect { error: e, .. } => e.as_db_error().is_some_and(|d| {
-            matches!(
-                d.code().code(),
-                "57P03" | "57P01" | "57P02" | "55000" | "53300"
-            )
-        }),
+        PgSourceError::Connection(e) | PgSourceError::Connect { error: e, .. } => {
+            e.as_db_error().is_some_and(|d| {
+                matches!(
+                    d.code().code(),
+                    "57P03" | "57P01" | "57P02" | "55000" | "53300"
+                )
+            })
+        }
         _ => false,
     }
 }

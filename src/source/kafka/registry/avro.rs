@@ -74,8 +74,7 @@ impl AvroSchema {
                 (Some(_), Some(after), Some(_)) => (true, compiled.record_of(&after.schema)),
                 _ => (false, Some(&compiled.schema)),
             };
-            let columns: Vec<(String, ValueType)> = match row_record.map(|s| compiled.resolve(s))
-            {
+            let columns: Vec<(String, ValueType)> = match row_record.map(|s| compiled.resolve(s)) {
                 Some(Schema::Record(r)) => r
                     .fields
                     .iter()
@@ -441,7 +440,12 @@ mod tests {
     #[test]
     fn record_fields_become_typed_columns() {
         let s = AvroSchema::parse(ORDER).unwrap();
-        let types: Vec<_> = s.row_schema.columns.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+        let types: Vec<_> = s
+            .row_schema
+            .columns
+            .iter()
+            .map(|(n, t)| (n.as_str(), *t))
+            .collect();
         assert_eq!(
             types,
             vec![
@@ -458,14 +462,26 @@ mod tests {
         let mut r = Record::new(&s.schema).unwrap();
         r.put("id", 7i64);
         r.put("note", Avro::Union(0, Box::new(Avro::Null)));
-        r.put("amount", Avro::Decimal(apache_avro::Decimal::from(vec![0xfbu8, 0x2e])));
+        r.put(
+            "amount",
+            Avro::Decimal(apache_avro::Decimal::from(vec![0xfbu8, 0x2e])),
+        );
         r.put("day", Avro::Date(19_849));
         r.put("at", Avro::TimestampMicros(1_714_979_289_123_456));
-        r.put("ref", Avro::Uuid("6f1c3c52-8f7e-4a51-9d7a-0f0c6b3d2a11".parse().unwrap()));
+        r.put(
+            "ref",
+            Avro::Uuid("6f1c3c52-8f7e-4a51-9d7a-0f0c6b3d2a11".parse().unwrap()),
+        );
         r.put("tags", Avro::Array(vec![Avro::String("a".into())]));
         r.put(
             "addr",
-            Avro::Union(1, Box::new(Avro::Record(vec![("city".into(), Avro::String("Oslo".into()))]))),
+            Avro::Union(
+                1,
+                Box::new(Avro::Record(vec![(
+                    "city".into(),
+                    Avro::String("Oslo".into()),
+                )])),
+            ),
         );
         let bytes = apache_avro::to_avro_datum(&s.schema, r).unwrap();
         let Datum::Row(row) = s.decode(&bytes).unwrap() else {
@@ -482,13 +498,20 @@ mod tests {
             Some(Value::TimestampTz(t)) => assert_eq!(t.timestamp_micros(), 1_714_979_289_123_456),
             other => panic!("{other:?}"),
         }
-        assert_eq!(row.get("tags").map(Value::to_json), Some(serde_json::json!(["a"])));
+        assert_eq!(
+            row.get("tags").map(Value::to_json),
+            Some(serde_json::json!(["a"]))
+        );
         assert_eq!(
             row.get("addr").map(Value::to_json),
             Some(serde_json::json!({"city": "Oslo"}))
         );
         // A truncated datum, and one with bytes left over, do not match the schema.
-        assert!(s.decode(&bytes[..bytes.len() - 3]).unwrap_err().contains("does not match"));
+        assert!(
+            s.decode(&bytes[..bytes.len() - 3])
+                .unwrap_err()
+                .contains("does not match")
+        );
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(s.decode(&longer).unwrap_err().contains("1 bytes left"));

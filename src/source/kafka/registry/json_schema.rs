@@ -66,8 +66,8 @@ impl JsonSchema {
 
     /// The row of a payload, or how it does not match the schema.
     pub fn row(&self, payload: &[u8]) -> Result<Row, DecodeError> {
-        let value: J = serde_json::from_slice(payload)
-            .map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
+        let value: J =
+            serde_json::from_slice(payload).map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
         let J::Object(object) = value else {
             return Err(DecodeError::Schema(format!(
                 "the value is {}, the schema declares an object",
@@ -175,7 +175,10 @@ mod tests {
         assert_eq!(row.get("id"), Some(&Value::Int64(3)));
         assert_eq!(row.get("extra"), Some(&Value::Bool(true)));
         let e = s.row(br#"{"id":"3","note":null}"#).unwrap_err().to_string();
-        assert!(e.contains(r#"property "id" is a string, the schema declares integer"#), "{e}");
+        assert!(
+            e.contains(r#"property "id" is a string, the schema declares integer"#),
+            "{e}"
+        );
         let e = s.row(br#"{"id":3}"#).unwrap_err().to_string();
         assert!(e.contains(r#"required property "note" is missing"#), "{e}");
         assert!(s.row(b"[1]").is_err());
