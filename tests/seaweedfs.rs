@@ -229,8 +229,19 @@ async fn seaweedfs_killed_and_restarted_mid_commit_keeps_every_row_exactly_once(
             .unwrap();
         sink = back;
         let written = out.unwrap_or_else(|e| panic!("round {round}: {e}")).rows;
-        assert_eq!(written, ROWS_PER_ROUND as usize, "round {round}");
-        eprintln!("round {round}: killed after {delay} ms, commit still running: {pending}");
+        // A kill after the `_delta_log` PUT landed but before its response arrived leaves the
+        // rows committed; the retry re-reads the positions, finds them there and writes nothing.
+        // Whether the rows are in the table exactly once is checked for every round below.
+        let lost_response = pending && written == 0;
+        assert!(
+            written == ROWS_PER_ROUND as usize || lost_response,
+            "round {round}: the commit wrote {written} rows, expected {ROWS_PER_ROUND} \
+             (or 0 after a lost response)"
+        );
+        eprintln!(
+            "round {round}: killed after {delay} ms, commit still running: {pending}, \
+             rows written by the retry: {written}"
+        );
     }
     assert!(
         interrupted >= 1,
