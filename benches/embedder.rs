@@ -3,11 +3,15 @@
 //!
 //! Run: `scripts/services up && eval "$(scripts/services env)" &&
 //!       cargo bench --profile dev --bench embedder`
-//! Prints sentences/s (median of REPS) at batch 1/8/32/128 for short (~12 tokens) and medium
-//! (~100 tokens) texts, and the ratio Rust / Python; then the int8 copy
-//! (`TRIBUTARY_MODEL_INT8_DIR`) against float32 at batch 32 on 1 and 2 threads, same run.
+//! 1. Rust against Python on the plain graph (`TRIBUTARY_MODEL_PLAIN_DIR`): sentences/s (median of
+//!    REPS) at batch 1/8/32/128 for short (~12 tokens) and medium (~100 tokens) texts.
+//! 2. The fused float32 graph users get (`TRIBUTARY_MODEL_DIR`, onnxruntime's com.microsoft
+//!    kernels) against the plain graph and against Python on the plain graph, batch 32, 1 and 2
+//!    threads.
+//! 3. The int8 copy (`TRIBUTARY_MODEL_INT8_DIR`) against both float32 graphs, batch 32, 1 and 2
+//!    threads.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -58,16 +62,52 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn main() {
-    let model_dir = PathBuf::from(
-        std::env::var("TRIBUTARY_MODEL_DIR").expect("eval \"$(scripts/services env)\" first"),
-    );
+fn dir(var: &str) -> PathBuf {
+    PathBuf::from(
+        std::env::var(var)
+            .unwrap_or_else(|_| panic!("{var} is not set: eval \"$(scripts/services env)\" first")),
+    )
+}
+
+/// Python onnxruntime's sentences/s (median of REPS) on `model_dir`, one figure per batch size.
+fn python_rates(model_dir: &Path, threads: usize, texts: &[String], batches: &[usize]) -> Vec<f64> {
     let python = std::env::var("TRIBUTARY_PYTHON").expect("TRIBUTARY_PYTHON");
-    let mut cfg = EmbeddingConfig::for_model(model_dir.clone());
-    cfg.intra_threads = Some(THREADS);
-    let mut embedder = Embedder::load(&cfg).unwrap();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/embedder_python.py");
-    println!("all-MiniLM-L6-v2, {THREADS} intra-op thread, sentences/s (median of {REPS})");
+    let file = std::env::temp_dir().join(format!("tributary-bench-{}.json", std::process::id()));
+    std::fs::write(&file, serde_json::to_string(texts).unwrap()).unwrap();
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(model_dir)
+        .arg(threads.to_string())
+        .arg(REPS.to_string())
+        .arg(&file)
+        .args(batches.iter().map(|b| b.to_string()))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect()
+}
+
+fn load(dir: &Path, threads: usize) -> Embedder {
+    let mut cfg = EmbeddingConfig::for_model(dir.to_path_buf());
+    cfg.intra_threads = Some(threads);
+    Embedder::load(&cfg).unwrap()
+}
+
+fn main() {
+    let model_dir = dir("TRIBUTARY_MODEL_PLAIN_DIR");
+    let mut embedder = load(&model_dir, THREADS);
+    println!(
+        "all-MiniLM-L6-v2 (plain graph), {THREADS} intra-op thread, sentences/s (median of {REPS})"
+    );
     println!("| texts | batch | Tributary (Rust, ort) | Python onnxruntime | ratio |");
     println!("|---|---|---|---|---|");
     for (label, texts) in [
@@ -92,28 +132,7 @@ fn main() {
                 )
             })
             .collect();
-        let file =
-            std::env::temp_dir().join(format!("tributary-bench-{}.json", std::process::id()));
-        std::fs::write(&file, serde_json::to_string(&texts).unwrap()).unwrap();
-        let out = Command::new(&python)
-            .arg(&script)
-            .arg(&model_dir)
-            .arg(THREADS.to_string())
-            .arg(REPS.to_string())
-            .arg(&file)
-            .args(BATCHES.iter().map(|b| b.to_string()))
-            .output()
-            .unwrap();
-        let _ = std::fs::remove_file(&file);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let py: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
-            .collect();
+        let py = python_rates(&model_dir, THREADS, &texts, &BATCHES);
         for (i, b) in BATCHES.iter().enumerate() {
             println!(
                 "| {label} | {b} | {:.0} | {:.0} | {:.2} |",
@@ -123,7 +142,34 @@ fn main() {
             );
         }
     }
-    int8_vs_float32(&model_dir);
+    let fused_dir = dir("TRIBUTARY_MODEL_DIR");
+    fused_vs_plain(&fused_dir, &model_dir);
+    int8_vs_float32(&fused_dir, &model_dir);
+}
+
+fn fused_vs_plain(fused_dir: &Path, plain_dir: &Path) {
+    println!(
+        "\nfused float32 ({}) vs the plain graph, batch 32, sentences/s (median of {REPS})",
+        fused_dir.display()
+    );
+    println!("| texts | threads | plain | fused | ratio | Python, plain | fused / Python |");
+    println!("|---|---|---|---|---|---|---|");
+    for threads in [1, 2] {
+        let (mut plain, mut fused) = (load(plain_dir, threads), load(fused_dir, threads));
+        for (label, texts) in [
+            ("short ~12 tok", short_texts(256)),
+            ("medium ~100 tok", medium_texts(64)),
+        ] {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let (p, f) = (rate(&mut plain, &refs), rate(&mut fused, &refs));
+            let py = python_rates(plain_dir, threads, &texts, &[32])[0];
+            println!(
+                "| {label} | {threads} | {p:.0} | {f:.0} | {:.2} | {py:.0} | {:.2} |",
+                f / p,
+                f / py
+            );
+        }
+    }
 }
 
 /// Texts/s (median of REPS) of `embedder` over `texts` in batches of 32.
@@ -142,7 +188,7 @@ fn rate(embedder: &mut Embedder, texts: &[&str]) -> f64 {
     )
 }
 
-fn int8_vs_float32(float_dir: &std::path::Path) {
+fn int8_vs_float32(fused_dir: &Path, plain_dir: &Path) {
     let Some(int8_dir) = std::env::var_os("TRIBUTARY_MODEL_INT8_DIR").map(PathBuf::from) else {
         println!("TRIBUTARY_MODEL_INT8_DIR is not set: int8 skipped");
         return;
@@ -151,22 +197,31 @@ fn int8_vs_float32(float_dir: &std::path::Path) {
         "\nint8 ({}) vs float32, batch 32, sentences/s (median of {REPS})",
         int8_dir.display()
     );
-    println!("| texts | threads | float32 | int8 | ratio |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| texts | threads | float32 plain | float32 fused | int8 | int8 / plain | int8 / fused |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for threads in [1, 2] {
-        let load = |dir: &std::path::Path| {
-            let mut cfg = EmbeddingConfig::for_model(dir.to_path_buf());
-            cfg.intra_threads = Some(threads);
-            Embedder::load(&cfg).unwrap()
-        };
-        let (mut f32_model, mut int8_model) = (load(float_dir), load(&int8_dir));
+        let (mut plain, mut fused, mut int8) = (
+            load(plain_dir, threads),
+            load(fused_dir, threads),
+            load(&int8_dir, threads),
+        );
         for (label, texts) in [
             ("short ~12 tok", short_texts(256)),
             ("medium ~100 tok", medium_texts(64)),
         ] {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let (f, q) = (rate(&mut f32_model, &refs), rate(&mut int8_model, &refs));
-            println!("| {label} | {threads} | {f:.0} | {q:.0} | {:.2} |", q / f);
+            let (p, f, q) = (
+                rate(&mut plain, &refs),
+                rate(&mut fused, &refs),
+                rate(&mut int8, &refs),
+            );
+            println!(
+                "| {label} | {threads} | {p:.0} | {f:.0} | {q:.0} | {:.2} | {:.2} |",
+                q / p,
+                q / f
+            );
         }
     }
 }

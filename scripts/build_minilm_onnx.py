@@ -17,11 +17,16 @@ Graph (dims, eps, heads, layers come from config.json):
   ctx = softmax(q k^T + (1 - mask) * f32min) v;  h = LN(x + ctx @ Wo + bo);
   x = LN(h + gelu_erf(h @ Wi + bi) @ Wo2 + bo2).
 Weights are stored pre-transposed ([in, out]) so every projection is a plain
-MatMul + Add, and the Add/LN and erf-GELU patterns are the ones onnxruntime's
-graph optimizer fuses (SkipLayerNormalization, BiasGelu).
+MatMul + Add (the graph scripts/quantize_model.py quantizes).
+
+--fused writes the same arithmetic with onnxruntime's fused CPU kernels of the
+com.microsoft domain instead (Attention, SkipLayerNormalization, BiasGelu; see
+fused_layers): onnxruntime's optimizer does not find them in the plain graph
+(its attention fusion matches torch exports only), and they are the faster
+float32 model (benches/embedder.rs compares both).
 
 Usage:
-  build_minilm_onnx.py --src DIR --out DIR [--max-length 256] [--verify FIXTURE]
+  build_minilm_onnx.py --src DIR --out DIR [--max-length 256] [--fused] [--verify FIXTURE]
   build_minilm_onnx.py --out DIR --verify FIXTURE --no-build   # only verify
 Writes OUT/model.onnx, OUT/config.json and OUT/tokenizer.json (padding set to
 BatchLongest, truncation to --max-length), each atomically (temp + rename).
@@ -40,6 +45,7 @@ import time
 import numpy as np
 
 OPSET = 17
+MS = "com.microsoft"
 FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 
@@ -70,7 +76,7 @@ def write_atomic(path, write):
         raise
 
 
-def build_graph(weights, cfg):
+def build_graph(weights, cfg, fused=False):
     from onnx import TensorProto, helper, numpy_helper
 
     hidden = cfg["hidden_size"]
@@ -98,16 +104,8 @@ def build_graph(weights, cfg):
         return out
 
     f32 = np.float32
-    const("one", np.array(1.0, f32))
-    const("half", np.array(0.5, f32))
-    const("sqrt2", np.array(np.sqrt(2.0), f32))
-    const("neg_big", np.array(np.finfo(f32).min, f32))
-    const("shape_heads", np.array([0, 0, heads, head_dim], np.int64))
-    const("shape_hidden", np.array([0, 0, hidden], np.int64))
-    const("split_qkv", np.array([hidden] * 3, np.int64))
     const("axes_0", np.array([0], np.int64))
     const("zero_1", np.array([0], np.int64))
-    const("axes_mask", np.array([1, 2], np.int64))
 
     def layer_norm(x, name, out):
         g = const(name + ".weight", w(name + ".weight"))
@@ -126,6 +124,17 @@ def build_graph(weights, cfg):
     pos = node("Slice", [const("pos_emb", w("embeddings.position_embeddings.weight")), "zero_1", seq_len, "axes_0"], "e_pos")
     emb = node("Add", [node("Add", [word, ttype], "e_wt"), pos], "e_sum")
     x = layer_norm(emb, "embeddings.LayerNorm", "e_out")
+    if fused:
+        return fused_layers(nodes, inits, x, w, const, node, cfg)
+
+    const("one", np.array(1.0, f32))
+    const("half", np.array(0.5, f32))
+    const("sqrt2", np.array(np.sqrt(2.0), f32))
+    const("neg_big", np.array(np.finfo(f32).min, f32))
+    const("shape_heads", np.array([0, 0, heads, head_dim], np.int64))
+    const("shape_hidden", np.array([0, 0, hidden], np.int64))
+    const("split_qkv", np.array([hidden] * 3, np.int64))
+    const("axes_mask", np.array([1, 2], np.int64))
 
     # Additive attention bias [batch, 1, 1, seq]: 0 where mask == 1, float32 min where 0.
     maskf = node("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
@@ -156,19 +165,66 @@ def build_graph(weights, cfg):
         last = "last_hidden_state" if i == n_layers - 1 else f"l{i}_out"
         x = layer_norm(node("Add", [out, h], f"l{i}_res2"), p + "output.LayerNorm", last)
 
+    return make_model(nodes, inits, hidden)
+
+
+def make_model(nodes, inits, hidden, contrib=False):
+    from onnx import TensorProto, helper
+
     dims = ["batch", "seq"]
     graph = helper.make_graph(
         nodes, "all-MiniLM-L6-v2",
         [helper.make_tensor_value_info(n, TensorProto.INT64, dims) for n in ("input_ids", "attention_mask", "token_type_ids")],
         [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, dims + [hidden])],
         inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="tributary/build_minilm_onnx.py")
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS, 1)] if contrib else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="tributary/build_minilm_onnx.py")
     model.ir_version = 8  # opset 17 era; loadable by any onnxruntime >= 1.14
     return model
 
 
-def build(src, out, max_length):
+def fused_layers(nodes, inits, x, w, const, node, cfg):
+    """The encoder layers as onnxruntime's fused CPU kernels (domain com.microsoft), which its
+    graph optimizer does not find in the plain graph: one Attention per layer (QKV projection,
+    scaled scores, the mask, softmax and context in one kernel), SkipLayerNormalization for each
+    residual Add + bias + LayerNorm, BiasGelu for the intermediate bias + exact GELU. The same
+    arithmetic as the plain graph, in fewer passes over memory."""
+    from onnx import TensorProto, helper
+
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    eps = float(cfg["layer_norm_eps"])
+
+    def ms(op, inputs, out, **attrs):
+        nodes.append(helper.make_node(op, inputs, [out], name=out, domain=MS, **attrs))
+        return out
+
+    # Attention takes the raw 0/1 mask [batch, seq] as int32.
+    mask = node("Cast", ["attention_mask"], "mask_i32", to=TensorProto.INT32)
+    for i in range(cfg["num_hidden_layers"]):
+        p, a = f"encoder.layer.{i}.", f"encoder.layer.{i}.attention."
+        wqkv = np.concatenate([w(a + f"self.{n}.weight") for n in ("query", "key", "value")], 0).T
+        bqkv = np.concatenate([w(a + f"self.{n}.bias") for n in ("query", "key", "value")], 0)
+        ctx = ms("Attention", [x, const(f"l{i}.qkv.W", wqkv), const(f"l{i}.qkv.b", bqkv), mask],
+                 f"l{i}_ctx", num_heads=heads)
+        attn = node("MatMul", [ctx, const(a + "output.dense.W", w(a + "output.dense.weight").T)], f"l{i}_attn")
+        h = ms("SkipLayerNormalization",
+               [attn, x, const(a + "output.LayerNorm.weight", w(a + "output.LayerNorm.weight")),
+                const(a + "output.LayerNorm.bias", w(a + "output.LayerNorm.bias")),
+                const(a + "output.dense.b", w(a + "output.dense.bias"))],
+               f"l{i}_h", epsilon=eps)
+        inter = node("MatMul", [h, const(p + "intermediate.dense.W", w(p + "intermediate.dense.weight").T)], f"l{i}_inter")
+        gelu = ms("BiasGelu", [inter, const(p + "intermediate.dense.b", w(p + "intermediate.dense.bias"))], f"l{i}_gelu")
+        out = node("MatMul", [gelu, const(p + "output.dense.W", w(p + "output.dense.weight").T)], f"l{i}_ffn")
+        last = "last_hidden_state" if i == cfg["num_hidden_layers"] - 1 else f"l{i}_out"
+        x = ms("SkipLayerNormalization",
+               [out, h, const(p + "output.LayerNorm.weight", w(p + "output.LayerNorm.weight")),
+                const(p + "output.LayerNorm.bias", w(p + "output.LayerNorm.bias")),
+                const(p + "output.dense.b", w(p + "output.dense.bias"))],
+               last, epsilon=eps)
+    return make_model(nodes, inits, hidden, contrib=True)
+
+
+def build(src, out, max_length, fused=False):
     import onnx
     from safetensors.numpy import load_file
 
@@ -176,8 +232,9 @@ def build(src, out, max_length):
     src = find_src(src)
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
-    model = build_graph(load_file(os.path.join(src, "model.safetensors")), cfg)
-    onnx.checker.check_model(model, full_check=True)
+    model = build_graph(load_file(os.path.join(src, "model.safetensors")), cfg, fused)
+    # The checker knows no com.microsoft schemas; the fused graph is checked by --verify.
+    onnx.checker.check_model(model, full_check=not fused)
     os.makedirs(out, exist_ok=True)
     write_atomic(os.path.join(out, "model.onnx"), lambda p: onnx.save(model, p))
 
@@ -244,11 +301,13 @@ def main():
     ap.add_argument("--verify", metavar="FIXTURE", help="JSONL of {text, embedding} to check the output against")
     ap.add_argument("--min-cosine", type=float, default=0.99999)
     ap.add_argument("--no-build", action="store_true", help="skip building; only --verify an existing OUT")
+    ap.add_argument("--fused", action="store_true",
+                    help="emit onnxruntime's fused com.microsoft kernels (Attention, SkipLayerNormalization, BiasGelu)")
     args = ap.parse_args()
     if not args.no_build:
         if not args.src:
             ap.error("--src is required unless --no-build")
-        build(args.src, args.out, args.max_length)
+        build(args.src, args.out, args.max_length, args.fused)
     if args.verify and not verify(args.out, args.verify, args.min_cosine):
         print(f"FAIL: cosine below {args.min_cosine}", file=sys.stderr)
         sys.exit(1)

@@ -467,6 +467,90 @@ async fn json_numbers_keep_their_digits_in_bronze_and_pgvector_and_an_int64_over
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_envelopes_without_a_schema_keep_their_numbers_in_bronze_and_pgvector() {
+    let topic = create_topic(1).await;
+    let schema = unique("exactdbz");
+    let dir = tempfile::tempdir().unwrap();
+    let config = kafka_config(
+        dir.path(),
+        &topic,
+        "debezium",
+        "key_columns = [\"id\"]\ncolumns = { amount = \"numeric\" }",
+        Some(&schema),
+    );
+    let group = group_of(&config);
+    let old = format!(r#"{{"id":1,"serial":{BIG_INT},"amount":{BIG_DECIMAL}}}"#);
+    // The `source` block (with numbers of its own) before the images, as producers may order it.
+    let insert = format!(
+        r#"{{"source":{{"lsn":100,"ts_ms":1714979289000,"w":[1.5]}},"op":"c","before":null,"after":{old}}}"#
+    );
+    let update = format!(
+        r#"{{"op":"u","source":{{"lsn":200,"ts_ms":1714979290000}},"before":{old},
+            "after":{{"id":1,"serial":{BIG_INT}1,"amount":0.1000000000000000000000000000000000000001,
+                     "deep":[{BIG_DECIMAL}]}}}}"#
+    );
+    send(&topic, Some(r#"{"id":1}"#), insert.as_bytes(), None, None).await;
+    send(&topic, Some(r#"{"id":1}"#), update.as_bytes(), None, None).await;
+
+    let pg = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let run = start(&config);
+    wait_for("all offsets committed", async || {
+        committed(&topic, &group, 1) == vec![Some(2)]
+    })
+    .await;
+    let (code, log) = stop(run, &config);
+    assert_eq!(code, 0, "{log}");
+    assert!(dead_letters(dir.path()).is_empty());
+
+    let rows = bronze_rows(&dir.path().join("lake").join(&topic));
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["amount"], BIG_DECIMAL);
+    let payload = rows[0]["_payload"].as_str().unwrap();
+    assert!(
+        payload.contains(&format!(r#""serial":{BIG_INT}"#)),
+        "{payload}"
+    );
+    assert_eq!(
+        rows[1]["amount"],
+        "0.1000000000000000000000000000000000000001"
+    );
+    let payload = rows[1]["_payload"].as_str().unwrap();
+    assert!(
+        payload.contains(&format!(r#""serial":{BIG_INT}1"#)),
+        "{payload}"
+    );
+    assert!(
+        payload.contains(&format!(r#""deep":[{BIG_DECIMAL}]"#)),
+        "{payload}"
+    );
+    let before = rows[1]["_before"].as_str().unwrap();
+    assert!(
+        before.contains(&format!(r#""serial":{BIG_INT}"#)),
+        "{before}"
+    );
+    // A declared numeric is written as its exact text.
+    assert!(
+        before.contains(&format!(r#""amount":"{BIG_DECIMAL}""#)),
+        "{before}"
+    );
+
+    let got = pg
+        .query_one(
+            &format!(
+                "SELECT payload->>'serial', payload->>'amount', (payload->'deep')::text
+                   FROM \"{schema}\".\"{topic}\""
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let text = |i: usize| got.get::<_, String>(i);
+    assert_eq!(text(0), format!("{BIG_INT}1"));
+    assert_eq!(text(1), "0.1000000000000000000000000000000000000001");
+    assert_eq!(text(2), format!("[{BIG_DECIMAL}]"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_numeric_of_40_digits_lands_exactly_in_bronze_and_pgvector() {
     let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
     let (dbname, src_url, _src) = common::create_source_db(

@@ -16,7 +16,7 @@
 //!   `MicroTimestamp` declared `timestamptz` is that instant in UTC); plain Connect fields are read
 //!   exactly as on a schemaless topic.
 //! - **A schema is compiled once.** The `schema` value is hashed while the message is parsed
-//!   (its tokens, so whitespace does not matter) without being built; only an unseen hash parses
+//!   ([`super::envelope`]: its tokens, so whitespace does not matter) without being built; only an unseen hash parses
 //!   and compiles it. Schemas are cached per topic ([`SchemaCache`], bounded); each new one gets
 //!   a new [`RowSchema`] (and `schema_version`), which the Delta sink evolves the table to.
 //!
@@ -28,17 +28,13 @@
 //! their JSON, byte fields inside base64 as the converter wrote them. Debezium's placeholder for
 //! an unchanged TOASTed value (`__debezium_unavailable_value`) is [`Value::UnchangedToast`].
 
-use std::cell::Cell;
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use base64::Engine as _;
 use chrono::{DateTime, NaiveDate, Utc};
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value as J};
-use twox_hash::XxHash3_64;
 
 use super::decode::{DecodeError, typed};
 use crate::config::ColumnType;
@@ -51,222 +47,6 @@ const UNAVAILABLE_BASE64: &str = "X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ==";
 
 /// How many distinct schemas a topic keeps compiled; a topic that churns through more starts over.
 const MAX_SCHEMAS: usize = 256;
-
-/// A Debezium message as parsed: its envelope fields, and the hash of its `schema`.
-pub(super) struct Envelope {
-    /// The hash of the `schema` value, when the message wraps the envelope in `payload`.
-    pub(super) schema_hash: Option<u64>,
-    /// The envelope's fields; `None` for a null `payload` (a tombstone).
-    pub(super) fields: Option<Map<String, J>>,
-}
-
-/// Parses a Debezium message: an envelope object, or the JSON converter's `{schema, payload}`
-/// wrapper around one (its `schema` hashed, not built).
-pub(super) fn parse_envelope(text: &str) -> Result<Envelope, DecodeError> {
-    let found = Cell::new(None);
-    let mut de = serde_json::Deserializer::from_str(text);
-    let top = TopSeed {
-        found: &found,
-        size_hint: text.len(),
-    }
-    .deserialize(&mut de)
-    .and_then(|top| de.end().map(|()| top));
-    let top = match (top, found.get()) {
-        (_, Some(kind)) => {
-            return Err(DecodeError::NotAnObject {
-                what: "Debezium message",
-                found: kind,
-            });
-        }
-        (Ok(top), None) => top,
-        (Err(e), None) => return Err(DecodeError::InvalidJson(e.to_string())),
-    };
-    let Top {
-        schema_hash,
-        payload,
-        mut rest,
-    } = top;
-    match (schema_hash, payload) {
-        (Some(hash), Some(payload)) => match payload {
-            J::Object(inner) => Ok(Envelope {
-                schema_hash: Some(hash),
-                fields: Some(inner),
-            }),
-            J::Null => Ok(Envelope {
-                schema_hash: Some(hash),
-                fields: None,
-            }),
-            other => Err(DecodeError::NotAnObject {
-                what: "Debezium `payload`",
-                found: kind_of(&other),
-            }),
-        },
-        (_, payload) => {
-            // Not the wrapper: `payload` (if any) is an ordinary field.
-            if let Some(p) = payload {
-                rest.insert("payload".to_owned(), p);
-            }
-            Ok(Envelope {
-                schema_hash: None,
-                fields: Some(rest),
-            })
-        }
-    }
-}
-
-/// The top-level object of a Debezium message.
-struct Top {
-    schema_hash: Option<u64>,
-    payload: Option<J>,
-    rest: Map<String, J>,
-}
-
-struct TopSeed<'a> {
-    /// What the message was when it was not an object.
-    found: &'a Cell<Option<&'static str>>,
-    /// The message's length: room enough for its schema's tokens.
-    size_hint: usize,
-}
-
-impl TopSeed<'_> {
-    fn not_object<E: de::Error>(&self, kind: &'static str) -> E {
-        self.found.set(Some(kind));
-        E::custom("not an object")
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for TopSeed<'_> {
-    type Value = Top;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Top, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for TopSeed<'_> {
-    type Value = Top;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
-        let mut top = Top {
-            schema_hash: None,
-            payload: None,
-            rest: Map::new(),
-        };
-        while let Some(key) = map.next_key::<String>()? {
-            match key.as_str() {
-                "schema" => {
-                    let mut tokens = Vec::with_capacity(self.size_hint);
-                    map.next_value_seed(HashSeed(&mut tokens))?;
-                    top.schema_hash = Some(XxHash3_64::oneshot(&tokens));
-                }
-                "payload" => top.payload = Some(map.next_value()?),
-                _ => {
-                    let value = map.next_value()?;
-                    top.rest.insert(key, value);
-                }
-            }
-        }
-        Ok(top)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Top, A::Error> {
-        Err(self.not_object("an array"))
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Top, E> {
-        Err(self.not_object("a string"))
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Top, E> {
-        Err(self.not_object("a boolean"))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Top, E> {
-        Err(self.not_object("a number"))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Top, E> {
-        Err(self.not_object("a number"))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Top, E> {
-        Err(self.not_object("a number"))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Top, E> {
-        Err(self.not_object("null"))
-    }
-}
-
-/// Writes the tokens of the JSON value being parsed to a buffer, each tagged with its kind and
-/// strings with their length (so different documents never write the same bytes), building
-/// nothing: the buffer is then hashed in one pass (far cheaper than feeding a streaming hasher
-/// token by token).
-struct HashSeed<'a>(&'a mut Vec<u8>);
-
-impl HashSeed<'_> {
-    fn tag(&mut self, tag: u8, bytes: &[u8]) {
-        self.0.push(tag);
-        self.0
-            .extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        self.0.extend_from_slice(bytes);
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for HashSeed<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for HashSeed<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        self.0.push(b'n');
-        Ok(())
-    }
-    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
-        self.0.push(if b { b't' } else { b'F' });
-        Ok(())
-    }
-    fn visit_i64<E>(self, i: i64) -> Result<(), E> {
-        self.0.push(b'i');
-        self.0.extend_from_slice(&i.to_le_bytes());
-        Ok(())
-    }
-    fn visit_u64<E>(self, u: u64) -> Result<(), E> {
-        self.0.push(b'u');
-        self.0.extend_from_slice(&u.to_le_bytes());
-        Ok(())
-    }
-    fn visit_f64<E>(self, x: f64) -> Result<(), E> {
-        self.0.push(b'f');
-        self.0.extend_from_slice(&x.to_bits().to_le_bytes());
-        Ok(())
-    }
-    fn visit_str<E>(mut self, s: &str) -> Result<(), E> {
-        self.tag(b's', s.as_bytes());
-        Ok(())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        self.0.push(b'[');
-        while seq.next_element_seed(HashSeed(&mut *self.0))?.is_some() {}
-        self.0.push(b']');
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        self.0.push(b'{');
-        while map.next_key_seed(HashSeed(&mut *self.0))?.is_some() {
-            map.next_value_seed(HashSeed(&mut *self.0))?;
-        }
-        self.0.push(b'}');
-        Ok(())
-    }
-}
 
 /// The compiled schemas of one topic, by the hash of their JSON.
 #[derive(Debug, Default)]

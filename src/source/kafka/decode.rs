@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value as J};
 
-use super::connect::{self, EnvelopeSchema, SchemaCache};
+use super::connect::{EnvelopeSchema, SchemaCache};
+use super::envelope::{self, Image, Images};
 use super::registry::avro::Datum;
 use super::registry::{Compiled, FetchError, Registry, wire};
 use crate::config::{ColumnType, MessageFormat, TopicConfig};
@@ -417,20 +418,15 @@ impl Decoder {
         let text = std::str::from_utf8(payload).map_err(|e| DecodeError::InvalidUtf8 {
             valid_up_to: e.valid_up_to(),
         })?;
-        let parsed = connect::parse_envelope(text)?;
-        let Some(mut envelope) = parsed.fields else {
+        let (parsed, connect) = self.parse_envelope(text)?;
+        let Some(envelope) = parsed.fields else {
             return Ok(None);
-        };
-        let connect = match parsed.schema_hash {
-            Some(hash) => {
-                Some(self.connect.get(hash, text, &self.declared)?).filter(|c| c.describes_rows())
-            }
-            None => None,
         };
         if let Some(c) = &connect {
             *schema = (c.row_schema.clone(), c.version);
         }
-        let op = match envelope.get("op") {
+        let rest = &envelope.rest;
+        let op = match rest.get("op") {
             Some(J::String(s)) => op_of(s)?,
             Some(other) => {
                 return Err(DecodeError::Envelope(format!(
@@ -440,41 +436,79 @@ impl Decoder {
             }
             None => return Err(DecodeError::Envelope("missing `op`".into())),
         };
-        if let Some(block @ J::Object(source)) = envelope.get("source") {
+        if let Some(block @ J::Object(source)) = rest.get("source") {
             meta.source_lsn = source.get("lsn").and_then(J::as_i64);
             meta.source_ts_ms = source.get("ts_ms").and_then(J::as_i64);
             meta.source_block = Some(JsonText::from_written(block.to_string()));
         }
-        meta.envelope_ts_ms = envelope.get("ts_ms").and_then(J::as_i64);
-        let before = self.image(&mut envelope, "before", connect.as_deref())?;
-        let after = self.image(&mut envelope, "after", connect.as_deref())?;
+        meta.envelope_ts_ms = rest.get("ts_ms").and_then(J::as_i64);
+        let before = self.image(
+            envelope.before,
+            "Debezium `before`",
+            false,
+            connect.as_deref(),
+        )?;
+        let after = self.image(envelope.after, "Debezium `after`", true, connect.as_deref())?;
         self.envelope_parts(msg, op, before, after).map(Some)
     }
 
+    /// Parses a Debezium message, its images the way they are decoded: as trees for a Connect
+    /// schema that describes the rows, else straight into rows (numbers exact). The JSON
+    /// converter writes `schema` first; a message that does not is parsed into rows first, and
+    /// again as trees only when it turns out to carry a schema (after its `payload`) or fails
+    /// on a declared column that its schema may type.
+    fn parse_envelope(
+        &self,
+        text: &str,
+    ) -> Result<(envelope::Envelope, Option<std::sync::Arc<EnvelopeSchema>>), DecodeError> {
+        let rows = Images::Rows(&self.declared);
+        let schema_of =
+            |parsed: &envelope::Envelope| match parsed.schema_hash {
+                Some(hash) => Ok(Some(self.connect.get(hash, text, &self.declared)?)
+                    .filter(|c| c.describes_rows())),
+                None => Ok(None),
+            };
+        let first = if envelope::schema_first(text) {
+            None
+        } else {
+            match envelope::parse(text, rows) {
+                Ok(parsed) if parsed.schema_hash.is_none() => return Ok((parsed, None)),
+                other => Some(other),
+            }
+        };
+        let trees = match envelope::parse(text, Images::Trees) {
+            Ok(trees) => trees,
+            Err(e) => return Err(first.and_then(Result::err).unwrap_or(e)),
+        };
+        if trees.fields.is_none() {
+            return Ok((trees, None));
+        }
+        match (schema_of(&trees)?, first) {
+            (Some(connect), _) => Ok((trees, Some(connect))),
+            // A schema that describes no rows: the images are schemaless.
+            (None, None) => Ok((envelope::parse(text, rows)?, None)),
+            (None, Some(first)) => first.map(|parsed| (parsed, None)),
+        }
+    }
+
+    /// A parsed image as a row: typed by the Connect schema when parsed as a tree for one.
     fn image(
         &self,
-        envelope: &mut Map<String, J>,
-        field: &'static str,
+        image: Image,
+        what: &'static str,
+        after: bool,
         connect: Option<&EnvelopeSchema>,
     ) -> Result<Option<Row>, DecodeError> {
-        match envelope.remove(field) {
-            None | Some(J::Null) => Ok(None),
-            Some(J::Object(o)) => match connect {
+        match image {
+            Image::Absent => Ok(None),
+            Image::Row(row) => Ok(Some(row)),
+            Image::Tree(o) => match connect {
                 Some(c) => c
-                    .row(field == "after", o, |name, json| {
-                        self.plain_value(&name, json)
-                    })
+                    .row(after, o, |name, json| self.plain_value(&name, json))
                     .map(Some),
                 None => self.typed_row(o).map(Some),
             },
-            Some(other) => Err(DecodeError::NotAnObject {
-                what: if field == "before" {
-                    "Debezium `before`"
-                } else {
-                    "Debezium `after`"
-                },
-                found: json_kind(&other),
-            }),
+            Image::NotObject(found) => Err(DecodeError::NotAnObject { what, found }),
         }
     }
 
@@ -868,6 +902,75 @@ mod tests {
             d.decode(&msg(None, Some(br#"{"schema":{},"payload":null}"#)))
                 .unwrap(),
             Decoded::Tombstone
+        );
+    }
+
+    #[test]
+    fn schemaless_debezium_images_keep_every_number_as_written() {
+        let d = declared(MessageFormat::Debezium, &[("amount", ColumnType::Numeric)]);
+        let payload = r#"{"source":{"lsn":24023128,"ts_ms":1714979289000,"w":[1.5,2e3]},
+            "ts_ms":1.25,"op":"u",
+            "before":{"id":1,"serial":123456789012345678901234567890,"amount":0.5},
+            "after":{"id":1,"serial":123456789012345678901234567891,
+                     "amount":0.1000000000000000000000000000000000000001,
+                     "deep":{"x":[1.00000000000000000000001, 7]},"f":0.25}}"#;
+        // Bare, and wrapped with a schema that describes no row (its numbers come first and
+        // are counted, so the images' numbers still find their own text).
+        let wrapped = format!(
+            r#"{{"schema":{{"type":"struct","version":3,"optional":false,"name":"x.Envelope",
+                "parameters":{{"n":12.5}}}},"payload":{payload}}}"#
+        );
+        for text in [payload, wrapped.as_str()] {
+            let Decoded::Event(KafkaEvent { event: e, meta }) =
+                d.decode(&msg(None, Some(text.as_bytes()))).unwrap()
+            else {
+                panic!("tombstone")
+            };
+            let json = |t: &str| Value::Json(JsonText::from_written(t.to_owned()));
+            let (before, after) = (e.before.unwrap(), e.after.unwrap());
+            assert_eq!(
+                before.get("serial"),
+                Some(&json("123456789012345678901234567890"))
+            );
+            assert_eq!(before.get("amount"), Some(&Value::Numeric("0.5".into())));
+            assert_eq!(
+                after.get("serial"),
+                Some(&json("123456789012345678901234567891"))
+            );
+            assert_eq!(
+                after.get("amount"),
+                Some(&Value::Numeric(
+                    "0.1000000000000000000000000000000000000001".into()
+                ))
+            );
+            assert_eq!(
+                after.get("deep"),
+                Some(&json(r#"{"x":[1.00000000000000000000001,7]}"#))
+            );
+            assert_eq!(after.get("f"), Some(&Value::Float64(0.25)));
+            assert_eq!(meta.source_lsn, Some(24_023_128));
+            assert_eq!(e.op, Op::Update);
+        }
+
+        // A declared column that cannot hold its value, and an image that is not an object.
+        let d = declared(MessageFormat::Debezium, &[("n", ColumnType::Int64)]);
+        let err = d
+            .decode(&msg(
+                None,
+                Some(br#"{"op":"c","after":{"n":123456789012345678901}}"#),
+            ))
+            .unwrap_err();
+        assert_eq!(err.reason(), "wrong_type");
+        assert!(err.to_string().contains("123456789012345678901"), "{err}");
+        let err = d
+            .decode(&msg(None, Some(br#"{"op":"c","after":[1, 2.5]}"#)))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::NotAnObject {
+                what: "Debezium `after`",
+                found: "an array"
+            }
         );
     }
 

@@ -30,6 +30,7 @@ mod chunk;
 mod connect;
 pub mod consumer;
 pub mod decode;
+mod envelope;
 mod handle;
 pub mod login;
 pub mod offsets;

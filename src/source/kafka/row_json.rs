@@ -35,12 +35,7 @@ pub(super) fn parse_row(
 ) -> Result<Row, DecodeError> {
     let failure = RefCell::new(None);
     let numbers = Numbers::new(text);
-    let seed = RowSeed {
-        columns,
-        what,
-        failure: &failure,
-        numbers: &numbers,
-    };
+    let seed = RowSeed::new(columns, what, &failure, &numbers);
     let mut de = serde_json::Deserializer::from_str(text);
     let result = seed
         .deserialize(&mut de)
@@ -52,12 +47,32 @@ pub(super) fn parse_row(
     }
 }
 
-struct RowSeed<'a> {
+/// Parses one JSON object into a row (see [`parse_row`]); also the images of schemaless
+/// Debezium envelopes ([`super::envelope`]), sharing that message's [`Numbers`].
+pub(super) struct RowSeed<'a> {
     columns: &'a [(Name, ColumnType)],
     what: &'static str,
     /// A decoding error that is not a JSON syntax error (kept apart from serde's error text).
     failure: &'a RefCell<Option<DecodeError>>,
     numbers: &'a Numbers<'a>,
+}
+
+impl<'a> RowSeed<'a> {
+    /// A row of `columns` (declared), called `what` in errors, which go to `failure`; `numbers`
+    /// is the whole message's.
+    pub(super) fn new(
+        columns: &'a [(Name, ColumnType)],
+        what: &'static str,
+        failure: &'a RefCell<Option<DecodeError>>,
+        numbers: &'a Numbers<'a>,
+    ) -> Self {
+        RowSeed {
+            columns,
+            what,
+            failure,
+            numbers,
+        }
+    }
 }
 
 /// The source text of the numbers of one message, by their order in it (see the module doc).
@@ -79,7 +94,7 @@ impl<'t> Numbers<'t> {
     }
 
     /// Counts a number that is visited: the next in document order; returns its index.
-    fn visit(&self) -> usize {
+    pub(super) fn visit(&self) -> usize {
         let n = self.seen.get();
         self.seen.set(n + 1);
         n
