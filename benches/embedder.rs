@@ -3,13 +3,12 @@
 //!
 //! Run: `scripts/services up && eval "$(scripts/services env)" &&
 //!       cargo bench --profile dev --bench embedder`
-//! 1. Rust against Python on the plain graph (`TRIBUTARY_MODEL_PLAIN_DIR`): sentences/s (median of
-//!    REPS) at batch 1/8/32/128 for short (~12 tokens) and medium (~100 tokens) texts.
-//! 2. The fused float32 graph users get (`TRIBUTARY_MODEL_DIR`, onnxruntime's com.microsoft
-//!    kernels) against the plain graph and against Python on the plain graph, batch 32, 1 and 2
-//!    threads.
-//! 3. The int8 copy (`TRIBUTARY_MODEL_INT8_DIR`) against both float32 graphs, batch 32, 1 and 2
-//!    threads.
+//! 1. Rust against Python on `TRIBUTARY_MODEL_DIR`: sentences/s (median of REPS) at batch
+//!    1/8/32/128 for short (~12 tokens) and medium (~100 tokens) texts.
+//! 2. With `TRIBUTARY_MODEL_FUSED_DIR` set (a model built by `scripts/build_minilm_onnx.py
+//!    --fused`: onnxruntime's com.microsoft kernels): that graph against the plain one and
+//!    against Python on the plain one, batch 32, 1 and 2 threads.
+//! 3. The int8 copy (`TRIBUTARY_MODEL_INT8_DIR`) against float32, batch 32, 1 and 2 threads.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,11 +102,9 @@ fn load(dir: &Path, threads: usize) -> Embedder {
 }
 
 fn main() {
-    let model_dir = dir("TRIBUTARY_MODEL_PLAIN_DIR");
+    let model_dir = dir("TRIBUTARY_MODEL_DIR");
     let mut embedder = load(&model_dir, THREADS);
-    println!(
-        "all-MiniLM-L6-v2 (plain graph), {THREADS} intra-op thread, sentences/s (median of {REPS})"
-    );
+    println!("all-MiniLM-L6-v2, {THREADS} intra-op thread, sentences/s (median of {REPS})");
     println!("| texts | batch | Tributary (Rust, ort) | Python onnxruntime | ratio |");
     println!("|---|---|---|---|---|");
     for (label, texts) in [
@@ -142,9 +139,11 @@ fn main() {
             );
         }
     }
-    let fused_dir = dir("TRIBUTARY_MODEL_DIR");
-    fused_vs_plain(&fused_dir, &model_dir);
-    int8_vs_float32(&fused_dir, &model_dir);
+    match std::env::var_os("TRIBUTARY_MODEL_FUSED_DIR") {
+        Some(fused_dir) => fused_vs_plain(Path::new(&fused_dir), &model_dir),
+        None => println!("\nTRIBUTARY_MODEL_FUSED_DIR is not set: the fused graph skipped"),
+    }
+    int8_vs_float32(&model_dir);
 }
 
 fn fused_vs_plain(fused_dir: &Path, plain_dir: &Path) {
@@ -188,7 +187,7 @@ fn rate(embedder: &mut Embedder, texts: &[&str]) -> f64 {
     )
 }
 
-fn int8_vs_float32(fused_dir: &Path, plain_dir: &Path) {
+fn int8_vs_float32(float_dir: &Path) {
     let Some(int8_dir) = std::env::var_os("TRIBUTARY_MODEL_INT8_DIR").map(PathBuf::from) else {
         println!("TRIBUTARY_MODEL_INT8_DIR is not set: int8 skipped");
         return;
@@ -197,31 +196,17 @@ fn int8_vs_float32(fused_dir: &Path, plain_dir: &Path) {
         "\nint8 ({}) vs float32, batch 32, sentences/s (median of {REPS})",
         int8_dir.display()
     );
-    println!(
-        "| texts | threads | float32 plain | float32 fused | int8 | int8 / plain | int8 / fused |"
-    );
-    println!("|---|---|---|---|---|---|---|");
+    println!("| texts | threads | float32 | int8 | ratio |");
+    println!("|---|---|---|---|---|");
     for threads in [1, 2] {
-        let (mut plain, mut fused, mut int8) = (
-            load(plain_dir, threads),
-            load(fused_dir, threads),
-            load(&int8_dir, threads),
-        );
+        let (mut f32_model, mut int8_model) = (load(float_dir, threads), load(&int8_dir, threads));
         for (label, texts) in [
             ("short ~12 tok", short_texts(256)),
             ("medium ~100 tok", medium_texts(64)),
         ] {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let (p, f, q) = (
-                rate(&mut plain, &refs),
-                rate(&mut fused, &refs),
-                rate(&mut int8, &refs),
-            );
-            println!(
-                "| {label} | {threads} | {p:.0} | {f:.0} | {q:.0} | {:.2} | {:.2} |",
-                q / p,
-                q / f
-            );
+            let (f, q) = (rate(&mut f32_model, &refs), rate(&mut int8_model, &refs));
+            println!("| {label} | {threads} | {f:.0} | {q:.0} | {:.2} |", q / f);
         }
     }
 }

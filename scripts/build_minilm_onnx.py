@@ -21,9 +21,11 @@ MatMul + Add (the graph scripts/quantize_model.py quantizes).
 
 --fused writes the same arithmetic with onnxruntime's fused CPU kernels of the
 com.microsoft domain instead (Attention, SkipLayerNormalization, BiasGelu; see
-fused_layers): onnxruntime's optimizer does not find them in the plain graph
-(its attention fusion matches torch exports only), and they are the faster
-float32 model (benches/embedder.rs compares both).
+fused_layers), which its optimizer does not find in the plain graph (it fuses
+only BiasGelu there). Measured on this 2-core machine it is no faster: 0.92-1.07x
+the plain graph at batch 32 on 1 and 2 threads (the projection MatMuls dominate
+at hidden size 384), so scripts/services builds the plain graph; --fused stays
+to reproduce that comparison (benches/embedder.rs, TRIBUTARY_MODEL_FUSED_DIR).
 
 Usage:
   build_minilm_onnx.py --src DIR --out DIR [--max-length 256] [--fused] [--verify FIXTURE]
@@ -188,7 +190,8 @@ def fused_layers(nodes, inits, x, w, const, node, cfg):
     graph optimizer does not find in the plain graph: one Attention per layer (QKV projection,
     scaled scores, the mask, softmax and context in one kernel), SkipLayerNormalization for each
     residual Add + bias + LayerNorm, BiasGelu for the intermediate bias + exact GELU. The same
-    arithmetic as the plain graph, in fewer passes over memory."""
+    arithmetic as the plain graph, in fewer passes over memory (not faster here: see the
+    module doc)."""
     from onnx import TensorProto, helper
 
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]

@@ -47,41 +47,25 @@ fn reference() -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
-/// Both float32 graphs: the fused one users get (`TRIBUTARY_MODEL_DIR`, onnxruntime's
-/// com.microsoft kernels) and the plain one it is built beside.
 #[test]
 fn matches_sentence_transformers_one_by_one_and_in_one_batch() {
     let refs = reference();
     assert!(refs.len() >= 5, "fixture too small");
-    for var in ["TRIBUTARY_MODEL_DIR", "TRIBUTARY_MODEL_PLAIN_DIR"] {
-        let dir = PathBuf::from(env(var));
-        let mut e = Embedder::load(&EmbeddingConfig::for_model(dir)).unwrap();
-        assert_eq!(e.dimension(), 384);
-        for (text, want) in &refs {
-            let got = e.embed(&[text]).unwrap().remove(0);
-            let c = cosine(&got, want);
-            assert!(c >= 0.99999, "{var}: cosine {c} for {text:?}");
-        }
-        let texts: Vec<&str> = refs.iter().map(|(t, _)| t.as_str()).collect();
-        let batch = e.embed(&texts).unwrap();
-        for ((text, want), got) in refs.iter().zip(&batch) {
-            let c = cosine(got, want);
-            assert!(c >= 0.99999, "{var}: cosine {c} for {text:?} in a batch");
-            let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
-            assert!((norm - 1.0).abs() < 1e-4);
-        }
+    let mut e = Embedder::load(&model_config()).unwrap();
+    assert_eq!(e.dimension(), 384);
+    for (text, want) in &refs {
+        let got = e.embed(&[text]).unwrap().remove(0);
+        let c = cosine(&got, want);
+        assert!(c >= 0.99999, "cosine {c} for {text:?}");
     }
-}
-
-/// The model users get runs on onnxruntime's fused kernels, not the plain graph.
-#[test]
-fn the_default_model_is_the_fused_graph() {
-    let bytes =
-        std::fs::read(PathBuf::from(env("TRIBUTARY_MODEL_DIR")).join("model.onnx")).unwrap();
-    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
-    assert!(has(b"com.microsoft"), "no com.microsoft opset");
-    assert!(has(b"SkipLayerNormalization"));
-    assert!(has(b"Attention"));
+    let texts: Vec<&str> = refs.iter().map(|(t, _)| t.as_str()).collect();
+    let batch = e.embed(&texts).unwrap();
+    for ((text, want), got) in refs.iter().zip(&batch) {
+        let c = cosine(got, want);
+        assert!(c >= 0.99999, "cosine {c} for {text:?} in a batch");
+        let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4);
+    }
 }
 
 /// The int8 copy scripts/services builds (scripts/quantize_model.py) is a model a user may pick

@@ -453,10 +453,10 @@ impl Decoder {
     }
 
     /// Parses a Debezium message, its images the way they are decoded: as trees for a Connect
-    /// schema that describes the rows, else straight into rows (numbers exact). The JSON
-    /// converter writes `schema` first; a message that does not is parsed into rows first, and
-    /// again as trees only when it turns out to carry a schema (after its `payload`) or fails
-    /// on a declared column that its schema may type.
+    /// schema that describes the rows, else straight into rows (numbers exact). A message that
+    /// does not look like the JSON converter's wrapper is parsed into rows first, and again as
+    /// trees only when it turns out to carry a schema or fails on a declared column that its
+    /// schema may type.
     fn parse_envelope(
         &self,
         text: &str,
@@ -468,7 +468,7 @@ impl Decoder {
                     .filter(|c| c.describes_rows())),
                 None => Ok(None),
             };
-        let first = if envelope::schema_first(text) {
+        let first = if envelope::looks_wrapped(text) {
             None
         } else {
             match envelope::parse(text, rows) {

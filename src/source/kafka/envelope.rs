@@ -63,12 +63,16 @@ pub(super) struct Envelope {
     pub(super) fields: Option<Fields>,
 }
 
-/// Whether the message starts with its `schema`, as the JSON converter writes it: then it is
-/// worth parsing for a Connect schema first.
-pub(super) fn schema_first(text: &str) -> bool {
-    text.trim_start()
+/// Whether the message looks like the JSON converter's `{schema, payload}` wrapper (which
+/// writes `schema` first; other writers may not): then it is parsed for a Connect schema first.
+/// A schemaless envelope names neither key outside its `source` block (whose `schema` is the
+/// table's schema name), so one of them alone does not count.
+pub(super) fn looks_wrapped(text: &str) -> bool {
+    let schema_first = text
+        .trim_start()
         .strip_prefix('{')
-        .is_some_and(|t| t.trim_start().starts_with("\"schema\""))
+        .is_some_and(|t| t.trim_start().starts_with("\"schema\""));
+    schema_first || (text.contains("\"payload\"") && text.contains("\"schema\""))
 }
 
 /// Parses a Debezium message (`text`, valid UTF-8), its images as `images` says.

@@ -9,15 +9,15 @@
 //! print as it was written becomes a JSON number of exactly that text ([`Value::Json`]), a
 //! nested number is copied as written, and a declared `numeric` takes the text. The text is
 //! found by [`Numbers`]: numbers are visited in document order, so the n-th number visited is
-//! the n-th number token of the message; the tokens are located (one scan of the message) only
-//! once a message has a number that needs its text, so messages with integers alone pay
-//! nothing. Not serde_json's `arbitrary_precision`: that feature changes `serde_json::Number`
+//! the n-th number token of the message; the tokens are located only as far as the last number
+//! that needs its text (one scan on from the previous, strings skipped with `memchr`), so
+//! messages with integers alone pay nothing. Not serde_json's `arbitrary_precision`: that feature changes `serde_json::Number`
 //! in the whole dependency graph (deltalake, tokio-postgres, …) and breaks numbers inside
 //! `#[serde(untagged)]` enums, such as [`crate::event::Position`]'s older forms. Not its
 //! `raw_value` either: capturing every value raw and parsing it again costs a second pass over
 //! every value, where this costs one over the messages that need it.
 
-use std::cell::{Cell, OnceCell, RefCell};
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::ops::Range;
 
@@ -80,8 +80,10 @@ pub(super) struct Numbers<'t> {
     text: &'t str,
     /// Numbers visited so far.
     seen: Cell<usize>,
-    /// Where each number token of `text` is, located on first need.
-    spans: OnceCell<Vec<Range<usize>>>,
+    /// How far the number tokens of `text` have been located: how many, and the byte after the
+    /// last. Texts are asked for in document order, so each is found by scanning on from there
+    /// and the scan stops at the last number whose text is needed.
+    located: Cell<(usize, usize)>,
 }
 
 impl<'t> Numbers<'t> {
@@ -89,7 +91,7 @@ impl<'t> Numbers<'t> {
         Numbers {
             text,
             seen: Cell::new(0),
-            spans: OnceCell::new(),
+            located: Cell::new((0, 0)),
         }
     }
 
@@ -100,10 +102,21 @@ impl<'t> Numbers<'t> {
         n
     }
 
-    /// The text of the number with index `n`, as the message wrote it.
+    /// The text of the number with index `n`, as the message wrote it (`None` for a number
+    /// before the last one located, which document order never asks for).
     fn text(&self, n: usize) -> Option<&'t str> {
-        let spans = self.spans.get_or_init(|| number_spans(self.text));
-        spans.get(n).and_then(|r| self.text.get(r.clone()))
+        let bytes = self.text.as_bytes();
+        let (mut found, mut at) = self.located.get();
+        let mut span = None;
+        while found <= n {
+            let token = next_number(bytes, at)?;
+            at = token.end;
+            found += 1;
+            span = Some(token);
+        }
+        self.located.set((found, at));
+        span.filter(|_| found == n + 1)
+            .and_then(|r| self.text.get(r))
     }
 
     /// A number visited as `x`: its text (`None` when it cannot be found, which valid JSON
@@ -114,37 +127,36 @@ impl<'t> Numbers<'t> {
     }
 }
 
-/// Where the number tokens of a JSON text are (everything outside strings that starts with a
-/// digit or `-`), in order.
-fn number_spans(text: &str) -> Vec<Range<usize>> {
-    let b = text.as_bytes();
-    let mut spans = Vec::new();
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        match c {
-            b'"' => {
+/// The next number token of a JSON text at or after byte `from` (outside strings, starting with
+/// a digit or `-`); strings are skipped with `memchr`.
+fn next_number(b: &[u8], from: usize) -> Option<Range<usize>> {
+    let mut i = from;
+    loop {
+        i += b
+            .get(i..)?
+            .iter()
+            .position(|c| matches!(c, b'"' | b'-' | b'0'..=b'9'))?;
+        if b.get(i) == Some(&b'"') {
+            i += 1;
+            loop {
+                i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
+                let escape = b.get(i) == Some(&b'\\');
+                i += if escape { 2 } else { 1 };
+                if !escape {
+                    break;
+                }
+            }
+        } else {
+            let start = i;
+            while b
+                .get(i)
+                .is_some_and(|c| matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+            {
                 i += 1;
-                while let Some(&c) = b.get(i) {
-                    i += if c == b'\\' { 2 } else { 1 };
-                    if c == b'"' {
-                        break;
-                    }
-                }
             }
-            b'-' | b'0'..=b'9' => {
-                let start = i;
-                while b
-                    .get(i)
-                    .is_some_and(|c| matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
-                {
-                    i += 1;
-                }
-                spans.push(start..i);
-            }
-            _ => i += 1,
+            return Some(start..i);
         }
     }
-    spans
 }
 
 /// Whether `x` prints (as serde_json prints an `f64`) exactly as `text`: then `x` carries the
@@ -511,6 +523,20 @@ mod tests {
             row.json_text(),
             r#"{"big":123456789012345678901234567890,"u":18446744073709551615,"dec":1234567890.123456789012345678901234567890,"plain":12.5,"exp":1e3,"s":"a \"quoted\" 1.0000000000000000000001 in a string","i":-7,"deep":{"x":[0.1000000000000000000000001,2,"3"],"y":0.25}}"#
         );
+    }
+
+    #[test]
+    fn number_texts_are_found_past_strings_with_escapes_and_digits() {
+        // A string ending in an escaped backslash, one holding an escaped quote and digits, and
+        // negative and exponent forms between the numbers whose text is needed.
+        let text = r#"{"p":"c:\\","q":"say \"1.5\" -2","a":-1,"b":0.1000000000000000000000001,
+            "c":"\\\"3","d":[-2.5e-3,7],"e":1.10}"#;
+        let row = parse_row(text, &[], "message value").unwrap();
+        assert_eq!(row.get("a"), Some(&Value::Int64(-1)));
+        assert_eq!(row.get("b"), Some(&json("0.1000000000000000000000001")));
+        assert_eq!(row.get("d"), Some(&json("[-2.5e-3,7]")));
+        assert_eq!(row.get("e"), Some(&json("1.10")));
+        assert_eq!(row.get("p"), Some(&Value::Text("c:\\".into())));
     }
 
     #[test]
