@@ -285,6 +285,8 @@ pub struct PostgresSourceReader {
     /// The state and heartbeat tables: never emitted.
     internal: HashSet<String>,
     state_table: (String, String),
+    /// Where each snapshot chunk is recorded before its rows are handed out.
+    chunk_table: (String, String),
     last_heartbeat: std::time::Instant,
     last_slot_check: Option<std::time::Instant>,
     msg_buf: Vec<u8>,
@@ -326,7 +328,8 @@ impl PostgresSourceReader {
             .map_err(db)?
             .get(0);
         let state_table = parse_table_name(&cfg.state_table).map_err(PgSourceError::Setup)?;
-        let mut internal = HashSet::from([source_name(&state_table)]);
+        let chunk_table = (state_table.0.clone(), format!("{}_chunks", state_table.1));
+        let mut internal = HashSet::from([source_name(&state_table), source_name(&chunk_table)]);
         if let Some(h) = &cfg.heartbeat_table {
             internal.insert(source_name(
                 &parse_table_name(h).map_err(PgSourceError::Setup)?,
@@ -356,6 +359,7 @@ impl PostgresSourceReader {
             snapshot_lsn: HashMap::new(),
             internal,
             state_table,
+            chunk_table,
             last_heartbeat: std::time::Instant::now(),
             last_slot_check: None,
             msg_buf: Vec::new(),
@@ -435,11 +439,14 @@ impl PostgresSourceReader {
     ) -> Result<Vec<ChangeEvent>, PgSourceError> {
         if let Some(snap) = &mut self.snapshot {
             if !snap.finished() {
-                let (chunk, letters) = snap.next_chunk().await?;
-                Self::write_dead_letters(&self.dead_letters, &letters).await?;
+                let chunk = snap.next_chunk().await?;
+                Self::write_dead_letters(&self.dead_letters, &chunk.letters).await?;
+                if let Some(r) = &chunk.record {
+                    self.record_chunk(r).await?;
+                }
                 self.record_read_tables().await?;
-                if !chunk.is_empty() {
-                    return Ok(chunk);
+                if !chunk.events.is_empty() {
+                    return Ok(chunk.events);
                 }
             }
             self.settle_snapshot(None).await?;

@@ -19,6 +19,22 @@ use crate::event::Lsn;
 use crate::pg::{error_text, quote_ident, quote_qualified};
 use crate::sink::durable::Durable;
 
+/// What earlier attempts left of the tables about to be read, and the next free chunk number.
+#[derive(Debug, Default)]
+pub(super) struct Resumes {
+    tables: std::collections::HashMap<(String, String), snapshot::Resume>,
+    next_chunk: u64,
+}
+
+impl Resumes {
+    /// Table `t` continues by key from an earlier attempt (its chunks all have key bounds).
+    fn by_key(&self, t: &(String, String)) -> bool {
+        self.tables
+            .get(t)
+            .is_some_and(|r| !r.chunks.is_empty() && r.chunks.iter().all(|c| c.1.is_some()))
+    }
+}
+
 impl PostgresSourceReader {
     pub(super) fn qualified(t: &(String, String)) -> String {
         quote_qualified(&t.0, &t.1)
@@ -32,8 +48,13 @@ impl PostgresSourceReader {
                     snapshot_lsn pg_lsn NOT NULL, epoch int8 NOT NULL, done bool NOT NULL,
                     done_at timestamptz, PRIMARY KEY (slot, schema_name, table_name));
                  ALTER TABLE {0} ADD COLUMN IF NOT EXISTS last_major int8,
-                                 ADD COLUMN IF NOT EXISTS last_minor int8",
-                Self::qualified(&self.state_table)
+                                 ADD COLUMN IF NOT EXISTS last_minor int8;
+                 CREATE TABLE IF NOT EXISTS {1} (
+                    slot text NOT NULL, schema_name text NOT NULL, table_name text NOT NULL,
+                    chunk int8 NOT NULL, upper_key text[],
+                    PRIMARY KEY (slot, schema_name, table_name, chunk))",
+                Self::qualified(&self.state_table),
+                Self::qualified(&self.chunk_table)
             ))
             .await
             .map_err(|e| {
@@ -163,7 +184,7 @@ impl PostgresSourceReader {
             .query(
                 &format!(
                     "SELECT schema_name, table_name, (snapshot_lsn - '0/0')::int8, epoch, done,
-                            last_major, last_minor FROM {} WHERE slot = $1",
+                            last_major, last_minor FROM {} WHERE slot = $1 ORDER BY 2, 3",
                     Self::qualified(&self.state_table)
                 ),
                 &[&self.cfg.slot],
@@ -216,16 +237,15 @@ impl PostgresSourceReader {
         }
         let want_snapshot = self.cfg.snapshot == SnapshotMode::Initial;
         if !slot_exists {
-            self.client
-                .execute(
-                    &format!(
-                        "DELETE FROM {} WHERE slot = $1",
-                        Self::qualified(&self.state_table)
-                    ),
-                    &[&self.cfg.slot],
-                )
-                .await
-                .map_err(db)?;
+            for t in [&self.state_table, &self.chunk_table] {
+                self.client
+                    .execute(
+                        &format!("DELETE FROM {} WHERE slot = $1", Self::qualified(t)),
+                        &[&self.cfg.slot],
+                    )
+                    .await
+                    .map_err(db)?;
+            }
             let mode = if want_snapshot { "export" } else { "nothing" };
             let mut stream = LogicalReplicationStream::new(
                 &replication_url(&self.cfg.url)?,
@@ -249,7 +269,7 @@ impl PostgresSourceReader {
                     })?;
                 let tables = self.published_tables().await?;
                 self.record_snapshot_plan(&tables, consistent, 1).await?;
-                self.open_snapshot_at(&name, tables, consistent, consistent, 1)
+                self.open_snapshot_at(&name, tables, consistent, consistent, Resumes::default())
                     .await?;
             }
             // Keep the connection: it becomes the stream once the snapshot is read.
@@ -330,9 +350,15 @@ impl PostgresSourceReader {
                 tables = pending.len(),
                 "snapshot of tables not (completely) read yet"
             );
-            self.record_snapshot_plan(&pending, Lsn(at as u64), epoch + 1)
+            let resumes = self.resumes(durable, &pending, confirmed).await?;
+            // A table resumed by key keeps the first snapshot's LSN: every change since is streamed.
+            let (by_key, fresh): (Vec<_>, Vec<_>) =
+                pending.iter().cloned().partition(|t| resumes.by_key(t));
+            self.record_snapshot_plan(&fresh, Lsn(at as u64), epoch + 1)
                 .await?;
-            self.open_snapshot_at(&name, pending, confirmed, Lsn(at as u64), epoch + 1)
+            self.record_snapshot_plan(&by_key, confirmed, epoch + 1)
+                .await?;
+            self.open_snapshot_at(&name, pending, confirmed, Lsn(at as u64), resumes)
                 .await?;
             drop(temp);
         }
@@ -359,17 +385,111 @@ impl PostgresSourceReader {
     }
 
     async fn mark_done(&self, schema: &str, name: &str) -> Result<(), PgSourceError> {
+        self.client.batch_execute("BEGIN").await.map_err(db)?;
+        let done = async {
+            self.client
+                .execute(
+                    &format!(
+                        "UPDATE {} SET done = true, done_at = now() WHERE slot = $1 AND schema_name = $2 AND table_name = $3",
+                        Self::qualified(&self.state_table)
+                    ),
+                    &[&self.cfg.slot, &schema, &name],
+                )
+                .await?;
+            self.client
+                .execute(
+                    &format!(
+                        "DELETE FROM {} WHERE slot = $1 AND schema_name = $2 AND table_name = $3",
+                        Self::qualified(&self.chunk_table)
+                    ),
+                    &[&self.cfg.slot, &schema, &name],
+                )
+                .await?;
+            self.client.batch_execute("COMMIT").await
+        }
+        .await;
+        if done.is_err() {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        done.map_err(db)
+    }
+
+    /// Records a snapshot chunk before its rows are handed out (see [`snapshot`]).
+    pub(super) async fn record_chunk(
+        &self,
+        r: &snapshot::ChunkRecord,
+    ) -> Result<(), PgSourceError> {
         self.client
             .execute(
                 &format!(
-                    "UPDATE {} SET done = true, done_at = now() WHERE slot = $1 AND schema_name = $2 AND table_name = $3",
-                    Self::qualified(&self.state_table)
+                    "INSERT INTO {} (slot, schema_name, table_name, chunk, upper_key)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (slot, schema_name, table_name, chunk)
+                     DO UPDATE SET upper_key = excluded.upper_key",
+                    Self::qualified(&self.chunk_table)
                 ),
-                &[&self.cfg.slot, &schema, &name],
+                &[
+                    &self.cfg.slot,
+                    &r.schema,
+                    &r.name,
+                    &(r.chunk as i64),
+                    &r.upper,
+                ],
             )
             .await
             .map_err(db)?;
         Ok(())
+    }
+
+    /// What earlier attempts recorded of the `pending` tables' chunks, each chunk with whether
+    /// every sink (`durable`) holds it; snapshot positions sort just below `slot_start`.
+    async fn resumes(
+        &self,
+        durable: &Durable,
+        pending: &[(String, String)],
+        slot_start: Lsn,
+    ) -> Result<Resumes, PgSourceError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT schema_name, table_name, chunk, upper_key FROM {} WHERE slot = $1
+                     ORDER BY 2, 3, chunk",
+                    Self::qualified(&self.chunk_table)
+                ),
+                &[&self.cfg.slot],
+            )
+            .await
+            .map_err(db)?;
+        let base = Lsn(slot_start.0.saturating_sub(1));
+        let mut out = Resumes::default();
+        for r in &rows {
+            let chunk = r.try_get::<_, i64>(2).map_err(db)?;
+            out.next_chunk = out.next_chunk.max(chunk as u64 + 1);
+            let t: (String, String) = (r.try_get(0).map_err(db)?, r.try_get(1).map_err(db)?);
+            if !pending.contains(&t) {
+                continue;
+            }
+            let upper: Option<Vec<String>> = r.try_get(3).map_err(db)?;
+            out.tables
+                .entry(t)
+                .or_default()
+                .chunks
+                .push((chunk as u64, upper, false));
+        }
+        for (t, resume) in out.tables.iter_mut() {
+            let held = durable
+                .everywhere(&source_name(t), &super::stream())
+                .await?;
+            for (chunk, _, everywhere) in resume.chunks.iter_mut() {
+                let end = super::position(base, snapshot::chunk_end(*chunk));
+                *everywhere = held.as_ref().is_some_and(|h| *h >= end);
+            }
+            let again = resume.chunks.iter().filter(|c| !c.2).count();
+            tracing::info!(table = %source_name(t), chunks = resume.chunks.len(), read_again = again,
+                "resuming an interrupted snapshot");
+        }
+        Ok(out)
     }
 
     /// Records the position of each completely read table's last row, so a restart can ask the
@@ -450,17 +570,22 @@ impl PostgresSourceReader {
         tables: Vec<(String, String)>,
         slot_start: Lsn,
         at: Lsn,
-        epoch: u64,
+        resumes: Resumes,
     ) -> Result<(), PgSourceError> {
         for t in &tables {
-            self.snapshot_lsn.insert(source_name(t), at);
+            if resumes.by_key(t) {
+                self.snapshot_lsn.remove(&source_name(t));
+            } else {
+                self.snapshot_lsn.insert(source_name(t), at);
+            }
         }
         let snap = Snapshot::open(
             &self.cfg.url,
             name,
             tables,
+            &resumes.tables,
             Lsn(slot_start.0.saturating_sub(1)),
-            epoch,
+            resumes.next_chunk,
             self.cfg.snapshot_chunk_rows,
         )
         .await?;

@@ -16,13 +16,21 @@
 //! lost the acknowledgement after every sink had committed it, the restart learns from the sinks
 //! that the table is durable and does not read it again.
 //!
-//! Still open (#17): a table interrupted *mid-read* is read again whole from a new snapshot, so
-//! Bronze holds its already committed rows twice, and the new snapshot's stream filter hides the
-//! deletes committed between the two snapshots from rows the sinks already hold. The planned
-//! cure is the watermark method (chunks by key range outside a long transaction, reconciled with
-//! the stream between low/high `pg_logical_emit_message` watermarks, progress per chunk).
+//! Resumable per chunk: a keyed table is read in chunks of `chunk_rows` by key
+//! (`WHERE (key) > (last) ORDER BY key LIMIT n`), and each chunk's upper key is recorded in the
+//! chunk table ([`ChunkRecord`]) before its rows are handed out. Chunk `c`'s rows take the
+//! ordinals `c << CHUNK_BITS | i`, its last event always [`chunk_end`]`(c)`, and the pipeline
+//! never splits a poll's batch across commits, so a sink holds a chunk whole or not at all. A
+//! restart re-reads the recorded chunks some sink may lack (by their key ranges, at their own
+//! ordinals: a sink that holds one skips it whole by position) and continues after the last
+//! recorded key. Those rows are read at restart time, not inside the first snapshot: the slot
+//! still starts at the first snapshot's LSN, and for such a table every change since then is
+//! streamed (no filter), so replaying Bronze by position ends at the source's state and no key
+//! is ever emitted twice as `snapshot`. A table without a primary key (`REPLICA IDENTITY FULL`)
+//! has no key to resume at: it is read again whole from the new snapshot, after a `truncate`
+//! event that tells Bronze and pgvector to forget the rows of the interrupted attempt.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use chrono::Utc;
 use tokio_postgres::Client;
@@ -33,9 +41,39 @@ use crate::dead_letter::DeadLetter;
 use crate::event::{ChangeEvent, Lsn, Op, Position, Row, Value};
 use crate::pg::{quote_ident, quote_qualified};
 
-/// Snapshot ordinals carry the attempt number in their high bits, so rows of a resumed snapshot
-/// always sort after anything an interrupted attempt could have made durable.
-pub const EPOCH_SHIFT: u32 = 40;
+/// Ordinal bits of a chunk's own rows: chunk `c` owns ordinals `c << CHUNK_BITS ..= chunk_end(c)`.
+pub const CHUNK_BITS: u32 = 24;
+
+/// The ordinal of chunk `c`'s last event: whatever a re-read of the chunk yields, a sink that
+/// holds the chunk holds this position and skips the re-read whole.
+pub fn chunk_end(c: u64) -> u64 {
+    (c << CHUNK_BITS) | ((1 << CHUNK_BITS) - 1)
+}
+
+/// A chunk as the chunk table records it before its rows are handed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRecord {
+    pub schema: String,
+    pub name: String,
+    pub chunk: u64,
+    /// The key (as text, in key column order) of its last row; `None` for a table without a key.
+    pub upper: Option<Vec<String>>,
+}
+
+/// What an interrupted earlier attempt left of a table: its recorded chunks in order, each with
+/// whether every sink holds it.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub chunks: Vec<(u64, Option<Vec<String>>, bool)>,
+}
+
+/// A recorded chunk to read again by its key range.
+#[derive(Debug, Clone)]
+struct Redo {
+    chunk: u64,
+    lower: Option<Vec<String>>,
+    upper: Vec<String>,
+}
 
 #[derive(Debug, Clone)]
 pub struct SnapTable {
@@ -43,6 +81,8 @@ pub struct SnapTable {
     pub name: String,
     pub columns: Vec<(String, u32)>,
     pub key: Vec<String>,
+    /// Where each key column is in `columns`, and its SQL type.
+    key_columns: Vec<(usize, String)>,
     pub estimated_rows: i64,
     /// Ordinal of the table's last row handed out as an event, once it has been read completely
     /// (dead letters after it need no acknowledgement).
@@ -54,6 +94,16 @@ pub struct SnapTable {
     pub done: bool,
     /// Its last row's position is in the state table.
     pub recorded: bool,
+    /// Recorded chunks of an earlier attempt that some sink may lack.
+    redo: VecDeque<Redo>,
+    /// Read only keys after this one (the last recorded chunk's upper key).
+    after: Option<Vec<String>>,
+    /// Resumed by key from an earlier attempt: every change since the first snapshot is streamed.
+    pub resumed: bool,
+    /// A keyless table read again whole: a truncate event goes first.
+    truncate: bool,
+    /// The keyed read found no more rows.
+    exhausted: bool,
 }
 
 pub struct Snapshot {
@@ -63,22 +113,35 @@ pub struct Snapshot {
     cursor_open: bool,
     /// Commit LSN stamped on snapshot positions (just below the slot's start).
     pub base: Lsn,
-    next_ordinal: u64,
+    /// The next chunk's number.
+    next_chunk: u64,
     chunk_rows: u32,
     type_names: HashMap<u32, String>,
     /// Rows done / estimated, drawn only when stderr is a terminal (metrics carry it otherwise).
     bar: Option<indicatif::ProgressBar>,
 }
 
+/// One chunk read: its events, the dead letters of rows in it that cannot be decoded (to be made
+/// durable before any of it is acknowledged), and its record when it is new (to be written
+/// before its events are handed out).
+#[derive(Default)]
+pub struct Chunk {
+    pub events: Vec<ChangeEvent>,
+    pub letters: Vec<DeadLetter>,
+    pub record: Option<ChunkRecord>,
+}
+
 impl Snapshot {
     /// Opens a read-only transaction on the exported snapshot `snapshot_name` and plans the
-    /// tables. `url` is an ordinary (non-replication) connection string.
+    /// tables; `resume` holds what earlier attempts recorded of them. `url` is an ordinary
+    /// (non-replication) connection string; new chunks are numbered from `first_chunk`.
     pub async fn open(
         url: &crate::secret::ConnString,
         snapshot_name: &str,
         tables: Vec<(String, String)>,
+        resume: &HashMap<(String, String), Resume>,
         base: Lsn,
-        epoch: u64,
+        first_chunk: u64,
         chunk_rows: u32,
     ) -> Result<Self, PgSourceError> {
         let client = super::sql_connect(url).await?;
@@ -118,7 +181,12 @@ impl Snapshot {
         }
         let mut planned = Vec::new();
         for (schema, name) in tables {
-            planned.push(plan_table(&client, schema, name).await?);
+            let earlier = resume.get(&(schema.clone(), name.clone())).cloned();
+            let mut t = plan_table(&client, schema, name).await?;
+            if let Some(r) = earlier.filter(|r| !r.chunks.is_empty()) {
+                t.resume_from(r);
+            }
+            planned.push(t);
         }
         let type_names = super::load_type_names(&client).await?;
         for t in &planned {
@@ -144,7 +212,7 @@ impl Snapshot {
             current: 0,
             cursor_open: false,
             base,
-            next_ordinal: epoch << EPOCH_SHIFT,
+            next_chunk: first_chunk.max(1),
             chunk_rows,
             type_names,
         })
@@ -154,140 +222,259 @@ impl Snapshot {
         self.current >= self.tables.len()
     }
 
-    /// The next chunk of rows (empty once every table was read), and the dead letters of rows in
-    /// it that cannot be decoded (to be made durable before any of the chunk is acknowledged).
-    pub async fn next_chunk(
-        &mut self,
-    ) -> Result<(Vec<ChangeEvent>, Vec<DeadLetter>), PgSourceError> {
+    /// The next chunk (empty once every table was read).
+    pub async fn next_chunk(&mut self) -> Result<Chunk, PgSourceError> {
         while self.current < self.tables.len() {
-            let t = &self.tables[self.current];
-            if !self.cursor_open {
-                let cols: Vec<String> = t
-                    .columns
-                    .iter()
-                    .map(|(c, _)| format!("t.{}::text", quote_ident(c)))
-                    .collect();
-                // Qualified: a bare name would sort by the `::text` output column of that
-                // name (so 10 before 9), not by the column's own type.
-                let order: Vec<String> = if t.key.is_empty() {
-                    t.columns
-                        .iter()
-                        .map(|(c, _)| format!("t.{}", quote_ident(c)))
-                        .collect()
-                } else {
-                    t.key
-                        .iter()
-                        .map(|c| format!("t.{}", quote_ident(c)))
-                        .collect()
-                };
-                self.client
-                    .batch_execute(&format!(
-                        "DECLARE tributary_snap NO SCROLL CURSOR FOR SELECT {} FROM {} t ORDER BY {}",
-                        if cols.is_empty() {
-                            "1".to_string()
-                        } else {
-                            cols.join(", ")
-                        },
-                        quote_qualified(&t.schema, &t.name),
-                        order.join(", ")
-                    ))
-                    .await
-                    .map_err(db)?;
-                self.cursor_open = true;
+            let t = &mut self.tables[self.current];
+            if let Some(redo) = t.redo.pop_front() {
+                let rows = self
+                    .read_range(redo.lower.as_deref(), Some(&redo.upper))
+                    .await?;
+                let chunk = self.chunk_of(redo.chunk, &rows, None)?;
+                if chunk.events.is_empty() && chunk.letters.is_empty() {
+                    continue;
+                }
+                return Ok(chunk);
             }
-            let rows = self
-                .client
-                .query(
-                    &format!("FETCH {} FROM tributary_snap", self.chunk_rows),
-                    &[],
-                )
-                .await
-                .map_err(db)?;
-            if rows.is_empty() {
-                self.client
-                    .batch_execute("CLOSE tributary_snap")
-                    .await
-                    .map_err(db)?;
-                self.cursor_open = false;
-                let t = &mut self.tables[self.current];
-                t.last_ordinal = Some(t.last_event.unwrap_or(self.next_ordinal.saturating_sub(1)));
+            let rows = if t.key.is_empty() {
+                self.fetch_keyless().await?
+            } else if t.exhausted {
+                Vec::new()
+            } else {
+                let after = t.after.clone();
+                self.read_range(after.as_deref(), None).await?
+            };
+            let t = &mut self.tables[self.current];
+            if rows.is_empty() && !t.truncate {
+                t.exhausted = true;
+                t.last_ordinal = Some(t.last_event.unwrap_or(0));
                 tracing::info!(table = %format!("{}.{}", t.schema, t.name), rows = t.rows, dead_letters = t.dead_letters, "snapshot of table read");
                 self.current += 1;
                 continue;
             }
-            let t = &mut self.tables[self.current];
-            let source = format!("{}.{}", t.schema, t.name);
-            let now = Utc::now();
-            let schema = std::sync::Arc::new(decode::row_schema(
-                t.columns.iter().map(|(c, oid)| (c.as_str(), *oid)),
-                &self.type_names,
-            ));
-            let mut out = Vec::with_capacity(rows.len());
-            let mut letters = Vec::new();
-            let mut raw: Vec<Option<&[u8]>> = Vec::with_capacity(t.columns.len());
-            for r in &rows {
-                let ordinal = self.next_ordinal;
-                let position = super::position(self.base, ordinal);
-                self.next_ordinal += 1;
-                raw.clear();
-                for i in 0..t.columns.len() {
-                    let v: Option<RawText<'_>> = r.try_get(i).map_err(db)?;
-                    raw.push(v.map(|v| v.0));
-                }
-                let mut row = Row::new();
-                let mut failed = None;
-                for ((col, oid), v) in t.columns.iter().zip(&raw) {
-                    let value = match v {
-                        None => Value::Null,
-                        Some(bytes) => {
-                            match decode::convert_raw(col, *oid, bytes, &self.type_names) {
-                                Ok(value) => value,
-                                Err(e) => {
-                                    failed = Some(e);
-                                    break;
-                                }
-                            }
-                        }
-                    };
-                    row.push(col.clone(), value);
-                }
-                if let Some(e) = failed {
-                    letters.push(rejected(t, &source, &raw, &e, position, &self.type_names));
-                    t.dead_letters += 1;
-                    continue;
-                }
-                let mut key = Row::new();
-                for k in &t.key {
-                    if let Some(v) = row.get(k) {
-                        key.push(k.clone(), v.clone());
-                    }
-                }
-                t.last_event = Some(ordinal);
-                out.push(ChangeEvent {
-                    source: source.clone(),
-                    op: Op::Snapshot,
-                    key,
-                    before: None,
-                    after: Some(row),
-                    schema_version: 1,
-                    position,
-                    source_ts: Some(now),
-                    embedding: None,
-                    text_hash: None,
-                    schema: Some(schema.clone()),
-                    origin: None,
-                });
+            let upper = match rows.last() {
+                Some(last) if !t.key.is_empty() => Some(key_text(t, last)?),
+                _ => None,
+            };
+            if upper.is_some() {
+                t.after = upper.clone();
             }
-            t.rows += out.len() as u64;
-            if let Some(bar) = &self.bar {
-                bar.set_message(source.clone());
-                bar.inc(out.len() as u64);
-            }
-            metrics::counter!("tributary_snapshot_rows_total", "table" => source)
-                .increment(out.len() as u64);
-            return Ok((out, letters));
+            let c = self.next_chunk;
+            self.next_chunk += 1;
+            let record = ChunkRecord {
+                schema: t.schema.clone(),
+                name: t.name.clone(),
+                chunk: c,
+                upper,
+            };
+            return self.chunk_of(c, &rows, Some(record));
         }
-        Ok((Vec::new(), Vec::new()))
+        Ok(Chunk::default())
+    }
+
+    /// The current (keyed) table's rows with keys in `(lower, upper]` (open where `None`), in key
+    /// order: at most `chunk_rows` of them without an upper bound.
+    async fn read_range(
+        &self,
+        lower: Option<&[String]>,
+        upper: Option<&[String]>,
+    ) -> Result<Vec<tokio_postgres::Row>, PgSourceError> {
+        let t = &self.tables[self.current];
+        let cols = select_list(t);
+        let keys: Vec<String> = t
+            .key
+            .iter()
+            .map(|c| format!("t.{}", quote_ident(c)))
+            .collect();
+        let bound = |param: usize| -> String {
+            let vals: Vec<String> = t
+                .key_columns
+                .iter()
+                .enumerate()
+                .map(|(i, (_, ty))| format!("(${param}::text[])[{}]::{ty}", i + 1))
+                .collect();
+            format!("({})", vals.join(", "))
+        };
+        let mut conds = Vec::new();
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+        if let Some(l) = &lower {
+            params.push(l);
+            conds.push(format!("({}) > {}", keys.join(", "), bound(params.len())));
+        }
+        if let Some(u) = &upper {
+            params.push(u);
+            conds.push(format!("({}) <= {}", keys.join(", "), bound(params.len())));
+        }
+        let sql = format!(
+            "SELECT {cols} FROM {} t{} ORDER BY {}{}",
+            quote_qualified(&t.schema, &t.name),
+            if conds.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conds.join(" AND "))
+            },
+            keys.join(", "),
+            if upper.is_none() {
+                format!(" LIMIT {}", self.chunk_rows)
+            } else {
+                String::new()
+            }
+        );
+        self.client.query(&sql, &params).await.map_err(db)
+    }
+
+    /// The next `chunk_rows` rows of the current keyless table (through a cursor in the order of
+    /// all its columns); empty at its end, when the cursor is closed.
+    async fn fetch_keyless(&mut self) -> Result<Vec<tokio_postgres::Row>, PgSourceError> {
+        let t = &self.tables[self.current];
+        if !self.cursor_open {
+            // Qualified: a bare name would sort by the `::text` output column of that name (so
+            // 10 before 9), not by the column's own type.
+            let order: Vec<String> = t
+                .columns
+                .iter()
+                .map(|(c, _)| format!("t.{}", quote_ident(c)))
+                .collect();
+            self.client
+                .batch_execute(&format!(
+                    "DECLARE tributary_snap NO SCROLL CURSOR FOR SELECT {} FROM {} t{}",
+                    select_list(t),
+                    quote_qualified(&t.schema, &t.name),
+                    if order.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ORDER BY {}", order.join(", "))
+                    }
+                ))
+                .await
+                .map_err(db)?;
+            self.cursor_open = true;
+        }
+        let rows = self
+            .client
+            .query(
+                &format!("FETCH {} FROM tributary_snap", self.chunk_rows),
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        if rows.is_empty() {
+            self.client
+                .batch_execute("CLOSE tributary_snap")
+                .await
+                .map_err(db)?;
+            self.cursor_open = false;
+        }
+        Ok(rows)
+    }
+
+    /// Chunk `chunk`'s `rows` of the current table as events (the last one at
+    /// [`chunk_end`]) and dead letters, after a truncate event when one is due.
+    fn chunk_of(
+        &mut self,
+        chunk: u64,
+        rows: &[tokio_postgres::Row],
+        record: Option<ChunkRecord>,
+    ) -> Result<Chunk, PgSourceError> {
+        let t = &mut self.tables[self.current];
+        let source = format!("{}.{}", t.schema, t.name);
+        let now = Utc::now();
+        let schema = std::sync::Arc::new(decode::row_schema(
+            t.columns.iter().map(|(c, oid)| (c.as_str(), *oid)),
+            &self.type_names,
+        ));
+        let mut out = Vec::with_capacity(rows.len() + 1);
+        let mut letters = Vec::new();
+        let mut ordinal = chunk << CHUNK_BITS;
+        if std::mem::take(&mut t.truncate) {
+            out.push(ChangeEvent {
+                source: source.clone(),
+                op: Op::Truncate,
+                key: Row::new(),
+                before: None,
+                after: None,
+                schema_version: 1,
+                position: super::position(self.base, ordinal),
+                source_ts: Some(now),
+                embedding: None,
+                text_hash: None,
+                schema: Some(schema.clone()),
+                origin: None,
+            });
+            ordinal += 1;
+        }
+        let mut raw: Vec<Option<&[u8]>> = Vec::with_capacity(t.columns.len());
+        for r in rows {
+            if ordinal >= chunk_end(chunk) {
+                return Err(PgSourceError::Setup(format!(
+                    "{source}: snapshot chunk {chunk} has more than {} rows",
+                    (1u64 << CHUNK_BITS) - 2
+                )));
+            }
+            let position = super::position(self.base, ordinal);
+            ordinal += 1;
+            raw.clear();
+            for i in 0..t.columns.len() {
+                let v: Option<RawText<'_>> = r.try_get(i).map_err(db)?;
+                raw.push(v.map(|v| v.0));
+            }
+            let mut row = Row::new();
+            let mut failed = None;
+            for ((col, oid), v) in t.columns.iter().zip(&raw) {
+                let value = match v {
+                    None => Value::Null,
+                    Some(bytes) => match decode::convert_raw(col, *oid, bytes, &self.type_names) {
+                        Ok(value) => value,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    },
+                };
+                row.push(col.clone(), value);
+            }
+            if let Some(e) = failed {
+                letters.push(rejected(t, &source, &raw, &e, position, &self.type_names));
+                t.dead_letters += 1;
+                continue;
+            }
+            let mut key = Row::new();
+            for k in &t.key {
+                if let Some(v) = row.get(k) {
+                    key.push(k.clone(), v.clone());
+                }
+            }
+            out.push(ChangeEvent {
+                source: source.clone(),
+                op: Op::Snapshot,
+                key,
+                before: None,
+                after: Some(row),
+                schema_version: 1,
+                position,
+                source_ts: Some(now),
+                embedding: None,
+                text_hash: None,
+                schema: Some(schema.clone()),
+                origin: None,
+            });
+        }
+        if let Some(last) = out.last_mut() {
+            last.position = super::position(self.base, chunk_end(chunk));
+            t.last_event = Some(chunk_end(chunk));
+        }
+        let rows_out = out.iter().filter(|e| e.op == Op::Snapshot).count() as u64;
+        t.rows += rows_out;
+        if let Some(bar) = &self.bar {
+            bar.set_message(source.clone());
+            bar.inc(rows_out);
+        }
+        metrics::counter!("tributary_snapshot_rows_total", "table" => source).increment(rows_out);
+        Ok(Chunk {
+            events: out,
+            letters,
+            record,
+        })
     }
 
     /// Ends the snapshot transaction.
@@ -357,7 +544,7 @@ async fn plan_table(
     let cols = client
         .query(
             "SELECT a.attname::text, a.atttypid::int8,
-                    coalesce(a.attnum = ANY(i.indkey), false)
+                    coalesce(a.attnum = ANY(i.indkey), false), format_type(a.atttypid, a.atttypmod)
              FROM pg_attribute a
              LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
              WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
@@ -369,10 +556,12 @@ async fn plan_table(
         .map_err(db)?;
     let mut columns: Vec<(String, u32)> = Vec::with_capacity(cols.len());
     let mut key = Vec::new();
-    for r in &cols {
+    let mut key_columns = Vec::new();
+    for (i, r) in cols.iter().enumerate() {
         let name: String = r.try_get(0).map_err(db)?;
         if r.try_get::<_, bool>(2).map_err(db)? {
             key.push(name.clone());
+            key_columns.push((i, r.try_get::<_, String>(3).map_err(db)?));
         }
         columns.push((name, r.try_get::<_, i64>(1).map_err(db)? as u32));
     }
@@ -389,6 +578,7 @@ async fn plan_table(
         name,
         columns,
         key,
+        key_columns,
         estimated_rows: est,
         last_ordinal: None,
         rows: 0,
@@ -396,5 +586,76 @@ async fn plan_table(
         last_event: None,
         done: false,
         recorded: false,
+        redo: VecDeque::new(),
+        after: None,
+        resumed: false,
+        truncate: false,
+        exhausted: false,
     })
+}
+
+impl SnapTable {
+    /// Plans the read of a table an earlier attempt recorded chunks of: keyed, the chunks some
+    /// sink lacks again by key range, then on after the last; keyless, whole after a truncate.
+    fn resume_from(&mut self, r: Resume) {
+        if self.key.is_empty() {
+            self.truncate = true;
+            return;
+        }
+        let mut lower: Option<Vec<String>> = None;
+        for (chunk, upper, held) in r.chunks {
+            // A chunk recorded without a key (the table had none then) cannot be bounded.
+            let Some(upper) = upper.filter(|u| u.len() == self.key.len()) else {
+                self.redo.clear();
+                self.after = None;
+                self.truncate = true;
+                return;
+            };
+            if !held {
+                self.redo.push_back(Redo {
+                    chunk,
+                    lower: lower.clone(),
+                    upper: upper.clone(),
+                });
+            }
+            lower = Some(upper);
+        }
+        self.after = lower;
+        self.resumed = true;
+    }
+}
+
+/// The `SELECT` list of a snapshot read: every column as text.
+fn select_list(t: &SnapTable) -> String {
+    if t.columns.is_empty() {
+        return "1".to_string();
+    }
+    t.columns
+        .iter()
+        .map(|(c, _)| format!("t.{}::text", quote_ident(c)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Row `r`'s key as text, in key column order (what a chunk's bound is recorded as).
+fn key_text(t: &SnapTable, r: &tokio_postgres::Row) -> Result<Vec<String>, PgSourceError> {
+    t.key_columns
+        .iter()
+        .map(|(i, _)| {
+            let v: Option<RawText<'_>> = r.try_get(*i).map_err(db)?;
+            let bytes = v.map(|v| v.0).ok_or_else(|| {
+                PgSourceError::Setup(format!(
+                    "{}.{}: a primary key column read as NULL",
+                    t.schema, t.name
+                ))
+            })?;
+            String::from_utf8(bytes.to_vec()).map_err(|_| {
+                PgSourceError::Setup(format!(
+                    "{}.{}: a primary key value is not UTF-8, so the snapshot cannot record \
+                     where its chunks end",
+                    t.schema, t.name
+                ))
+            })
+        })
+        .collect()
 }
