@@ -31,6 +31,10 @@ pub struct PostgresSourceConfig {
     /// Rows per primary-key chunk while snapshotting.
     #[serde(default = "default_snapshot_chunk_rows")]
     pub snapshot_chunk_rows: u32,
+    /// Connections reading a keyed table's chunks at once, all inside the snapshot (the server
+    /// sees these plus the replication and one control connection).
+    #[serde(default = "default_snapshot_workers")]
+    pub snapshot_workers: u32,
     /// Table (in the source database) recording which tables' snapshots are durable, so an
     /// interrupted snapshot resumes without emitting completed tables twice.
     #[serde(default = "default_state_table")]
@@ -69,6 +73,7 @@ impl PostgresSourceConfig {
             schema: None,
             snapshot: SnapshotMode::default(),
             snapshot_chunk_rows: default_snapshot_chunk_rows(),
+            snapshot_workers: default_snapshot_workers(),
             state_table: default_state_table(),
             max_tx_memory_mb: default_max_tx_memory_mb(),
             spill_dir: None,
@@ -99,6 +104,9 @@ pub enum SlotLostPolicy {
 
 fn default_snapshot_chunk_rows() -> u32 {
     10_000
+}
+fn default_snapshot_workers() -> u32 {
+    2
 }
 fn default_state_table() -> String {
     "public.tributary_snapshot_state".into()
@@ -142,6 +150,11 @@ impl PostgresSourceConfig {
                 "sources.postgres.snapshot_chunk_rows",
                 u64::from(self.snapshot_chunk_rows),
                 1..=10_000_000,
+            ),
+            (
+                "sources.postgres.snapshot_workers",
+                u64::from(self.snapshot_workers),
+                1..=64,
             ),
             (
                 "sources.postgres.max_tx_memory_mb",

@@ -587,6 +587,7 @@ impl PostgresSourceReader {
             Lsn(slot_start.0.saturating_sub(1)),
             resumes.next_chunk,
             self.cfg.snapshot_chunk_rows,
+            self.cfg.snapshot_workers,
         )
         .await?;
         self.snapshot = Some(snap);

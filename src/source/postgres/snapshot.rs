@@ -31,6 +31,7 @@
 //! event that tells Bronze and pgvector to forget the rows of the interrupted attempt.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use chrono::Utc;
 use tokio_postgres::Client;
@@ -107,18 +108,91 @@ pub struct SnapTable {
 }
 
 pub struct Snapshot {
-    client: Client,
+    /// `snapshot_workers` connections, each in a read-only transaction on the exported snapshot;
+    /// the first also runs the planning queries and a keyless table's cursor.
+    clients: Vec<Arc<Client>>,
+    /// Free connections for chunk reads (the semaphore counts them).
+    pool: Arc<Pool>,
     pub tables: Vec<SnapTable>,
     current: usize,
+    /// The current table as the readers need it.
+    spec: Option<Arc<TableSpec>>,
+    /// Chunk reads of the current table, in chunk order.
+    reads: VecDeque<tokio::task::JoinHandle<Result<ChunkRead, PgSourceError>>>,
     cursor_open: bool,
     /// Commit LSN stamped on snapshot positions (just below the slot's start).
     pub base: Lsn,
     /// The next chunk's number.
     next_chunk: u64,
     chunk_rows: u32,
-    type_names: HashMap<u32, String>,
+    type_names: Arc<HashMap<u32, String>>,
     /// Rows done / estimated, drawn only when stderr is a terminal (metrics carry it otherwise).
     bar: Option<indicatif::ProgressBar>,
+}
+
+/// The snapshot connections not reading right now.
+struct Pool {
+    free: std::sync::Mutex<Vec<Arc<Client>>>,
+    permits: tokio::sync::Semaphore,
+}
+
+impl Pool {
+    async fn take(
+        self: &Arc<Self>,
+    ) -> Result<(tokio::sync::SemaphorePermit<'_>, Arc<Client>), PgSourceError> {
+        let permit =
+            self.permits.acquire().await.map_err(|_| {
+                PgSourceError::Setup("the snapshot's connections were closed".into())
+            })?;
+        let client = self
+            .free
+            .lock()
+            .expect("pool lock")
+            .pop()
+            .ok_or_else(|| PgSourceError::Setup("no free snapshot connection".into()))?;
+        Ok((permit, client))
+    }
+
+    fn give(&self, client: Arc<Client>) {
+        self.free.lock().expect("pool lock").push(client);
+    }
+}
+
+/// What reading and decoding a table's chunk needs, shared by its reads.
+#[derive(Debug)]
+struct TableSpec {
+    source: String,
+    columns: Vec<(String, u32)>,
+    key: Vec<String>,
+    /// `SELECT {cols} FROM {table} t`, the key expression, and each key column's bound
+    /// expression for a `text[]` parameter.
+    select: String,
+    keys: String,
+    key_types: Vec<String>,
+    row_schema: Arc<crate::event::RowSchema>,
+    type_names: Arc<HashMap<u32, String>>,
+    base: Lsn,
+}
+
+/// One chunk's key range: `(lower, upper]`, open where `None`.
+#[derive(Debug, Clone)]
+struct Job {
+    chunk: u64,
+    lower: Option<Vec<String>>,
+    upper: Option<Vec<String>>,
+    /// Recorded before its rows are handed out (a new chunk, not one read again).
+    new: bool,
+    /// A truncate event goes first.
+    truncate: bool,
+}
+
+/// A chunk read and decoded.
+struct ChunkRead {
+    job: Job,
+    events: Vec<ChangeEvent>,
+    letters: Vec<DeadLetter>,
+    /// The key of its last row, as text.
+    last_key: Option<Vec<String>>,
 }
 
 /// One chunk read: its events, the dead letters of rows in it that cannot be decoded (to be made
@@ -132,9 +206,10 @@ pub struct Chunk {
 }
 
 impl Snapshot {
-    /// Opens a read-only transaction on the exported snapshot `snapshot_name` and plans the
-    /// tables; `resume` holds what earlier attempts recorded of them. `url` is an ordinary
+    /// Opens `workers` read-only transactions on the exported snapshot `snapshot_name` and plans
+    /// the tables; `resume` holds what earlier attempts recorded of them. `url` is an ordinary
     /// (non-replication) connection string; new chunks are numbered from `first_chunk`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         url: &crate::secret::ConnString,
         snapshot_name: &str,
@@ -143,29 +218,13 @@ impl Snapshot {
         base: Lsn,
         first_chunk: u64,
         chunk_rows: u32,
+        workers: u32,
     ) -> Result<Self, PgSourceError> {
-        let client = super::sql_connect(url).await?;
-        // A SQL_ASCII database holds bytes unchecked, and the server fails a whole FETCH whose
-        // rows are not valid in the client encoding: read them as stored, to find the row.
-        let encoding: String = client
-            .query_one("SELECT current_setting('server_encoding')", &[])
-            .await
-            .map_err(db)?
-            .try_get(0)
-            .map_err(db)?;
-        if encoding == "SQL_ASCII" {
-            client
-                .batch_execute("SET client_encoding = 'SQL_ASCII'")
-                .await
-                .map_err(db)?;
+        let mut clients = Vec::new();
+        for _ in 0..workers.max(1) {
+            clients.push(Arc::new(snapshot_client(url, snapshot_name).await?));
         }
-        client
-            .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                super::quote_literal(snapshot_name)
-            ))
-            .await
-            .map_err(db)?;
+        let client = &clients[0];
         // Like pg_dump: hold ACCESS SHARE locks for the whole read so DDL on these tables waits
         // for the snapshot instead of breaking it (the table's current definition is what a
         // query parses against, whatever the snapshot).
@@ -182,13 +241,13 @@ impl Snapshot {
         let mut planned = Vec::new();
         for (schema, name) in tables {
             let earlier = resume.get(&(schema.clone(), name.clone())).cloned();
-            let mut t = plan_table(&client, schema, name).await?;
+            let mut t = plan_table(client, schema, name).await?;
             if let Some(r) = earlier.filter(|r| !r.chunks.is_empty()) {
                 t.resume_from(r);
             }
             planned.push(t);
         }
-        let type_names = super::load_type_names(&client).await?;
+        let type_names = Arc::new(super::load_type_names(client).await?);
         for t in &planned {
             metrics::gauge!("tributary_snapshot_rows_estimated", "table" => format!("{}.{}", t.schema, t.name))
                 .set(t.estimated_rows.max(0) as f64);
@@ -205,11 +264,18 @@ impl Snapshot {
             );
             bar
         });
+        let pool = Arc::new(Pool {
+            free: std::sync::Mutex::new(clients.clone()),
+            permits: tokio::sync::Semaphore::new(clients.len()),
+        });
         Ok(Snapshot {
             bar,
-            client,
+            clients,
+            pool,
             tables: planned,
             current: 0,
+            spec: None,
+            reads: VecDeque::new(),
             cursor_open: false,
             base,
             next_chunk: first_chunk.max(1),
@@ -225,121 +291,136 @@ impl Snapshot {
     /// The next chunk (empty once every table was read).
     pub async fn next_chunk(&mut self) -> Result<Chunk, PgSourceError> {
         while self.current < self.tables.len() {
-            let t = &mut self.tables[self.current];
-            if let Some(redo) = t.redo.pop_front() {
-                let rows = self
-                    .read_range(redo.lower.as_deref(), Some(&redo.upper))
-                    .await?;
-                let chunk = self.chunk_of(redo.chunk, &rows, None)?;
-                if chunk.events.is_empty() && chunk.letters.is_empty() {
-                    continue;
+            if self.spec.is_none() {
+                self.spec = Some(Arc::new(self.spec_of(&self.tables[self.current])));
+            }
+            if self.tables[self.current].key.is_empty() {
+                match self.next_keyless().await? {
+                    Some(chunk) => return Ok(chunk),
+                    None => {
+                        self.table_read();
+                        continue;
+                    }
                 }
-                return Ok(chunk);
             }
-            let rows = if t.key.is_empty() {
-                self.fetch_keyless().await?
-            } else if t.exhausted {
-                Vec::new()
-            } else {
-                let after = t.after.clone();
-                self.read_range(after.as_deref(), None).await?
-            };
-            let t = &mut self.tables[self.current];
-            if rows.is_empty() && !t.truncate {
-                t.exhausted = true;
-                t.last_ordinal = Some(t.last_event.unwrap_or(0));
-                tracing::info!(table = %format!("{}.{}", t.schema, t.name), rows = t.rows, dead_letters = t.dead_letters, "snapshot of table read");
-                self.current += 1;
+            // Keep a chunk per connection (and one more) read ahead.
+            while self.reads.len() <= self.clients.len() {
+                let Some(job) = self.plan_next().await? else {
+                    break;
+                };
+                let spec = self.spec.clone().expect("spec set above");
+                let pool = self.pool.clone();
+                self.reads
+                    .push_back(tokio::spawn(read_chunk(pool, spec, job)));
+            }
+            let Some(read) = self.reads.pop_front() else {
+                self.table_read();
                 continue;
-            }
-            let upper = match rows.last() {
-                Some(last) if !t.key.is_empty() => Some(key_text(t, last)?),
-                _ => None,
             };
-            if upper.is_some() {
-                t.after = upper.clone();
-            }
-            let c = self.next_chunk;
-            self.next_chunk += 1;
-            let record = ChunkRecord {
+            let read = read
+                .await
+                .map_err(|e| PgSourceError::Setup(format!("a snapshot read failed: {e}")))??;
+            let t = &mut self.tables[self.current];
+            let record = read.job.new.then(|| ChunkRecord {
                 schema: t.schema.clone(),
                 name: t.name.clone(),
-                chunk: c,
-                upper,
-            };
-            return self.chunk_of(c, &rows, Some(record));
+                chunk: read.job.chunk,
+                // An open-ended final chunk ends at its last row.
+                upper: read.job.upper.clone().or(read.last_key.clone()),
+            });
+            if read.events.is_empty() && read.letters.is_empty() {
+                continue;
+            }
+            return Ok(self.handed_out(read, record));
         }
         Ok(Chunk::default())
     }
 
-    /// The current (keyed) table's rows with keys in `(lower, upper]` (open where `None`), in key
-    /// order: at most `chunk_rows` of them without an upper bound.
-    async fn read_range(
-        &self,
-        lower: Option<&[String]>,
-        upper: Option<&[String]>,
-    ) -> Result<Vec<tokio_postgres::Row>, PgSourceError> {
-        let t = &self.tables[self.current];
-        let cols = select_list(t);
-        let keys: Vec<String> = t
+    /// The current keyed table's next chunk to read: a recorded one some sink may lack, else the
+    /// next `chunk_rows` keys after the last planned one (its upper key found by an index scan
+    /// that skips them), else the rest; `None` once planned to its end.
+    async fn plan_next(&mut self) -> Result<Option<Job>, PgSourceError> {
+        let t = &mut self.tables[self.current];
+        if let Some(redo) = t.redo.pop_front() {
+            return Ok(Some(Job {
+                chunk: redo.chunk,
+                lower: redo.lower,
+                upper: Some(redo.upper),
+                new: false,
+                truncate: std::mem::take(&mut t.truncate),
+            }));
+        }
+        if t.exhausted {
+            return Ok(None);
+        }
+        let spec = self.spec.clone().expect("spec set");
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+        let after = t.after.clone();
+        let cond = match &after {
+            Some(a) => {
+                params.push(a);
+                format!(" WHERE ({}) > {}", spec.keys, spec.bound(1))
+            }
+            None => String::new(),
+        };
+        let texts: Vec<String> = t
             .key
             .iter()
-            .map(|c| format!("t.{}", quote_ident(c)))
+            .map(|k| format!("t.{}::text", quote_ident(k)))
             .collect();
-        let bound = |param: usize| -> String {
-            let vals: Vec<String> = t
-                .key_columns
-                .iter()
-                .enumerate()
-                .map(|(i, (_, ty))| format!("(${param}::text[])[{}]::{ty}", i + 1))
-                .collect();
-            format!("({})", vals.join(", "))
-        };
-        let mut conds = Vec::new();
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
-        if let Some(l) = &lower {
-            params.push(l);
-            conds.push(format!("({}) > {}", keys.join(", "), bound(params.len())));
-        }
-        if let Some(u) = &upper {
-            params.push(u);
-            conds.push(format!("({}) <= {}", keys.join(", "), bound(params.len())));
-        }
         let sql = format!(
-            "SELECT {cols} FROM {} t{} ORDER BY {}{}",
+            "SELECT {} FROM {} t{cond} ORDER BY {} OFFSET {} LIMIT 1",
+            texts.join(", "),
             quote_qualified(&t.schema, &t.name),
-            if conds.is_empty() {
-                String::new()
-            } else {
-                format!(" WHERE {}", conds.join(" AND "))
-            },
-            keys.join(", "),
-            if upper.is_none() {
-                format!(" LIMIT {}", self.chunk_rows)
-            } else {
-                String::new()
-            }
+            spec.keys,
+            self.chunk_rows.saturating_sub(1)
         );
-        self.client.query(&sql, &params).await.map_err(db)
+        let (permit, client) = self.pool.take().await?;
+        let found = client.query_opt(&sql, &params).await;
+        self.pool.give(client);
+        drop(permit);
+        let upper = match found.map_err(db)? {
+            Some(r) => Some(
+                (0..t.key.len())
+                    .map(|i| r.try_get::<_, String>(i).map_err(db))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => {
+                t.exhausted = true;
+                None
+            }
+        };
+        if let Some(u) = &upper {
+            t.after = Some(u.clone());
+        }
+        let chunk = self.next_chunk;
+        self.next_chunk += 1;
+        Ok(Some(Job {
+            chunk,
+            lower: after,
+            upper,
+            new: true,
+            truncate: std::mem::take(&mut t.truncate),
+        }))
     }
 
-    /// The next `chunk_rows` rows of the current keyless table (through a cursor in the order of
-    /// all its columns); empty at its end, when the cursor is closed.
-    async fn fetch_keyless(&mut self) -> Result<Vec<tokio_postgres::Row>, PgSourceError> {
-        let t = &self.tables[self.current];
+    /// The current keyless table's next `chunk_rows` rows (through a cursor in the order of all
+    /// its columns, on the first connection), or `None` at its end.
+    async fn next_keyless(&mut self) -> Result<Option<Chunk>, PgSourceError> {
+        let spec = self.spec.clone().expect("spec set");
+        let client = self.clients[0].clone();
         if !self.cursor_open {
             // Qualified: a bare name would sort by the `::text` output column of that name (so
             // 10 before 9), not by the column's own type.
-            let order: Vec<String> = t
+            let order: Vec<String> = spec
                 .columns
                 .iter()
                 .map(|(c, _)| format!("t.{}", quote_ident(c)))
                 .collect();
-            self.client
+            client
                 .batch_execute(&format!(
-                    "DECLARE tributary_snap NO SCROLL CURSOR FOR SELECT {} FROM {} t{}",
-                    select_list(t),
-                    quote_qualified(&t.schema, &t.name),
+                    "DECLARE tributary_snap NO SCROLL CURSOR FOR {}{}",
+                    spec.select,
                     if order.is_empty() {
                         String::new()
                     } else {
@@ -350,140 +431,287 @@ impl Snapshot {
                 .map_err(db)?;
             self.cursor_open = true;
         }
-        let rows = self
-            .client
+        let rows = client
             .query(
                 &format!("FETCH {} FROM tributary_snap", self.chunk_rows),
                 &[],
             )
             .await
             .map_err(db)?;
+        let t = &mut self.tables[self.current];
         if rows.is_empty() {
-            self.client
+            client
                 .batch_execute("CLOSE tributary_snap")
                 .await
                 .map_err(db)?;
             self.cursor_open = false;
+            if !t.truncate {
+                return Ok(None);
+            }
         }
-        Ok(rows)
+        let job = Job {
+            chunk: self.next_chunk,
+            lower: None,
+            upper: None,
+            new: true,
+            truncate: std::mem::take(&mut t.truncate),
+        };
+        self.next_chunk += 1;
+        let record = ChunkRecord {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+            chunk: job.chunk,
+            upper: None,
+        };
+        let read = decode_chunk(&spec, job, &rows)?;
+        Ok(Some(self.handed_out(read, Some(record))))
     }
 
-    /// Chunk `chunk`'s `rows` of the current table as events (the last one at
-    /// [`chunk_end`]) and dead letters, after a truncate event when one is due.
-    fn chunk_of(
-        &mut self,
-        chunk: u64,
-        rows: &[tokio_postgres::Row],
-        record: Option<ChunkRecord>,
-    ) -> Result<Chunk, PgSourceError> {
+    /// Counts a read chunk into its table's progress.
+    fn handed_out(&mut self, read: ChunkRead, record: Option<ChunkRecord>) -> Chunk {
         let t = &mut self.tables[self.current];
+        if let Some(last) = read.events.last() {
+            t.last_event = Some(last.position.minor as u64);
+        }
+        let rows = read.events.iter().filter(|e| e.op == Op::Snapshot).count() as u64;
+        t.rows += rows;
+        t.dead_letters += read.letters.len() as u64;
         let source = format!("{}.{}", t.schema, t.name);
-        let now = Utc::now();
-        let schema = std::sync::Arc::new(decode::row_schema(
-            t.columns.iter().map(|(c, oid)| (c.as_str(), *oid)),
-            &self.type_names,
-        ));
-        let mut out = Vec::with_capacity(rows.len() + 1);
-        let mut letters = Vec::new();
-        let mut ordinal = chunk << CHUNK_BITS;
-        if std::mem::take(&mut t.truncate) {
-            out.push(ChangeEvent {
-                source: source.clone(),
-                op: Op::Truncate,
-                key: Row::new(),
-                before: None,
-                after: None,
-                schema_version: 1,
-                position: super::position(self.base, ordinal),
-                source_ts: Some(now),
-                embedding: None,
-                text_hash: None,
-                schema: Some(schema.clone()),
-                origin: None,
-            });
-            ordinal += 1;
-        }
-        let mut raw: Vec<Option<&[u8]>> = Vec::with_capacity(t.columns.len());
-        for r in rows {
-            if ordinal >= chunk_end(chunk) {
-                return Err(PgSourceError::Setup(format!(
-                    "{source}: snapshot chunk {chunk} has more than {} rows",
-                    (1u64 << CHUNK_BITS) - 2
-                )));
-            }
-            let position = super::position(self.base, ordinal);
-            ordinal += 1;
-            raw.clear();
-            for i in 0..t.columns.len() {
-                let v: Option<RawText<'_>> = r.try_get(i).map_err(db)?;
-                raw.push(v.map(|v| v.0));
-            }
-            let mut row = Row::new();
-            let mut failed = None;
-            for ((col, oid), v) in t.columns.iter().zip(&raw) {
-                let value = match v {
-                    None => Value::Null,
-                    Some(bytes) => match decode::convert_raw(col, *oid, bytes, &self.type_names) {
-                        Ok(value) => value,
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    },
-                };
-                row.push(col.clone(), value);
-            }
-            if let Some(e) = failed {
-                letters.push(rejected(t, &source, &raw, &e, position, &self.type_names));
-                t.dead_letters += 1;
-                continue;
-            }
-            let mut key = Row::new();
-            for k in &t.key {
-                if let Some(v) = row.get(k) {
-                    key.push(k.clone(), v.clone());
-                }
-            }
-            out.push(ChangeEvent {
-                source: source.clone(),
-                op: Op::Snapshot,
-                key,
-                before: None,
-                after: Some(row),
-                schema_version: 1,
-                position,
-                source_ts: Some(now),
-                embedding: None,
-                text_hash: None,
-                schema: Some(schema.clone()),
-                origin: None,
-            });
-        }
-        if let Some(last) = out.last_mut() {
-            last.position = super::position(self.base, chunk_end(chunk));
-            t.last_event = Some(chunk_end(chunk));
-        }
-        let rows_out = out.iter().filter(|e| e.op == Op::Snapshot).count() as u64;
-        t.rows += rows_out;
         if let Some(bar) = &self.bar {
             bar.set_message(source.clone());
-            bar.inc(rows_out);
+            bar.inc(rows);
         }
-        metrics::counter!("tributary_snapshot_rows_total", "table" => source).increment(rows_out);
-        Ok(Chunk {
-            events: out,
-            letters,
+        metrics::counter!("tributary_snapshot_rows_total", "table" => source).increment(rows);
+        Chunk {
+            events: read.events,
+            letters: read.letters,
             record,
-        })
+        }
     }
 
-    /// Ends the snapshot transaction.
+    /// The current table was read to its end.
+    fn table_read(&mut self) {
+        let t = &mut self.tables[self.current];
+        t.exhausted = true;
+        t.last_ordinal = Some(t.last_event.unwrap_or(0));
+        tracing::info!(table = %format!("{}.{}", t.schema, t.name), rows = t.rows, dead_letters = t.dead_letters, "snapshot of table read");
+        self.current += 1;
+        self.spec = None;
+    }
+
+    fn spec_of(&self, t: &SnapTable) -> TableSpec {
+        TableSpec {
+            source: format!("{}.{}", t.schema, t.name),
+            columns: t.columns.clone(),
+            key: t.key.clone(),
+            select: format!(
+                "SELECT {} FROM {} t",
+                select_list(t),
+                quote_qualified(&t.schema, &t.name)
+            ),
+            keys: t
+                .key
+                .iter()
+                .map(|c| format!("t.{}", quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            key_types: t.key_columns.iter().map(|(_, ty)| ty.clone()).collect(),
+            row_schema: Arc::new(decode::row_schema(
+                t.columns.iter().map(|(c, oid)| (c.as_str(), *oid)),
+                &self.type_names,
+            )),
+            type_names: self.type_names.clone(),
+            base: self.base,
+        }
+    }
+
+    /// Ends the snapshot transactions.
     pub async fn close(self) -> Result<(), PgSourceError> {
         if let Some(bar) = &self.bar {
             bar.finish_with_message("done");
         }
-        self.client.batch_execute("COMMIT").await.map_err(db)
+        for c in &self.clients {
+            c.batch_execute("COMMIT").await.map_err(db)?;
+        }
+        Ok(())
     }
+}
+
+/// A connection in a read-only transaction on the exported snapshot `name`.
+async fn snapshot_client(
+    url: &crate::secret::ConnString,
+    name: &str,
+) -> Result<Client, PgSourceError> {
+    let client = super::sql_connect(url).await?;
+    // A SQL_ASCII database holds bytes unchecked, and the server fails a whole FETCH whose rows
+    // are not valid in the client encoding: read them as stored, to find the row.
+    let encoding: String = client
+        .query_one("SELECT current_setting('server_encoding')", &[])
+        .await
+        .map_err(db)?
+        .try_get(0)
+        .map_err(db)?;
+    if encoding == "SQL_ASCII" {
+        client
+            .batch_execute("SET client_encoding = 'SQL_ASCII'")
+            .await
+            .map_err(db)?;
+    }
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            super::quote_literal(name)
+        ))
+        .await
+        .map_err(db)?;
+    Ok(client)
+}
+
+impl TableSpec {
+    /// The key bound given as `text[]` parameter `$param`, each element cast to its column's type.
+    fn bound(&self, param: usize) -> String {
+        let vals: Vec<String> = self
+            .key_types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| format!("(${param}::text[])[{}]::{ty}", i + 1))
+            .collect();
+        format!("({})", vals.join(", "))
+    }
+}
+
+/// Reads chunk `job` of a keyed table on a free connection and decodes it.
+async fn read_chunk(
+    pool: Arc<Pool>,
+    spec: Arc<TableSpec>,
+    job: Job,
+) -> Result<ChunkRead, PgSourceError> {
+    let mut conds = Vec::new();
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+    if let Some(l) = &job.lower {
+        params.push(l);
+        conds.push(format!("({}) > {}", spec.keys, spec.bound(params.len())));
+    }
+    if let Some(u) = &job.upper {
+        params.push(u);
+        conds.push(format!("({}) <= {}", spec.keys, spec.bound(params.len())));
+    }
+    let sql = format!(
+        "{}{} ORDER BY {}",
+        spec.select,
+        if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        },
+        spec.keys
+    );
+    let (permit, client) = pool.take().await?;
+    let rows = client.query(&sql, &params).await;
+    pool.give(client);
+    drop(permit);
+    let rows = rows.map_err(db)?;
+    // Decoding is the CPU-heavy part: on a blocking thread, beside the other reads.
+    tokio::task::spawn_blocking(move || decode_chunk(&spec, job, &rows))
+        .await
+        .map_err(|e| PgSourceError::Setup(format!("decoding a snapshot chunk failed: {e}")))?
+}
+
+/// Chunk `job`'s `rows` as events (rows from its second ordinal, the last event at
+/// [`chunk_end`]; a truncate event first when one is due) and dead letters.
+fn decode_chunk(
+    spec: &TableSpec,
+    job: Job,
+    rows: &[tokio_postgres::Row],
+) -> Result<ChunkRead, PgSourceError> {
+    let source = &spec.source;
+    let now = Utc::now();
+    let chunk = job.chunk;
+    let mut out = Vec::with_capacity(rows.len() + 1);
+    let mut letters = Vec::new();
+    if job.truncate {
+        out.push(ChangeEvent {
+            source: source.clone(),
+            op: Op::Truncate,
+            key: Row::new(),
+            before: None,
+            after: None,
+            schema_version: 1,
+            position: super::position(spec.base, chunk << CHUNK_BITS),
+            source_ts: Some(now),
+            embedding: None,
+            text_hash: None,
+            schema: Some(spec.row_schema.clone()),
+            origin: None,
+        });
+    }
+    if rows.len() as u64 >= (1 << CHUNK_BITS) - 2 {
+        return Err(PgSourceError::Setup(format!(
+            "{source}: snapshot chunk {chunk} has more than {} rows",
+            (1u64 << CHUNK_BITS) - 3
+        )));
+    }
+    let mut raw: Vec<Option<&[u8]>> = Vec::with_capacity(spec.columns.len());
+    for (ordinal, r) in ((chunk << CHUNK_BITS) + 1..).zip(rows) {
+        let position = super::position(spec.base, ordinal);
+        raw.clear();
+        for i in 0..spec.columns.len() {
+            let v: Option<RawText<'_>> = r.try_get(i).map_err(db)?;
+            raw.push(v.map(|v| v.0));
+        }
+        let mut row = Row::new();
+        let mut failed = None;
+        for ((col, oid), v) in spec.columns.iter().zip(&raw) {
+            let value = match v {
+                None => Value::Null,
+                Some(bytes) => match decode::convert_raw(col, *oid, bytes, &spec.type_names) {
+                    Ok(value) => value,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                },
+            };
+            row.push(col.clone(), value);
+        }
+        if let Some(e) = failed {
+            letters.push(rejected(spec, &raw, &e, position));
+            continue;
+        }
+        let mut key = Row::new();
+        for k in &spec.key {
+            if let Some(v) = row.get(k) {
+                key.push(k.clone(), v.clone());
+            }
+        }
+        out.push(ChangeEvent {
+            source: source.clone(),
+            op: Op::Snapshot,
+            key,
+            before: None,
+            after: Some(row),
+            schema_version: 1,
+            position,
+            source_ts: Some(now),
+            embedding: None,
+            text_hash: None,
+            schema: Some(spec.row_schema.clone()),
+            origin: None,
+        });
+    }
+    let last_key = match rows.last() {
+        Some(r) if !spec.key.is_empty() => Some(key_text(spec, r)?),
+        _ => None,
+    };
+    if let Some(last) = out.last_mut() {
+        last.position = super::position(spec.base, chunk_end(chunk));
+    }
+    Ok(ChunkRead {
+        job,
+        events: out,
+        letters,
+        last_key,
+    })
 }
 
 /// A text column's value as the server sent it, not yet checked to be UTF-8.
@@ -499,22 +727,22 @@ impl<'a> FromSql<'a> for RawText<'a> {
     }
 }
 
-/// The dead letter of snapshot row `raw` of `t`, whose value failed with `error`.
+/// The dead letter of snapshot row `raw` of `spec`'s table, whose value failed with `error`.
 fn rejected(
-    t: &SnapTable,
-    source: &str,
+    spec: &TableSpec,
     raw: &[Option<&[u8]>],
     error: &decode::ValueError,
     position: Position,
-    type_names: &HashMap<u32, String>,
 ) -> DeadLetter {
+    let source = &spec.source;
     let mut key = Row::new();
-    for k in &t.key {
-        let Some(((col, oid), Some(bytes))) = t.columns.iter().zip(raw).find(|((c, _), _)| c == k)
+    for k in &spec.key {
+        let Some(((col, oid), Some(bytes))) =
+            spec.columns.iter().zip(raw).find(|((c, _), _)| c == k)
         else {
             continue;
         };
-        match decode::convert_raw(col, *oid, bytes, type_names) {
+        match decode::convert_raw(col, *oid, bytes, &spec.type_names) {
             Ok(v) => key.push(col.clone(), v),
             Err(_) => {
                 key = Row::new();
@@ -522,7 +750,7 @@ fn rejected(
             }
         }
     }
-    let columns: Vec<&str> = t.columns.iter().map(|(c, _)| c.as_str()).collect();
+    let columns: Vec<&str> = spec.columns.iter().map(|(c, _)| c.as_str()).collect();
     DeadLetter::new(
         source,
         position,
@@ -638,22 +866,29 @@ fn select_list(t: &SnapTable) -> String {
 }
 
 /// Row `r`'s key as text, in key column order (what a chunk's bound is recorded as).
-fn key_text(t: &SnapTable, r: &tokio_postgres::Row) -> Result<Vec<String>, PgSourceError> {
-    t.key_columns
+fn key_text(spec: &TableSpec, r: &tokio_postgres::Row) -> Result<Vec<String>, PgSourceError> {
+    spec.key
         .iter()
-        .map(|(i, _)| {
-            let v: Option<RawText<'_>> = r.try_get(*i).map_err(db)?;
+        .map(|k| {
+            let i = spec
+                .columns
+                .iter()
+                .position(|(c, _)| c == k)
+                .ok_or_else(|| {
+                    PgSourceError::Setup(format!("{}: no key column {k}", spec.source))
+                })?;
+            let v: Option<RawText<'_>> = r.try_get(i).map_err(db)?;
             let bytes = v.map(|v| v.0).ok_or_else(|| {
                 PgSourceError::Setup(format!(
-                    "{}.{}: a primary key column read as NULL",
-                    t.schema, t.name
+                    "{}: a primary key column read as NULL",
+                    spec.source
                 ))
             })?;
             String::from_utf8(bytes.to_vec()).map_err(|_| {
                 PgSourceError::Setup(format!(
-                    "{}.{}: a primary key value is not UTF-8, so the snapshot cannot record \
+                    "{}: a primary key value is not UTF-8, so the snapshot cannot record \
                      where its chunks end",
-                    t.schema, t.name
+                    spec.source
                 ))
             })
         })
