@@ -699,7 +699,10 @@ impl DurableBroker {
             .args(["broker", "--cluster-id", bucket, "--listener-url", &url])
             .args(["--advertised-listener-url", &url])
             .args(["--storage-engine", &format!("s3://{bucket}/")])
+            // Both names: tansu prefers AWS_ENDPOINT_URL, which the services' environment
+            // points at SeaweedFS (where this bucket does not exist).
             .env("AWS_ENDPOINT", env("TRIBUTARY_MOTO_ENDPOINT"))
+            .env("AWS_ENDPOINT_URL", env("TRIBUTARY_MOTO_ENDPOINT"))
             .env("AWS_ALLOW_HTTP", "true")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -2,33 +2,38 @@
 //! exported when it was created (or a temporary slot exported when an interrupted snapshot
 //! resumes), so that nothing is missed or doubled between snapshot and stream.
 //!
-//! Each table is read through a cursor ordered by its primary key (or every column under
-//! `REPLICA IDENTITY FULL` without one) and handed out `chunk_rows` rows at a time. Values are
-//! selected as text and converted by the same [`decode::convert_raw`] the stream uses, so a
-//! snapshot row and a streamed insert of the same row are equal. A row with a value that cannot
-//! be decoded takes its ordinal and becomes a dead letter instead (in a `SQL_ASCII` database the
-//! snapshot reads the bytes as stored, so such a row is found, not an error for its whole chunk).
+//! A keyed table is read in chunks by primary key: the planner finds each chunk's upper key with
+//! an index scan that skips `chunk_rows` keys (`ORDER BY key OFFSET n-1 LIMIT 1`), and
+//! `snapshot_workers` connections, each in a read-only transaction on the same exported snapshot,
+//! read `(lower, upper]` ranges ahead while decoding runs on blocking threads; chunks are handed
+//! out in key order. A table without a primary key (`REPLICA IDENTITY FULL`) is read through a
+//! cursor ordered by every column. Values are selected as text and converted by the same
+//! [`decode::convert_raw`] the stream uses, so a snapshot row and a streamed insert of the same
+//! row are equal. A row with a value that cannot be decoded takes its ordinal and becomes a dead
+//! letter instead (in a `SQL_ASCII` database the snapshot reads the bytes as stored, so such a
+//! row is found, not an error for its whole chunk).
 //!
 //! Which tables are durably done is kept in the source database's state table: a table is
-//! marked done once the pipeline acknowledged its last row, and a restart re-reads only the
-//! others (from a fresh exported snapshot, whose LSN becomes that table's stream filter). The
-//! state table also holds the position of each completely read table's last row: when a crash
-//! lost the acknowledgement after every sink had committed it, the restart learns from the sinks
-//! that the table is durable and does not read it again.
+//! marked done once the pipeline acknowledged its last row. The state table also holds the
+//! position of each completely read table's last row: when a crash lost the acknowledgement
+//! after every sink had committed it, the restart learns from the sinks that the table is durable
+//! and does not read it again. A table not started before a crash is read from the fresh
+//! exported snapshot, whose LSN becomes that table's stream filter.
 //!
-//! Resumable per chunk: a keyed table is read in chunks of `chunk_rows` by key
-//! (`WHERE (key) > (last) ORDER BY key LIMIT n`), and each chunk's upper key is recorded in the
-//! chunk table ([`ChunkRecord`]) before its rows are handed out. Chunk `c`'s rows take the
-//! ordinals `c << CHUNK_BITS | i`, its last event always [`chunk_end`]`(c)`, and the pipeline
-//! never splits a poll's batch across commits, so a sink holds a chunk whole or not at all. A
-//! restart re-reads the recorded chunks some sink may lack (by their key ranges, at their own
-//! ordinals: a sink that holds one skips it whole by position) and continues after the last
-//! recorded key. Those rows are read at restart time, not inside the first snapshot: the slot
-//! still starts at the first snapshot's LSN, and for such a table every change since then is
-//! streamed (no filter), so replaying Bronze by position ends at the source's state and no key
-//! is ever emitted twice as `snapshot`. A table without a primary key (`REPLICA IDENTITY FULL`)
-//! has no key to resume at: it is read again whole from the new snapshot, after a `truncate`
-//! event that tells Bronze and pgvector to forget the rows of the interrupted attempt.
+//! Resumable per chunk: each chunk's upper key is recorded in the chunk table ([`ChunkRecord`])
+//! before its rows are handed out. Chunk `c`'s rows take the ordinals `c << CHUNK_BITS | i`, its
+//! last event always [`chunk_end`]`(c)`, and the pipeline never splits a poll's batch across
+//! commits, so a sink holds a chunk whole or not at all. A restart re-reads the recorded chunks
+//! some sink may lack (by their key ranges, at their own ordinals: a sink that holds one skips it
+//! whole by position) and continues after the last recorded key. Those rows are read at restart
+//! time, not inside the first snapshot: the slot still starts at the first snapshot's LSN, and
+//! for such a table every change since then is streamed (no filter), so replaying Bronze by
+//! position ends at the source's state and no key is ever emitted twice as `snapshot`. A table
+//! without a primary key has no key to resume at: it is read again whole from the new snapshot,
+//! after a `truncate` event that tells Bronze and pgvector to forget the interrupted attempt.
+//!
+//! Not here yet (#17): chunks reconciled with the live stream by watermarks (reads outside a long
+//! transaction, streaming never paused) and snapshots of one table on demand.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
