@@ -522,3 +522,35 @@ async fn a_truncate_alone_after_a_restart_empties_the_table() {
         .get(0);
     assert!(!exists);
 }
+
+/// The first batch a sink ever writes into a new schema may hold nothing but truncates (a
+/// keyless table's snapshot read again after a crash starts with one): the position is still
+/// recorded, so the batch commits and is skipped when replayed. It used to fail with
+/// `_tributary_positions does not exist` on every restart.
+#[tokio::test]
+async fn a_first_batch_of_truncates_only_records_its_position() {
+    let schema = unique("pgv");
+    let client = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let mut sink = PgvectorSink::connect(sink_config(&schema, ""))
+        .await
+        .unwrap();
+    let truncate = ChangeEvent {
+        source: "public.no_key".into(),
+        ..truncate_at(pos(500, 0))
+    };
+    let out = sink.write(std::slice::from_ref(&truncate)).await.unwrap();
+    assert!(out.dead_letters.is_empty());
+    let recorded: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM \"{schema}\"._tributary_positions WHERE source = 'public.no_key'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 1);
+    let mut restarted = PgvectorSink::connect(sink_config(&schema, ""))
+        .await
+        .unwrap();
+    assert_eq!(restarted.write(&[truncate]).await.unwrap().skipped, 1);
+}

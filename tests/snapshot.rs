@@ -114,18 +114,7 @@ print(json.dumps(out))
 sys.stdout.flush()
 os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
 "#;
-    let out = std::process::Command::new(env("TRIBUTARY_PYTHON"))
-        .arg("-c")
-        .arg(script)
-        .arg(lake)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    common::python_json(script, lake)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,19 +46,7 @@ print(json.dumps([t.num_rows, len(pos)]))
 sys.stdout.flush()
 os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
 "#;
-    let out = std::process::Command::new(env("TRIBUTARY_PYTHON"))
-        .arg("-c")
-        .arg(script)
-        .arg(table)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: (u64, u64) = serde_json::from_slice(&out.stdout).unwrap();
-    v
+    serde_json::from_value(python_json(script, table)).unwrap()
 }
 
 /// Every row of a Delta table as a JSON object, read by Python `deltalake` (timestamps as text).
@@ -70,10 +58,16 @@ print(json.dumps(DeltaTable(sys.argv[1]).to_pyarrow_table().to_pylist(), default
 sys.stdout.flush()
 os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
 "#;
+    serde_json::from_value(python_json(script, table)).unwrap()
+}
+
+/// What the Python `script` (run by the services' interpreter with `arg` as `sys.argv[1]`)
+/// prints as JSON; its stderr in the panic when it fails.
+pub fn python_json(script: &str, arg: &std::path::Path) -> serde_json::Value {
     let out = std::process::Command::new(env("TRIBUTARY_PYTHON"))
         .arg("-c")
         .arg(script)
-        .arg(table)
+        .arg(arg)
         .output()
         .unwrap();
     assert!(

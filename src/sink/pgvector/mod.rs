@@ -105,6 +105,9 @@ pub struct PgvectorSink {
     config: Config,
     client: Option<Client>,
     targets: HashMap<String, Target>,
+    /// The positions table exists (checked once per connection: every batch records positions,
+    /// even one of truncates only, whose tables may not exist).
+    positions_ready: bool,
     positions: HashMap<(String, StreamId), Position>,
     stage_seq: u64,
     /// Told about every failed attempt, so readiness turns red while the database is away.
@@ -128,6 +131,7 @@ impl PgvectorSink {
             config,
             client: None,
             targets: HashMap::new(),
+            positions_ready: false,
             positions: HashMap::new(),
             stage_seq: 0,
             health: None,
@@ -171,6 +175,7 @@ impl PgvectorSink {
                 })?;
             // Target tables may have been dropped or re-created meanwhile: look again.
             self.targets.clear();
+            self.positions_ready = false;
             self.client = Some(client);
         }
         self.client
@@ -447,6 +452,10 @@ impl PgvectorSink {
             .client
             .as_ref()
             .ok_or_else(|| PgvectorError::Connection("no connection".into()))?;
+        if !self.positions_ready {
+            table::ensure_positions_table(client, &self.config.schema).await?;
+            self.positions_ready = true;
+        }
         let mut truncated_only: Vec<&str> = Vec::new();
         for e in events {
             if self.targets.contains_key(&e.source) {

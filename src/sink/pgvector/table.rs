@@ -149,7 +149,6 @@ pub async fn ensure(
                 .map_err(PgvectorError::from_pg)?;
         }
     }
-    ensure_positions_table(client, schema).await?;
     let has_index = index_exists(client, schema, &table).await?;
     Ok(Target {
         qualified,
@@ -258,19 +257,21 @@ pub fn positions_table(schema: &str) -> String {
     format!("{}._tributary_positions", quote_ident(schema))
 }
 
-async fn ensure_positions_table(
+pub(super) async fn ensure_positions_table(
     client: &impl GenericClient,
     schema: &str,
 ) -> Result<(), PgvectorError> {
     client
         .batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {} (
+            "CREATE SCHEMA IF NOT EXISTS {};
+             CREATE TABLE IF NOT EXISTS {} (
                source text NOT NULL,
                stream text NOT NULL,
                position jsonb NOT NULL,
                updated_at timestamptz NOT NULL DEFAULT now(),
                PRIMARY KEY (source, stream)
              )",
+            quote_ident(schema),
             positions_table(schema)
         ))
         .await

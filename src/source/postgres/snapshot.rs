@@ -104,8 +104,6 @@ pub struct SnapTable {
     redo: VecDeque<Redo>,
     /// Read only keys after this one (the last recorded chunk's upper key).
     after: Option<Vec<String>>,
-    /// Resumed by key from an earlier attempt: every change since the first snapshot is streamed.
-    pub resumed: bool,
     /// A keyless table read again whole: a truncate event goes first.
     truncate: bool,
     /// The keyed read found no more rows.
@@ -821,7 +819,6 @@ async fn plan_table(
         recorded: false,
         redo: VecDeque::new(),
         after: None,
-        resumed: false,
         truncate: false,
         exhausted: false,
     })
@@ -854,7 +851,6 @@ impl SnapTable {
             lower = Some(upper);
         }
         self.after = lower;
-        self.resumed = true;
     }
 }
 
