@@ -171,46 +171,7 @@ async fn kafka(k: &KafkaSourceConfig, timeout: Duration) -> Result<String, Strin
     let props = k.librdkafka_properties().map_err(|e| e.to_string())?;
     let topics: Vec<String> = k.topics.iter().map(|t| t.name.clone()).collect();
     tokio::task::spawn_blocking(move || {
-        let redactor = crate::source::kafka::redactor(&props);
-        let mut cc = ClientConfig::new();
-        for (key, value) in props.iter() {
-            cc.set(key, value);
-        }
-        let consumer: BaseConsumer<ProbeContext> = cc
-            .create_with_context(ProbeContext::default())
-            .map_err(|e| redactor.redact(&e.to_string()).into_owned())?;
-        // Asked in short rounds, so that a refused login or an untrusted certificate is
-        // reported at once (and before the probe's own timeout) instead of as a time-out.
-        let deadline =
-            std::time::Instant::now() + timeout.saturating_sub(Duration::from_millis(250));
-        let md = loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match consumer.fetch_metadata(None, left.min(Duration::from_secs(1))) {
-                Ok(md) => break md,
-                Err(e) => {
-                    use crate::source::kafka::login;
-                    // librdkafka's error says only "transport failure"; its log line says why.
-                    // Log lines come through the client's queue: serve what is queued.
-                    for _ in 0..20 {
-                        if consumer.poll(Duration::from_millis(20)).is_none() {
-                            break;
-                        }
-                    }
-                    match consumer.context().failure.get() {
-                        Some(reason) if login::is_login_failure(&reason) => {
-                            return Err(login::login_failure(&props, &reason, &redactor));
-                        }
-                        Some(reason) => {
-                            return Err(login::connection_failure(&props, &reason, &redactor));
-                        }
-                        None if left.is_zero() => {
-                            return Err(format!("cannot fetch metadata: {e}"));
-                        }
-                        None => {}
-                    }
-                }
-            }
-        };
+        let (_, md) = kafka_metadata(&props, timeout)?;
         let mut found = Vec::new();
         for name in &topics {
             match md.topics().iter().find(|t| t.name() == name) {
@@ -230,9 +191,58 @@ async fn kafka(k: &KafkaSourceConfig, timeout: Duration) -> Result<String, Strin
     .map_err(|e| e.to_string())?
 }
 
-/// The context of `check`'s Kafka probe: keeps why a broker connection failed.
+/// A consumer for look-ups (no subscription, nothing committed) and the cluster's metadata,
+/// fetched within `timeout` (less a margin, so a caller bounding the whole call by `timeout`
+/// still gets the reason): a refused connection, a refused login or an untrusted certificate is
+/// reported with librdkafka's reason, not as a time-out. Blocking.
+pub(crate) fn kafka_metadata(
+    props: &crate::secret::SecretMap,
+    timeout: Duration,
+) -> Result<(BaseConsumer<ProbeContext>, rdkafka::metadata::Metadata), String> {
+    let redactor = crate::source::kafka::redactor(props);
+    let mut cc = ClientConfig::new();
+    for (key, value) in props.iter() {
+        cc.set(key, value);
+    }
+    let consumer: BaseConsumer<ProbeContext> = cc
+        .create_with_context(ProbeContext::default())
+        .map_err(|e| redactor.redact(&e.to_string()).into_owned())?;
+    // Asked in short rounds, so that a refused login or an untrusted certificate is reported at
+    // once (and before the caller's own timeout) instead of as a time-out.
+    let deadline = std::time::Instant::now() + timeout.saturating_sub(Duration::from_millis(750));
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match consumer.fetch_metadata(None, left.min(Duration::from_secs(1))) {
+            Ok(md) => return Ok((consumer, md)),
+            Err(e) => {
+                use crate::source::kafka::login;
+                // librdkafka's error says only "transport failure"; its log line says why.
+                // Log lines come through the client's queue: serve what is queued.
+                for _ in 0..20 {
+                    if consumer.poll(Duration::from_millis(20)).is_none() {
+                        break;
+                    }
+                }
+                match consumer.context().failure.get() {
+                    Some(reason) if login::is_login_failure(&reason) => {
+                        return Err(login::login_failure(props, &reason, &redactor));
+                    }
+                    Some(reason) => {
+                        return Err(login::connection_failure(props, &reason, &redactor));
+                    }
+                    None if left.is_zero() => {
+                        return Err(format!("cannot fetch metadata: {e}"));
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// The context of the Kafka probe: keeps why a broker connection failed.
 #[derive(Default)]
-struct ProbeContext {
+pub(crate) struct ProbeContext {
     failure: crate::source::kafka::login::LastFailure,
 }
 

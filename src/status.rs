@@ -269,10 +269,7 @@ async fn slot(pg: &PostgresSourceConfig) -> Result<SlotStatus, String> {
 async fn kafka(k: KafkaSourceConfig, timeout: Duration) -> Result<Vec<PartitionStatus>, String> {
     let props = k.librdkafka_properties().map_err(|e| e.to_string())?;
     tokio::task::spawn_blocking(move || {
-        let consumer = crate::check::kafka_consumer(&props)?;
-        let md = consumer
-            .fetch_metadata(None, timeout)
-            .map_err(|e| format!("cannot fetch metadata: {e}"))?;
+        let (consumer, md) = crate::check::kafka_metadata(&props, timeout)?;
         let mut tpl = TopicPartitionList::new();
         for t in &k.topics {
             let topic = md
