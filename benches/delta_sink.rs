@@ -65,6 +65,7 @@ fn events(start: usize, with_embedding: bool) -> Vec<ChangeEvent> {
                 embedding: with_embedding
                     .then(|| (0..DIM).map(|d| ((i + d) % 97) as f32 / 97.0).collect()),
                 text_hash: None,
+                chunks: None,
                 schema: Some(SCHEMA.clone()),
                 origin: None,
             }

@@ -55,6 +55,7 @@ fn event(i: usize, op: Op, lsn: u64, seed: usize) -> ChangeEvent {
         source_ts: None,
         embedding: Some(vector(seed)),
         text_hash: Some(seed as u64),
+        chunks: None,
         schema: None,
         origin: None,
     }

@@ -678,6 +678,12 @@ pub struct ChangeEvent {
     /// the pgvector sink so a later unchanged text can reuse the stored vector.
     #[serde(default)]
     pub text_hash: Option<u64>,
+    /// For a source whose texts are chunked into pgvector rows (`embedding.chunking`, `store =
+    /// "rows"`): every chunk of the text `embedding` (their mean) came from. `None` means "keep
+    /// the stored chunks", exactly as `embedding: None` does. An index concern: Bronze keeps one
+    /// row per change and does not see them.
+    #[serde(skip)]
+    pub chunks: Option<Vec<Chunk>>,
     /// The row's declared columns when the source knows them (PostgreSQL always, Kafka when the
     /// topic declares `columns`); Bronze types those columns instead of keeping them as JSON.
     #[serde(skip)]
@@ -686,6 +692,19 @@ pub struct ChangeEvent {
     /// timestamp, the Debezium `source` block); `None` for PostgreSQL changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Box<Origin>>,
+}
+
+/// One window of a long text and its vector (see [`ChangeEvent::chunks`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    /// 0, 1, … in text order.
+    pub seq: u32,
+    /// Character offsets of the window in the rendered text: `text` is
+    /// `substring(full from start + 1 for end - start)`.
+    pub start: u32,
+    pub end: u32,
+    pub text: String,
+    pub vector: Vec<f32>,
 }
 
 /// What a Kafka message carried besides its key and value, kept in Bronze (`_headers`,
@@ -876,6 +895,7 @@ mod tests {
             source_ts: Some(ts),
             embedding: Some(vec![0.1, 0.2]),
             text_hash: Some(u64::MAX),
+            chunks: None,
             schema: None,
             origin: None,
         };
@@ -908,6 +928,7 @@ mod tests {
             source_ts: None,
             embedding: None,
             text_hash: None,
+            chunks: None,
             schema: None,
             origin: None,
         };

@@ -145,6 +145,7 @@ async fn status_json_reports_what_the_pgvector_sink_holds() {
         source_ts: None,
         embedding: Some(vec![1.0, 0.0]),
         text_hash: None,
+        chunks: None,
         schema: None,
         origin: None,
     };

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use tributary::config::{Config, ConfigError};
+use tributary::config::{ChunkStore, Config, ConfigError};
 
 const GOOD: &str = r#"
 name = "orders-cdc"
@@ -352,4 +352,42 @@ topic = "letters"
         "dead_letter.topic",
         "needs [sources.kafka]",
     );
+}
+
+#[test]
+fn chunking_mistakes_are_named() {
+    let with = |chunking: &str| {
+        GOOD.replacen(
+            "orders = \"{note}\"\n",
+            &format!("orders = \"{{note}}\"\n{chunking}"),
+            1,
+        )
+    };
+    let ok = parse(&with(
+        "[embedding.chunking.orders]\nchunk_tokens = 128\nchunk_overlap = 16\n",
+    ))
+    .unwrap();
+    let c = ok.embedding.as_ref().unwrap().chunking["orders"];
+    assert_eq!(
+        (c.chunk_tokens, c.chunk_overlap, c.store),
+        (128, 16, ChunkStore::Rows)
+    );
+    let err = |chunking: &str| parse(&with(chunking)).expect_err(chunking);
+    assert_key(
+        &err("[embedding.chunking.orders]\nchunk_tokens = 300\n"),
+        "embedding.chunking.\"orders\".chunk_tokens",
+        "outside 8..=254",
+    );
+    assert_key(
+        &err("[embedding.chunking.orders]\nchunk_tokens = 100\nchunk_overlap = 60\n"),
+        "embedding.chunking.\"orders\".chunk_overlap",
+        "more than half",
+    );
+    assert_key(
+        &err("[embedding.chunking.payments]\nchunk_tokens = 100\n"),
+        "embedding.chunking.\"payments\"",
+        "no entry in embedding.templates",
+    );
+    let e = err("[embedding.chunking.orders]\nchunk_tokens = 100\nstore = \"all\"\n");
+    assert!(e.to_string().contains("embedding.chunking"), "{e}");
 }

@@ -94,6 +94,7 @@ fn event(id: i64, position: Position) -> ChangeEvent {
         source_ts: Some(chrono::Utc::now()),
         embedding: Some(vec![id as f32, 0.5, -0.25]),
         text_hash: None,
+        chunks: None,
         schema: None,
         origin: None,
     }

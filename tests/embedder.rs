@@ -205,6 +205,7 @@ fn order(id: i64, note: &str, lsn: u64) -> ChangeEvent {
         source_ts: None,
         embedding: None,
         text_hash: None,
+        chunks: None,
         schema: None,
         origin: None,
     }

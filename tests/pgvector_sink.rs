@@ -64,6 +64,7 @@ fn event(op: Op, id: i32, note: Option<&str>, position: Position) -> ChangeEvent
         source_ts: None,
         embedding: note.map(|_| vec_along(id as usize)),
         text_hash: note.map(|n| n.len() as u64),
+        chunks: None,
         schema: None,
         origin: None,
     }
@@ -453,6 +454,7 @@ fn truncate_at(position: Position) -> ChangeEvent {
         after: None,
         embedding: None,
         text_hash: None,
+        chunks: None,
         ..event(Op::Truncate, 0, None, position)
     }
 }

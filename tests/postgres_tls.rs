@@ -179,6 +179,7 @@ fn item(id: i32, note: &str, lsn: u64) -> ChangeEvent {
         source_ts: None,
         embedding: Some(vec![1.0, 0.0]),
         text_hash: Some(note.len() as u64),
+        chunks: None,
         schema: None,
         origin: None,
     }

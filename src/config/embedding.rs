@@ -41,6 +41,35 @@ pub struct EmbeddingConfig {
     /// Keys whose last text hash and vector are remembered, to skip unchanged texts.
     #[serde(default = "default_cache_capacity")]
     pub cache_capacity: usize,
+    /// Per source with a template: texts longer than `chunk_tokens` are embedded in overlapping
+    /// windows instead of being truncated at `max_length`.
+    #[serde(default)]
+    pub chunking: BTreeMap<String, ChunkingConfig>,
+}
+
+/// `[embedding.chunking."<source>"]`: how a long text is split into windows, and what the
+/// pgvector sink keeps of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkingConfig {
+    /// Tokens per window, special tokens not counted (at most `max_length` − 2); a text of at
+    /// most this many tokens is one chunk, embedded whole.
+    pub chunk_tokens: usize,
+    /// Tokens a window shares with the one before it.
+    #[serde(default)]
+    pub chunk_overlap: usize,
+    /// `rows`: one row per chunk in `<table>_chunks` beside the row's mean vector; `mean`: only
+    /// the mean of the chunk vectors, in the row.
+    #[serde(default)]
+    pub store: ChunkStore,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChunkStore {
+    #[default]
+    Rows,
+    Mean,
 }
 
 impl EmbeddingConfig {
@@ -57,6 +86,7 @@ impl EmbeddingConfig {
             max_wait_ms: default_max_wait_ms(),
             intra_threads: None,
             cache_capacity: default_cache_capacity(),
+            chunking: BTreeMap::new(),
         }
     }
 
@@ -102,6 +132,35 @@ impl EmbeddingConfig {
                     format!(
                         "no configured source is named {source:?} (sources: {})",
                         known.join(", ")
+                    ),
+                ));
+            }
+        }
+        for (source, c) in &self.chunking {
+            let key = format!("embedding.chunking.{source:?}");
+            if !self.templates.contains_key(source) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{source:?} has no entry in embedding.templates: nothing to chunk"),
+                ));
+            }
+            // The model sees a window plus its two special tokens ([CLS] … [SEP]).
+            let most = self.max_length.saturating_sub(2);
+            if !(8..=most).contains(&c.chunk_tokens) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.chunk_tokens"),
+                    format!(
+                        "{} is outside 8..={most} (embedding.max_length − 2)",
+                        c.chunk_tokens
+                    ),
+                ));
+            }
+            if c.chunk_overlap > c.chunk_tokens / 2 {
+                return Err(ConfigError::invalid(
+                    format!("{key}.chunk_overlap"),
+                    format!(
+                        "{} is more than half of chunk_tokens ({})",
+                        c.chunk_overlap, c.chunk_tokens
                     ),
                 ));
             }

@@ -32,7 +32,7 @@ mod validate;
 
 pub use dead_letter::DeadLetterConfig;
 pub use delta::{DELTA_SCHEMES, DeltaSinkConfig};
-pub use embedding::{EmbeddingConfig, Pooling};
+pub use embedding::{ChunkStore, ChunkingConfig, EmbeddingConfig, Pooling};
 pub use kafka::{
     ColumnType, KafkaSourceConfig, MessageFormat, RegistrySettings, SchemaRegistryConfig,
     StartFrom, TopicConfig,

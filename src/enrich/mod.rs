@@ -17,9 +17,15 @@
 //!   hole in it.
 //! - Key moves: an update that moved its row to a new key reuses the old key's vector when the
 //!   text is the same, else embeds.
+//! - Long texts: for a source in `embedding.chunking` a text longer than `chunk_tokens` is
+//!   embedded in overlapping windows ([`chunk`]); the row's vector is their mean, and under
+//!   `store = "rows"` the event carries every chunk for the pgvector chunk table. An unchanged
+//!   text carries no chunks (the sink keeps its rows); a moved row is embedded again, since its
+//!   chunk rows go with the old key.
 //! - Failures: an event that cannot be embedded is returned as a dead letter with the reason;
 //!   the rest of the batch goes on. A model that cannot be loaded stops the stage at start.
 
+pub mod chunk;
 pub mod model;
 mod stage;
 pub mod text;
@@ -31,7 +37,7 @@ use std::sync::Arc;
 pub use model::{Embedder, EnrichError};
 pub use stage::{Enriched, run, spawn};
 
-use crate::config::{EmbeddingConfig, TemplatePart, parse_template};
+use crate::config::{ChunkStore, ChunkingConfig, EmbeddingConfig, TemplatePart, parse_template};
 use crate::dead_letter::DeadLetter;
 use crate::event::{ChangeEvent, Name, Op, Row};
 
@@ -147,6 +153,8 @@ impl<V> Cache<V> {
 pub struct Enricher {
     embedder: Embedder,
     templates: HashMap<String, Vec<TemplatePart>>,
+    chunking: HashMap<String, ChunkingConfig>,
+    normalize: bool,
     cache: Cache<Remembered>,
     rows: toast::RowState,
     max_batch: usize,
@@ -168,8 +176,9 @@ enum Plan {
     Pass,
     /// Reuse: set this vector (or keep the stored one when `None`) and hash.
     Reuse(Option<Arc<Vec<f32>>>, u64),
-    /// Run the model on this text.
-    Embed(String, u64),
+    /// Run the model on these pieces of the text with this hash (the text itself, or its
+    /// windows).
+    Embed(Vec<chunk::Piece>, u64),
 }
 
 impl Enricher {
@@ -190,6 +199,12 @@ impl Enricher {
         Ok(Enricher {
             embedder: Embedder::load(config)?,
             templates,
+            chunking: config
+                .chunking
+                .iter()
+                .map(|(s, c)| (s.clone(), *c))
+                .collect(),
+            normalize: config.normalize,
             cache: Cache::new(config.cache_capacity),
             rows: toast::RowState::new(config.cache_capacity, template_columns),
             max_batch: config.max_batch.max(1),
@@ -254,11 +269,13 @@ impl Enricher {
         let mut texts: Vec<&str> = Vec::new();
         let mut index: HashMap<u64, usize> = HashMap::new();
         for p in &plans {
-            if let Plan::Embed(text, hash) = p {
-                index.entry(*hash).or_insert_with(|| {
-                    texts.push(text);
-                    texts.len() - 1
-                });
+            if let Plan::Embed(pieces, _) = p {
+                for piece in pieces {
+                    index.entry(piece.hash).or_insert_with(|| {
+                        texts.push(&piece.text);
+                        texts.len() - 1
+                    });
+                }
             }
         }
         // Sorted by token length and cut by count and tokens inside the embedder.
@@ -268,19 +285,20 @@ impl Enricher {
             metrics::histogram!("tributary_embed_batch_size").record(run.texts as f64);
             metrics::histogram!("tributary_embed_seconds").record(run.seconds);
         }
-        let vectors: Vec<Option<Result<Arc<Vec<f32>>, String>>> = results
+        let vectors: Vec<Result<Arc<Vec<f32>>, String>> = results
             .into_iter()
             .map(|r| {
                 if r.is_ok() {
                     self.stats.embedded += 1;
                     metrics::counter!("tributary_embed_texts_total").increment(1);
                 }
-                Some(r.map(Arc::new))
+                r.map(Arc::new)
             })
             .collect();
         let mut dead = Vec::new();
+        let missing = "not embedded".to_owned();
         for (e, plan) in events.iter_mut().zip(plans) {
-            let (vector, hash) = match plan {
+            let (vector, hash, chunks) = match plan {
                 Plan::Pass => {
                     match e.op {
                         Op::Delete => self.cache.remove(&cache_key(e)),
@@ -293,19 +311,32 @@ impl Enricher {
                 Plan::Reuse(v, hash) => {
                     self.stats.skipped_unchanged += 1;
                     metrics::counter!("tributary_embed_skipped_unchanged_total").increment(1);
-                    (v, hash)
+                    (v, hash, None)
                 }
-                Plan::Embed(_, hash) => match &vectors[index[&hash]] {
-                    Some(Ok(v)) => (Some(v.clone()), hash),
-                    Some(Err(msg)) => {
-                        dead.push(dead_letter(e, msg));
-                        continue;
-                    }
-                    None => continue,
-                },
+                Plan::Embed(pieces, hash) => {
+                    let got: Result<Vec<Arc<Vec<f32>>>, &String> = pieces
+                        .iter()
+                        .map(|p| match index.get(&p.hash).and_then(|&i| vectors.get(i)) {
+                            Some(Ok(v)) => Ok(v.clone()),
+                            Some(Err(msg)) => Err(msg),
+                            None => Err(&missing),
+                        })
+                        .collect();
+                    let got = match got {
+                        Ok(v) => v,
+                        Err(msg) => {
+                            dead.push(dead_letter(e, msg));
+                            continue;
+                        }
+                    };
+                    let chunking = self.chunking.get(&e.source);
+                    let chunks = chunk::chunks(chunking, &pieces, &got);
+                    (chunk::row_vector(&got, self.normalize), hash, chunks)
+                }
             };
             e.embedding = vector.as_ref().map(|v| v.as_ref().clone());
             e.text_hash = Some(hash);
+            e.chunks = chunks;
             if let Some(old) = toast::old_key(e) {
                 self.cache.remove(&toast::row_key(&e.source, &old));
             }
@@ -322,10 +353,14 @@ impl Enricher {
             return Plan::Pass;
         };
         let key = cache_key(e);
+        let chunking = self.chunking.get(&e.source);
+        let chunk_rows = chunking.is_some_and(|c| c.store == ChunkStore::Rows);
         // A moved row is the old key's row: its vector serves while the text is the same, if
         // this stage holds it (the sink's copy is under the old key, which the move deletes).
+        // Chunk rows cannot be carried over: they are under the old key too.
         let remembered = self.cache.get(&key).or_else(|| {
             toast::old_key(e)
+                .filter(|_| !chunk_rows)
                 .and_then(|old| self.cache.get(&toast::row_key(&e.source, &old)))
                 .filter(|r| r.vector.is_some())
         });
@@ -337,7 +372,7 @@ impl Enricher {
         match remembered {
             Some(r) if r.hash == hash => Plan::Reuse(r.vector.clone(), hash),
             None if stored.get(&key) == Some(&hash) => Plan::Reuse(None, hash),
-            _ => Plan::Embed(text, hash),
+            _ => Plan::Embed(chunk::pieces(&self.embedder, chunking, text, hash), hash),
         }
     }
 }

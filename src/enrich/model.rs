@@ -70,6 +70,8 @@ fn environment() -> Result<&'static ort::environment::Environment, EnrichError> 
 pub struct Embedder {
     session: Session,
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation: it finds the windows of a long text.
+    chunker: Tokenizer,
     dimension: usize,
     pooling: Pooling,
     normalize: bool,
@@ -116,6 +118,10 @@ impl Embedder {
         // Padding is done here, per run, to that run's longest text.
         let pad = tokenizer.get_padding().cloned().unwrap_or_default();
         tokenizer.with_padding(None);
+        let mut chunker = tokenizer.clone();
+        chunker
+            .with_truncation(None)
+            .map_err(|e| EnrichError::Model(format!("{}: {e}", tokenizer_path.display())))?;
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: config.max_length,
@@ -135,6 +141,7 @@ impl Embedder {
         Ok(Embedder {
             session,
             tokenizer,
+            chunker,
             dimension,
             pooling: config.pooling,
             normalize: config.normalize,
@@ -150,6 +157,30 @@ impl Embedder {
     /// Length of every vector this model returns.
     pub fn dimension(&self) -> usize {
         self.dimension
+    }
+
+    /// The windows of `text` (byte ranges, in order) of at most `tokens` tokens each, every one
+    /// sharing about `overlap` tokens with the one before; a text of at most `tokens` tokens is
+    /// one window, the whole text. Windows start and end at word boundaries where a word
+    /// boundary lies in the window's second half, so a window's text tokenizes as it did inside
+    /// the whole text (a window is embedded on its own).
+    pub fn windows(
+        &self,
+        text: &str,
+        tokens: usize,
+        overlap: usize,
+    ) -> Result<Vec<std::ops::Range<usize>>, String> {
+        let encoding = self
+            .chunker
+            .encode(text, false)
+            .map_err(|e| format!("tokenizer: {e}"))?;
+        Ok(windows(
+            encoding.get_offsets(),
+            encoding.get_word_ids(),
+            tokens.max(1),
+            overlap.min(tokens.saturating_sub(1)),
+        )
+        .unwrap_or_else(|| std::iter::once(0..text.len()).collect()))
     }
 
     /// Embeds `texts` as one batch, in order.
@@ -297,6 +328,37 @@ impl Embedder {
     }
 }
 
+/// The byte ranges of the windows over tokens at `offsets` (byte ranges in the text) whose words
+/// are `words`; `None` when the tokens fit in one window.
+fn windows(
+    offsets: &[(usize, usize)],
+    words: &[Option<u32>],
+    tokens: usize,
+    overlap: usize,
+) -> Option<Vec<std::ops::Range<usize>>> {
+    let n = offsets.len();
+    if n <= tokens {
+        return None;
+    }
+    let starts_word = |i: usize| i == 0 || i >= n || words.get(i) != words.get(i - 1);
+    // Backs `i` off towards `floor` to the nearest word start, if one lies above `floor`.
+    let word_start = |i: usize, floor: usize| (floor + 1..=i).rev().find(|&b| starts_word(b));
+    let mut out = Vec::new();
+    let mut start = 0;
+    loop {
+        let mut end = (start + tokens).min(n);
+        if end < n {
+            end = word_start(end, start + tokens / 2).unwrap_or(end);
+        }
+        out.push(offsets[start].0..offsets[end - 1].1);
+        if end == n {
+            return Some(out);
+        }
+        let next = end.saturating_sub(overlap).max(start + 1);
+        start = word_start(next, start + 1).unwrap_or(next);
+    }
+}
+
 /// Lengths of consecutive runs over texts of `lengths` tokens (sorted ascending): each run
 /// holds at most `max_texts` texts and, unless one text alone exceeds it, at most `max_tokens`
 /// padded tokens (texts × the run's longest).
@@ -367,7 +429,28 @@ fn check_signature(session: &Session, path: &Path) -> Result<(String, usize, boo
 
 #[cfg(test)]
 mod tests {
-    use super::cut_runs;
+    use super::{cut_runs, windows};
+
+    #[test]
+    fn windows_overlap_and_end_on_word_starts() {
+        // Ten one-token words "w0 w1 …", 3 bytes each with the space.
+        let offsets: Vec<(usize, usize)> = (0..10).map(|i| (3 * i, 3 * i + 2)).collect();
+        let words: Vec<Option<u32>> = (0..10).map(Some).collect();
+        assert_eq!(windows(&offsets, &words, 10, 2), None);
+        // Windows of 4 sharing 1: tokens 0-3, 3-6, 6-9.
+        assert_eq!(
+            windows(&offsets, &words, 4, 1),
+            Some(vec![0..11, 9..20, 18..29])
+        );
+        // Tokens 3 and 4 are one word ("w3##x"): a window ends before it, the next starts at it.
+        let mut words = words;
+        words[4] = Some(3);
+        let got = windows(&offsets, &words, 4, 0).unwrap();
+        assert_eq!(got[0], 0..8, "the first window ends before the split word");
+        assert_eq!(got[1].start, 9, "the next window starts at the word");
+        // Every token is covered.
+        assert_eq!(got.last().map(|r| r.end), Some(29));
+    }
 
     #[test]
     fn runs_are_cut_by_count_and_by_padded_tokens() {

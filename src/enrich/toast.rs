@@ -325,6 +325,7 @@ mod tests {
             source_ts: None,
             embedding: None,
             text_hash: None,
+            chunks: None,
             schema: None,
             origin: None,
         }

@@ -38,6 +38,7 @@ fn event(id: u64) -> ChangeEvent {
         source_ts: None,
         embedding: None,
         text_hash: None,
+        chunks: None,
         schema: None,
         origin: None,
     }

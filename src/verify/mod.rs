@@ -408,8 +408,14 @@ async fn compare_table<W: Write>(
     } else {
         MIN_COSINE
     });
-    let mut vectors =
-        template.map(|_| VectorCheck::new(ctx.options.all_vectors, ctx.options.sample, min_cosine));
+    let mut vectors = template.map(|_| {
+        VectorCheck::new(
+            source.clone(),
+            ctx.options.all_vectors,
+            ctx.options.sample,
+            min_cosine,
+        )
+    });
     let begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
     let pg_err = |e: tokio_postgres::Error| crate::pg::error_text(&e);
     ctx.source.batch_execute(begin).await.map_err(pg_err)?;

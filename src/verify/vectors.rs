@@ -40,6 +40,18 @@ impl<'a> Model<'a> {
             .map_err(|e| e.clone())
     }
 
+    /// Each text's vector as the enrichment stage of `source` computes it (in chunks where the
+    /// source's texts are chunked).
+    fn embed(&mut self, source: &str, texts: &[&str]) -> Result<Vec<Vec<f32>>, String> {
+        let chunking = self.config.and_then(|c| c.chunking.get(source)).copied();
+        let normalize = self.config.is_none_or(|c| c.normalize);
+        let embedder = self.get()?;
+        match chunking {
+            None => embedder.embed(texts),
+            Some(c) => crate::enrich::chunk::row_vectors(embedder, Some(&c), normalize, texts),
+        }
+    }
+
     fn batch(&self) -> usize {
         self.config.map_or(32, |c| c.max_batch.max(1))
     }
@@ -87,6 +99,7 @@ impl Ord for Candidate {
 }
 
 pub struct VectorCheck {
+    source: String,
     all: bool,
     sample: usize,
     pub min_cosine: f64,
@@ -95,8 +108,9 @@ pub struct VectorCheck {
 }
 
 impl VectorCheck {
-    pub fn new(all: bool, sample: usize, min_cosine: f64) -> Self {
+    pub fn new(source: String, all: bool, sample: usize, min_cosine: f64) -> Self {
         VectorCheck {
+            source,
             all,
             sample,
             min_cosine,
@@ -165,8 +179,7 @@ impl VectorCheck {
         }
         let texts: Vec<&str> = batch.iter().map(|c| c.text.as_str()).collect();
         let fresh = model
-            .get()?
-            .embed(&texts)
+            .embed(&self.source, &texts)
             .map_err(|e| format!("embedding the current text: {e}"))?;
         for (c, fresh) in batch.iter().zip(fresh) {
             rep.counts.sampled += 1;

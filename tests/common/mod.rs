@@ -140,6 +140,7 @@ pub fn insert_event(id: i64, commit: u64, ordinal: u64) -> tributary::event::Cha
         source_ts: None,
         embedding: None,
         text_hash: None,
+        chunks: None,
         schema: None,
         origin: None,
     }

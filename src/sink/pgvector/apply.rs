@@ -13,7 +13,7 @@ use tokio_postgres::{Client, GenericClient};
 
 use super::jsonb::JsonbText;
 use super::table::{Target, key_text, positions_table};
-use super::{PgvectorError, WriteOutcome, load};
+use super::{PgvectorError, WriteOutcome, chunks, load};
 use crate::config::PgvectorSinkConfig as Config;
 use crate::dead_letter::DeadLetter;
 use crate::event::{ChangeEvent, Op, Position, StreamId, Value, json_string, write_json_str};
@@ -125,6 +125,7 @@ fn moved_from(target: &Target, e: &ChangeEvent) -> Option<ChangeEvent> {
         after: None,
         embedding: None,
         text_hash: None,
+        chunks: None,
         schema: None,
         origin: None,
         ..e.clone()
@@ -142,7 +143,11 @@ pub(super) async fn apply_source(
     // A truncate wipes everything before it.
     let start = match events.iter().rposition(|e| e.op == Op::Truncate) {
         Some(i) => {
-            tx.batch_execute(&format!("TRUNCATE {}", target.qualified))
+            let tables = match &target.chunks {
+                Some(chunks) => format!("{}, {chunks}", target.qualified),
+                None => target.qualified.clone(),
+            };
+            tx.batch_execute(&format!("TRUNCATE {tables}"))
                 .await
                 .map_err(PgvectorError::from_pg)?;
             i + 1
@@ -167,7 +172,7 @@ pub(super) async fn apply_source(
             latest.get(&key_of(&old)).copied()
         });
         let row = match from {
-            Some(i) => merged_toast(&merged[i], e),
+            Some(i) => inherited(&merged[i], e),
             None => Cow::Borrowed(*e),
         };
         if e.op == Op::Delete {
@@ -226,10 +231,11 @@ pub(super) async fn apply_source(
         return Ok(0);
     }
     let events: Vec<&ChangeEvent> = rows.iter().map(|(_, e)| *e).collect();
+    *seq += 1;
     if load::try_direct_copy(tx, config, target, &events).await? {
+        chunks::write(tx, config, target, &events, *seq).await?;
         return Ok(rows.len());
     }
-    *seq += 1;
     let stage = format!("_tributary_stage_{seq}");
     let key_cols: Vec<String> = (0..target.keys.len())
         .map(|i| format!("k{i} text"))
@@ -274,19 +280,32 @@ pub(super) async fn apply_source(
     tx.batch_execute(&format!("DROP TABLE {stage}"))
         .await
         .map_err(PgvectorError::from_pg)?;
+    chunks::write(tx, config, target, &events, *seq).await?;
     Ok(rows.len())
 }
 
-/// `later` with its unchanged-TOAST values taken from `earlier` (a change of the same row before
-/// it in the batch) where `earlier` has them.
-fn merged_toast<'a>(earlier: &ChangeEvent, later: &'a ChangeEvent) -> Cow<'a, ChangeEvent> {
+/// `later` with what it leaves to the stored row taken from `earlier` (a change of the same row
+/// before it in the batch), which only the last change per key reaches the table: its
+/// unchanged-TOAST values, and the chunks of an unchanged text (the stored rows are older).
+fn inherited<'a>(earlier: &ChangeEvent, later: &'a ChangeEvent) -> Cow<'a, ChangeEvent> {
+    let inherits_chunks = later.chunks.is_none()
+        && earlier.chunks.is_some()
+        && later.after.is_some()
+        && later.text_hash.is_some()
+        && later.text_hash == earlier.text_hash;
     let (Some(after), Some(before)) = (&later.after, &earlier.after) else {
         return Cow::Borrowed(later);
     };
-    if !after.has_unchanged_toast() {
+    if !after.has_unchanged_toast() && !inherits_chunks {
         return Cow::Borrowed(later);
     }
     let mut merged = later.clone();
+    if inherits_chunks {
+        merged.chunks.clone_from(&earlier.chunks);
+        if merged.embedding.is_none() {
+            merged.embedding.clone_from(&earlier.embedding);
+        }
+    }
     if let Some(row) = merged.after.as_mut() {
         for c in row.columns_mut() {
             if c.value == Value::UnchangedToast

@@ -17,9 +17,11 @@
 //!
 //! How a batch is applied (PostgreSQL ≥ 15, for `MERGE`): binary `COPY` into a temporary staging
 //! table (keys as text, cast by the merge), fill unchanged-TOAST columns from the stored payload,
-//! then one `MERGE` per source table.
+//! then one `MERGE` per source table; the chunk rows of texts embedded in chunks follow it
+//! ([`chunks`]).
 
 mod apply;
+mod chunks;
 mod jsonb;
 mod load;
 mod reject;
@@ -347,7 +349,13 @@ impl PgvectorSink {
             Retry::new("HNSW index build", Patience::Bounded).with_health(self.health.as_ref());
         loop {
             let client = self.client().await?;
-            match table::build_index(&*client, &config, &target).await {
+            let mut built =
+                table::build_index(&*client, &config, &target.qualified, &target.table).await;
+            if let (Ok(()), Some(chunks)) = (&built, &target.chunks) {
+                let name = chunks::table_name(&target.table);
+                built = table::build_index(&*client, &config, chunks, &name).await;
+            }
+            match built {
                 Ok(()) => break,
                 Err(e) => {
                     retry.after(e).await?;
@@ -469,6 +477,17 @@ impl PgvectorSink {
             }
             let target = table::ensure(client, &self.config, &e.source, &e.key).await?;
             self.targets.insert(e.source.clone(), target);
+        }
+        // A source's first chunked text creates its chunk table.
+        for e in events {
+            if e.chunks.is_none() {
+                continue;
+            }
+            if let Some(target) = self.targets.get_mut(&e.source)
+                && target.chunks.is_none()
+            {
+                target.chunks = Some(chunks::ensure(client, &self.config, target).await?);
+            }
         }
         for source in truncated_only {
             if self.targets.contains_key(source) {

@@ -61,6 +61,8 @@ pub struct Target {
     /// Key columns, in key order, with their SQL types.
     pub keys: Vec<(String, &'static str)>,
     pub has_index: bool,
+    /// The chunk table (`"schema"."table_chunks"`, quoted) once there is one ([`super::chunks`]).
+    pub chunks: Option<String>,
 }
 
 impl Target {
@@ -150,11 +152,13 @@ pub async fn ensure(
         }
     }
     let has_index = index_exists(client, schema, &table).await?;
+    let chunks = super::chunks::existing(client, config, &table).await?;
     Ok(Target {
         qualified,
         table,
         keys,
         has_index,
+        chunks,
     })
 }
 
@@ -195,11 +199,13 @@ pub async fn existing(
         keys.push((name, ty));
     }
     let has_index = index_exists(client, &config.schema, &table).await?;
+    let chunks = super::chunks::existing(client, config, &table).await?;
     Ok(Some(Target {
         qualified,
         table,
         keys,
         has_index,
+        chunks,
     }))
 }
 
@@ -297,11 +303,12 @@ async fn index_exists(
     Ok(row.get(0))
 }
 
-/// Builds the HNSW index (once; an existing one is kept).
+/// Builds the HNSW index of the table `qualified` named `table` (once; an existing one is kept).
 pub async fn build_index(
     client: &impl GenericClient,
     config: &Config,
-    target: &Target,
+    qualified: &str,
+    table: &str,
 ) -> Result<(), PgvectorError> {
     let prefix = if config.halfvec { "halfvec" } else { "vector" };
     let ops = match config.index.distance {
@@ -309,7 +316,7 @@ pub async fn build_index(
         Distance::L2 => "l2_ops",
         Distance::InnerProduct => "ip_ops",
     };
-    let name = quote_ident(&format!("{}_embedding_hnsw", truncate(&target.table, 45)));
+    let name = quote_ident(&format!("{}_embedding_hnsw", truncate(table, 45)));
     // A one-off build is far cheaper with room to sort in memory.
     client
         .batch_execute(&format!(
@@ -317,7 +324,7 @@ pub async fn build_index(
              CREATE INDEX IF NOT EXISTS {name} ON {table} USING hnsw (embedding {prefix}_{ops})
                WITH (m = {m}, ef_construction = {ef});
              RESET maintenance_work_mem",
-            table = target.qualified,
+            table = qualified,
             m = config.index.m,
             ef = config.index.ef_construction,
         ))

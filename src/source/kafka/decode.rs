@@ -262,6 +262,7 @@ impl Decoder {
                 source_ts,
                 embedding: None,
                 text_hash: None,
+                chunks: None,
                 schema: schema.0,
                 origin,
             },

@@ -644,6 +644,7 @@ fn decode_chunk(
             source_ts: Some(now),
             embedding: None,
             text_hash: None,
+            chunks: None,
             schema: Some(spec.row_schema.clone()),
             origin: None,
         });
@@ -698,6 +699,7 @@ fn decode_chunk(
             source_ts: Some(now),
             embedding: None,
             text_hash: None,
+            chunks: None,
             schema: Some(spec.row_schema.clone()),
             origin: None,
         });

@@ -452,6 +452,7 @@ impl PostgresSourceReader {
                     source_ts: None::<DateTime<Utc>>,
                     embedding: None,
                     text_hash: None,
+                    chunks: None,
                     schema: self.row_schemas.get(&id).cloned(),
                     origin: None,
                 }))
