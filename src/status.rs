@@ -67,6 +67,21 @@ pub struct SlotStatus {
     pub lag_bytes: Option<i64>,
     /// `reserved`, `extended`, `unreserved` or `lost`.
     pub wal_status: Option<String>,
+    /// Per table of the initial snapshot, how far it is (from the source's state tables).
+    pub snapshot: Vec<SnapshotProgress>,
+}
+
+/// One table's initial snapshot: done, or the rows its recorded chunks read so far against the
+/// planner's estimate, and the time left at the pace between the first and last chunk.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct SnapshotProgress {
+    pub table: String,
+    pub done: bool,
+    pub rows_read: i64,
+    /// `pg_class.reltuples`; `None` before the table was first analyzed.
+    pub rows_estimated: Option<i64>,
+    pub percent: Option<f64>,
+    pub eta_seconds: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -235,8 +250,82 @@ async fn bounded<T>(
         .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
 }
 
+/// The snapshot's progress per table, read from `state_table` and its chunk table (empty when
+/// they do not exist yet).
+pub async fn snapshot_progress(
+    client: &tokio_postgres::Client,
+    pg: &PostgresSourceConfig,
+) -> Result<Vec<SnapshotProgress>, String> {
+    let (schema, name) = crate::config::parse_table_name(&pg.state_table)?;
+    let state = quote_qualified(&schema, &name);
+    let chunks = quote_qualified(&schema, &format!("{name}_chunks"));
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+            &[&state, &chunks],
+        )
+        .await
+        .map_err(|e| error_text(&e))?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            &format!(
+                "SELECT s.schema_name || '.' || s.table_name, s.done,
+                        COALESCE(sum(c.rows), 0)::int8,
+                        (SELECT CASE WHEN k.reltuples >= 0 THEN k.reltuples::int8 END
+                           FROM pg_class k
+                          WHERE k.oid = to_regclass(quote_ident(s.schema_name) || '.'
+                                                    || quote_ident(s.table_name))),
+                        extract(epoch FROM max(c.recorded_at) - min(c.recorded_at))::float8,
+                        COALESCE(sum(c.rows) FILTER (WHERE c.recorded_at > (
+                            SELECT min(f.recorded_at) FROM {chunks} f
+                             WHERE (f.slot, f.schema_name, f.table_name)
+                                 = (s.slot, s.schema_name, s.table_name))), 0)::int8
+                   FROM {state} s
+                   LEFT JOIN {chunks} c USING (slot, schema_name, table_name)
+                  WHERE s.slot = $1
+                  GROUP BY s.slot, s.schema_name, s.table_name, s.done
+                  ORDER BY 1"
+            ),
+            &[&pg.slot],
+        )
+        .await
+        .map_err(|e| error_text(&e))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let (done, read): (bool, i64) = (r.get(1), r.get(2));
+            let estimated: Option<i64> = r.get(3);
+            // Rows read after the first chunk was recorded, over the time since.
+            let (seconds, since_first): (Option<f64>, i64) = (r.get(4), r.get(5));
+            let left = estimated.map(|e| (e - read).max(0));
+            SnapshotProgress {
+                table: r.get(0),
+                done,
+                rows_read: read,
+                rows_estimated: estimated,
+                percent: (!done)
+                    .then_some(estimated)
+                    .flatten()
+                    .filter(|e| *e > 0)
+                    .map(|e| (100.0 * read as f64 / e as f64).min(100.0)),
+                eta_seconds: match (done, seconds, left) {
+                    (false, Some(s), Some(left)) if s > 0.0 && since_first > 0 => {
+                        Some(left as f64 * s / since_first as f64)
+                    }
+                    _ => None,
+                },
+            }
+        })
+        .collect())
+}
+
 async fn slot(pg: &PostgresSourceConfig) -> Result<SlotStatus, String> {
     let client = connect(&pg.url).await?;
+    let snapshot = snapshot_progress(&client, pg).await?;
     let row = client
         .query_opt(
             "SELECT active, confirmed_flush_lsn::text,
@@ -254,6 +343,7 @@ async fn slot(pg: &PostgresSourceConfig) -> Result<SlotStatus, String> {
             acknowledged_lsn: None,
             lag_bytes: None,
             wal_status: None,
+            snapshot,
         },
         Some(r) => SlotStatus {
             slot: pg.slot.clone(),
@@ -262,6 +352,7 @@ async fn slot(pg: &PostgresSourceConfig) -> Result<SlotStatus, String> {
             acknowledged_lsn: r.get(1),
             lag_bytes: r.get(2),
             wal_status: r.get(3),
+            snapshot,
         },
     })
 }
@@ -400,6 +491,18 @@ pub fn render(s: &Status) -> String {
         Some(Section::Ok(slot)) => line(format!("postgres  slot {} does not exist yet", slot.slot)),
         Some(Section::Error(e)) => line(format!("postgres  error: {e}")),
         None => {}
+    }
+    if let Some(Section::Ok(slot)) = &s.postgres {
+        for t in slot.snapshot.iter().filter(|t| !t.done) {
+            line(format!(
+                "snapshot  {}  {} of ~{} rows ({})  eta {}",
+                t.table,
+                t.rows_read,
+                t.rows_estimated.map_or("?".into(), |e| e.to_string()),
+                t.percent.map_or("-".into(), |p| format!("{p:.1}%")),
+                t.eta_seconds.map_or("-".into(), |s| format!("{s:.0}s")),
+            ));
+        }
     }
     match &s.kafka {
         Some(Section::Ok(parts)) => {

@@ -530,6 +530,19 @@ async fn interrupted_snapshot_resumes_without_emitting_completed_tables_again() 
     src.ack(&last_a.position).await.unwrap();
     // Crash in the middle of table b.
     drop(src);
+    // `status` shows how far b's snapshot is: the rows its recorded chunks read, of the
+    // planner's estimate.
+    db.client.batch_execute("ANALYZE b").await.unwrap();
+    let progress = tributary::status::snapshot_progress(&db.client, &cfg)
+        .await
+        .unwrap();
+    let b = progress.iter().find(|t| t.table == "public.b").unwrap();
+    let b_read = first.iter().filter(|e| e.source == "public.b").count() as i64;
+    assert_eq!(
+        (b.done, b.rows_read, b.rows_estimated),
+        (false, b_read, Some(100))
+    );
+    assert_eq!(b.percent, Some(b_read as f64));
     db.client
         .batch_execute("INSERT INTO a VALUES (101, 'a101'); INSERT INTO b VALUES (101, 'b101');")
         .await

@@ -52,7 +52,9 @@ impl PostgresSourceReader {
                  CREATE TABLE IF NOT EXISTS {1} (
                     slot text NOT NULL, schema_name text NOT NULL, table_name text NOT NULL,
                     chunk int8 NOT NULL, upper_key text[],
-                    PRIMARY KEY (slot, schema_name, table_name, chunk))",
+                    PRIMARY KEY (slot, schema_name, table_name, chunk));
+                 ALTER TABLE {1} ADD COLUMN IF NOT EXISTS rows int8,
+                                 ADD COLUMN IF NOT EXISTS recorded_at timestamptz DEFAULT now()",
                 Self::qualified(&self.state_table),
                 Self::qualified(&self.chunk_table)
             ))
@@ -422,10 +424,10 @@ impl PostgresSourceReader {
         self.client
             .execute(
                 &format!(
-                    "INSERT INTO {} (slot, schema_name, table_name, chunk, upper_key)
-                     VALUES ($1, $2, $3, $4, $5)
+                    "INSERT INTO {} (slot, schema_name, table_name, chunk, upper_key, rows)
+                     VALUES ($1, $2, $3, $4, $5, $6)
                      ON CONFLICT (slot, schema_name, table_name, chunk)
-                     DO UPDATE SET upper_key = excluded.upper_key",
+                     DO UPDATE SET upper_key = excluded.upper_key, rows = excluded.rows",
                     Self::qualified(&self.chunk_table)
                 ),
                 &[
@@ -434,6 +436,7 @@ impl PostgresSourceReader {
                     &r.name,
                     &(r.chunk as i64),
                     &r.upper,
+                    &(r.rows as i64),
                 ],
             )
             .await

@@ -64,6 +64,8 @@ pub struct ChunkRecord {
     pub chunk: u64,
     /// The key (as text, in key column order) of its last row; `None` for a table without a key.
     pub upper: Option<Vec<String>>,
+    /// Rows the chunk read (dead letters included): the snapshot's progress in `status`.
+    pub rows: u64,
 }
 
 /// What an interrupted earlier attempt left of a table: its recorded chunks in order, each with
@@ -198,6 +200,14 @@ struct ChunkRead {
     last_key: Option<Vec<String>>,
 }
 
+impl ChunkRead {
+    /// Rows read: snapshot events and dead letters (a truncate is no row).
+    fn rows(&self) -> u64 {
+        let events = self.events.iter().filter(|e| e.op == Op::Snapshot).count();
+        (events + self.letters.len()) as u64
+    }
+}
+
 /// One chunk read: its events, the dead letters of rows in it that cannot be decoded (to be made
 /// durable before any of it is acknowledged), and its record when it is new (to be written
 /// before its events are handed out).
@@ -330,6 +340,7 @@ impl Snapshot {
                 chunk: read.job.chunk,
                 // An open-ended final chunk ends at its last row.
                 upper: read.job.upper.clone().or(read.last_key.clone()),
+                rows: read.rows(),
             });
             if read.events.is_empty() && read.letters.is_empty() {
                 continue;
@@ -460,13 +471,14 @@ impl Snapshot {
             truncate: std::mem::take(&mut t.truncate),
         };
         self.next_chunk += 1;
+        let read = decode_chunk(&spec, job, &rows)?;
         let record = ChunkRecord {
             schema: t.schema.clone(),
             name: t.name.clone(),
-            chunk: job.chunk,
+            chunk: read.job.chunk,
             upper: None,
+            rows: read.rows(),
         };
-        let read = decode_chunk(&spec, job, &rows)?;
         Ok(Some(self.handed_out(read, Some(record))))
     }
 
