@@ -37,7 +37,9 @@ async fn verify_is_clean_after_the_pipeline_and_reports_every_difference() {
         "verifysrc",
         "CREATE TABLE orders (id int PRIMARY KEY, customer text NOT NULL, note text NOT NULL,
                               amount numeric(10,2), weight real, placed timestamptz, tags text[]);
-         INSERT INTO orders SELECT g, 'Customer ' || (g % 5), 'note number ' || g, g * 1.25,
+         INSERT INTO orders SELECT g, 'Customer ' || (g % 5),
+                                   CASE WHEN g <= 2 THEN repeat('the river runs past the old mill ', 100) || g
+                                        ELSE 'note number ' || g END, g * 1.25,
                                    g * 0.1, '2024-01-01 12:00:00+02'::timestamptz + g * interval '1 hour',
                                    ARRAY['t' || g, 'x']
          FROM generate_series(1, 30) g;
@@ -61,6 +63,9 @@ tables = ["orders", "items"]
 model_dir = "{model}"
 [embedding.templates]
 "public.orders" = "{{customer}} wrote: {{note}}"
+[embedding.chunking."public.orders"]
+chunk_tokens = 128
+chunk_overlap = 16
 [sinks.pgvector]
 url = "{pg}"
 schema = "{schema}"
@@ -100,6 +105,21 @@ listen = ""
     .await;
     let (code, log) = stop(run, &config);
     assert_eq!(code, 0, "{log}");
+    // The two long notes (~700 tokens) are in windows of 128 sharing 16; the rest in one each.
+    let chunks = |id: i32| {
+        count(format!(
+            "SELECT count(*) FROM \"{schema}\".orders_chunks WHERE id = {id}"
+        ))
+    };
+    assert!(chunks(1).await >= 6 && chunks(2).await >= 6, "{log}");
+    assert_eq!(
+        count(format!(
+            "SELECT count(*) FROM (SELECT id FROM \"{schema}\".orders_chunks GROUP BY id
+              HAVING count(*) = 1) one"
+        ))
+        .await,
+        28
+    );
 
     // The verify configuration also names a Kafka topic: it is listed as skipped, never read.
     let verify_config = dir.path().join("verify.toml");
