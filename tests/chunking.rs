@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::vectors::cosine;
 use common::{env, pg_connect, unique};
 use tributary::config::{ChunkStore, ChunkingConfig, Config, EmbeddingConfig};
 use tributary::enrich::{Embedder, Enricher};
@@ -59,17 +60,6 @@ fn config(store: ChunkStore) -> EmbeddingConfig {
         },
     );
     cfg
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
 }
 
 fn pos(lsn: u64) -> Position {

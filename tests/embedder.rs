@@ -8,23 +8,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::env;
+use common::vectors::cosine;
 use tributary::config::EmbeddingConfig;
 use tributary::enrich::{Embedder, Enricher, NoLookups};
 use tributary::event::{ChangeEvent, Lsn, Op, Row, Value};
 
 fn model_config() -> EmbeddingConfig {
     EmbeddingConfig::for_model(PathBuf::from(env("TRIBUTARY_MODEL_DIR")))
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
-    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
 }
 
 fn reference() -> Vec<(String, Vec<f32>)> {

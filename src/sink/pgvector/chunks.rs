@@ -20,7 +20,7 @@ use tokio_postgres::types::ToSql;
 
 use super::PgvectorError;
 use super::apply::column_types;
-use super::table::{Target, key_text};
+use super::table::{self, Target, key_text};
 use crate::config::{PgvectorSinkConfig as Config, truncate};
 use crate::event::{ChangeEvent, Op};
 use crate::pg::{quote_ident, quote_qualified};
@@ -54,19 +54,8 @@ pub async fn ensure(
 ) -> Result<String, PgvectorError> {
     let name = table_name(&target.table);
     let qualified = quote_qualified(&config.schema, &name);
-    let storage = if config.halfvec { "halfvec" } else { "vector" };
-    let wanted = format!("{storage}({})", config.dimension);
-    let found: Option<String> = client
-        .query_opt(
-            "SELECT format_type(a.atttypid, a.atttypmod)
-               FROM pg_attribute a
-              WHERE a.attrelid = to_regclass($1) AND a.attname = 'embedding' AND NOT a.attisdropped",
-            &[&qualified],
-        )
-        .await
-        .map_err(PgvectorError::from_pg)?
-        .map(|r| r.get(0));
-    match found {
+    let wanted = table::embedding_type(config);
+    match table::stored_embedding_type(client, &qualified).await? {
         Some(found) if found != wanted => Err(PgvectorError::Config(format!(
             "{}.{name}.embedding is {found} but the configuration (sinks.pgvector.dimension / \
              halfvec) says {wanted}: use another table, or drop it to rebuild",
@@ -99,7 +88,7 @@ pub async fn ensure(
                 .await
                 .map_err(PgvectorError::from_pg)?;
             if config.index.hnsw && target.has_index {
-                super::table::build_index(client, config, &qualified, &name).await?;
+                table::build_index(client, config, &qualified, &name).await?;
             }
             Ok(qualified)
         }

@@ -98,20 +98,9 @@ pub async fn ensure(
              key, or set key_columns for the topic)"
         )));
     }
-    let existing = client
-        .query_opt(
-            "SELECT format_type(a.atttypid, a.atttypmod)
-               FROM pg_attribute a
-              WHERE a.attrelid = to_regclass($1) AND a.attname = 'embedding' AND NOT a.attisdropped",
-            &[&qualified],
-        )
-        .await
-        .map_err(PgvectorError::from_pg)?;
-    let storage = if config.halfvec { "halfvec" } else { "vector" };
-    let wanted = format!("{storage}({})", config.dimension);
-    match existing {
-        Some(row) => {
-            let found: String = row.get(0);
+    let wanted = embedding_type(config);
+    match stored_embedding_type(client, &qualified).await? {
+        Some(found) => {
             if found != wanted {
                 return Err(PgvectorError::Config(format!(
                     "{schema}.{table}.embedding is {found} but the configuration \
@@ -255,6 +244,29 @@ async fn create_extension(client: &impl GenericClient) -> Result<(), PgvectorErr
                 error_text(&e)
             ))
         })
+}
+
+/// The SQL type the configuration wants for `embedding` columns, e.g. `vector(384)`.
+pub fn embedding_type(config: &Config) -> String {
+    let storage = if config.halfvec { "halfvec" } else { "vector" };
+    format!("{storage}({})", config.dimension)
+}
+
+/// The type of the `embedding` column of table `qualified`; `None` when there is no such table.
+pub async fn stored_embedding_type(
+    client: &impl GenericClient,
+    qualified: &str,
+) -> Result<Option<String>, PgvectorError> {
+    Ok(client
+        .query_opt(
+            "SELECT format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a
+              WHERE a.attrelid = to_regclass($1) AND a.attname = 'embedding' AND NOT a.attisdropped",
+            &[&qualified],
+        )
+        .await
+        .map_err(PgvectorError::from_pg)?
+        .map(|r| r.get(0)))
 }
 
 /// Where the sink records, per source stream, the last position it applied — in the same
