@@ -183,6 +183,19 @@ listen = ""
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let (mut interrupted, mut after_done) = (0, 0);
     let started = Instant::now();
+    // What every run logged above DEBUG, for the failure messages below.
+    let mut history = String::new();
+    let keep_log = |history: &mut String, run: usize| {
+        let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+        history.push_str(&format!("--- run {run}\n"));
+        for l in log
+            .lines()
+            .filter(|l| !l.contains("DEBUG") && !l.contains("TRACE"))
+        {
+            history.push_str(l);
+            history.push('\n');
+        }
+    };
     while after_done < 2 {
         x = x
             .wrapping_mul(6364136223846793005)
@@ -196,6 +209,7 @@ listen = ""
         let mut run: Running = run;
         run.0.kill().unwrap();
         run.0.wait().unwrap();
+        keep_log(&mut history, (interrupted + after_done) as usize);
         if done().await {
             after_done += 1;
         } else {
@@ -273,10 +287,22 @@ listen = ""
     );
 
     let bronze = replay(&lake);
-    assert_eq!(
-        bronze["dup_snapshot_keys"], 0,
-        "no key twice as snapshot in Bronze"
-    );
+    if bronze["dup_snapshot_keys"] != 0 {
+        let snapshot_lines: Vec<&str> = history
+            .lines()
+            .filter(|l| {
+                l.starts_with("--- run")
+                    || ["snapshot", "slot", "chunk", "ERROR", "WARN"]
+                        .iter()
+                        .any(|k| l.contains(k))
+            })
+            .collect();
+        panic!(
+            "{} keys twice as snapshot in Bronze; what the runs logged:\n{}",
+            bronze["dup_snapshot_keys"],
+            snapshot_lines.join("\n")
+        );
+    }
     let replayed: BTreeMap<i64, (String, String, Option<String>)> = serde_json::from_value::<
         BTreeMap<String, (String, String, Option<String>)>,
     >(bronze["orders"].clone())
