@@ -91,6 +91,19 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
+    /// Read one table of `[sources.postgres]` again while the connector runs (an on-demand
+    /// snapshot, reconciled with the stream by watermarks: no gap, no duplicate, streaming goes
+    /// on). Waits until every sink holds it, with a progress bar on a terminal.
+    Snapshot {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The table (`schema.table`, or `table` in `public`); published, with a primary key.
+        #[arg(long)]
+        table: String,
+        /// Record the request and exit (follow it with `tributary status`).
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Embed lines of text from stdin: one JSON array of floats per line on stdout.
     Embed {
         /// Model folder (model.onnx + tokenizer.json).
@@ -135,6 +148,11 @@ async fn main() -> ExitCode {
         Command::Run { config } => run(&config).await,
         Command::Check { config, timeout } => check(&config, Duration::from_secs(timeout)).await,
         Command::Embed { model, config } => embed(model, config),
+        Command::Snapshot {
+            config,
+            table,
+            no_wait,
+        } => snapshot(&config, &table, no_wait).await,
         Command::Vacuum { config } => maintain(&config, Maintenance::Vacuum, None).await,
         Command::Compact { config, table } => maintain(&config, Maintenance::Compact, table).await,
         Command::Status {
@@ -406,6 +424,88 @@ async fn verify(path: &std::path::Path, options: &tributary::verify::Options) ->
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// Requests an on-demand snapshot of `table` and (unless `no_wait`) follows it to its end.
+async fn snapshot(path: &std::path::Path, table: &str, no_wait: bool) -> ExitCode {
+    use tributary::source::postgres::incremental;
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(pg) = &config.sources.postgres else {
+        eprint_redacted!(
+            "error: config {}: sources.postgres: section missing (on-demand snapshots read PostgreSQL tables)",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let id = match incremental::request(pg, table).await {
+        Ok(id) => id,
+        Err(e) => {
+            eprint_redacted!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    print_redacted!(
+        "requested snapshot of {table} for slot {} (request {id})",
+        pg.slot
+    );
+    if no_wait {
+        return ExitCode::SUCCESS;
+    }
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "snapshot {msg} [{bar:30}] {human_pos}/~{human_len} rows ({per_sec}, eta {eta})",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(table.to_string());
+        bar
+    });
+    let mut waiting_said = false;
+    let end = incremental::watch(pg, &id, |p| {
+        if let Some(b) = &bar {
+            b.set_length(p.estimated.unwrap_or(0).max(p.rows).max(0) as u64);
+            b.set_position(p.rows.max(0) as u64);
+        } else if !p.started && !waiting_said {
+            waiting_said = true;
+            eprintln!(
+                "waiting for the connector of slot {} to take the request",
+                pg.slot
+            );
+        }
+    })
+    .await;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    match end {
+        Ok(p) if p.error.is_none() => {
+            print_redacted!(
+                "snapshot of {} durable in every sink: {} rows in {:.1} s",
+                p.table,
+                p.rows,
+                p.seconds.unwrap_or(0.0)
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(p) => {
+            eprint_redacted!(
+                "error: snapshot of {} failed: {}",
+                p.table,
+                p.error.unwrap_or_default()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprint_redacted!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

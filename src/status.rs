@@ -76,6 +76,8 @@ pub struct SlotStatus {
 #[derive(Debug, Serialize, PartialEq)]
 pub struct SnapshotProgress {
     pub table: String,
+    /// Requested with `tributary snapshot` while the connector runs (not the initial one).
+    pub on_demand: bool,
     pub done: bool,
     pub rows_read: i64,
     /// `pg_class.reltuples`; `None` before the table was first analyzed.
@@ -304,6 +306,7 @@ pub async fn snapshot_progress(
             let left = estimated.map(|e| (e - read).max(0));
             SnapshotProgress {
                 table: r.get(0),
+                on_demand: false,
                 done,
                 rows_read: read,
                 rows_estimated: estimated,
@@ -323,9 +326,44 @@ pub async fn snapshot_progress(
         .collect())
 }
 
+/// The on-demand snapshots' progress (`tributary snapshot`), oldest first: the time left at the
+/// pace since the request was taken up.
+pub async fn on_demand_progress(
+    client: &tokio_postgres::Client,
+    pg: &PostgresSourceConfig,
+) -> Result<Vec<SnapshotProgress>, String> {
+    use crate::source::postgres::incremental;
+    Ok(incremental::progress(client, pg, None)
+        .await?
+        .into_iter()
+        .map(|p| {
+            let left = p.estimated.map(|e| (e - p.rows).max(0));
+            SnapshotProgress {
+                table: p.table,
+                on_demand: true,
+                done: p.done,
+                rows_read: p.rows,
+                rows_estimated: p.estimated,
+                percent: (!p.done)
+                    .then_some(p.estimated)
+                    .flatten()
+                    .filter(|e| *e > 0)
+                    .map(|e| (100.0 * p.rows as f64 / e as f64).min(100.0)),
+                eta_seconds: match (p.done, p.seconds, left) {
+                    (false, Some(s), Some(left)) if s > 0.0 && p.rows > 0 => {
+                        Some(left as f64 * s / p.rows as f64)
+                    }
+                    _ => None,
+                },
+            }
+        })
+        .collect())
+}
+
 async fn slot(pg: &PostgresSourceConfig) -> Result<SlotStatus, String> {
     let client = connect(&pg.url).await?;
-    let snapshot = snapshot_progress(&client, pg).await?;
+    let mut snapshot = snapshot_progress(&client, pg).await?;
+    snapshot.extend(on_demand_progress(&client, pg).await?);
     let row = client
         .query_opt(
             "SELECT active, confirmed_flush_lsn::text,
@@ -495,8 +533,9 @@ pub fn render(s: &Status) -> String {
     if let Some(Section::Ok(slot)) = &s.postgres {
         for t in slot.snapshot.iter().filter(|t| !t.done) {
             line(format!(
-                "snapshot  {}  {} of ~{} rows ({})  eta {}",
+                "snapshot  {}{}  {} of ~{} rows ({})  eta {}",
                 t.table,
+                if t.on_demand { " (on demand)" } else { "" },
                 t.rows_read,
                 t.rows_estimated.map_or("?".into(), |e| e.to_string()),
                 t.percent.map_or("-".into(), |p| format!("{p:.1}%")),

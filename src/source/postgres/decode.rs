@@ -106,7 +106,14 @@ pub enum Message {
         xid: u32,
         subxid: u32,
     },
-    /// Origin, logical decoding messages: nothing to emit.
+    /// A logical decoding message (`pg_logical_emit_message`), sent when the `messages` option
+    /// is on: the on-demand snapshot's watermarks travel as such.
+    Logical {
+        transactional: bool,
+        prefix: String,
+        content: Vec<u8>,
+    },
+    /// Origin messages: nothing to emit.
     Other,
 }
 
@@ -307,6 +314,17 @@ fn body(tag: u8, r: &mut Reader<'_>) -> Result<Message, DecodeError> {
             r.u8()?;
             let rels = (0..n).map(|_| r.u32()).collect::<Result<_, _>>()?;
             Message::Truncate { rels }
+        }
+        b'M' => {
+            let transactional = r.u8()? & 1 == 1;
+            r.u64()?;
+            let prefix = r.cstr()?;
+            let len = r.u32()? as usize;
+            Message::Logical {
+                transactional,
+                prefix,
+                content: r.take(len)?.to_vec(),
+            }
         }
         _ => Message::Other,
     })
@@ -776,5 +794,31 @@ mod tests {
                 new: vec![TupleValue::Null, TupleValue::Text("ab".into())]
             }
         );
+    }
+
+    #[test]
+    fn logical_messages_carry_prefix_and_content_in_and_out_of_stream_blocks() {
+        let plain = b"M\x01\0\0\0\0\0\0\0\x2atributary\0\0\0\0\x02{}";
+        assert_eq!(
+            parse(plain).unwrap(),
+            Message::Logical {
+                transactional: true,
+                prefix: "tributary".into(),
+                content: b"{}".to_vec()
+            }
+        );
+        let streamed = b"M\0\0\0\x07\0\0\0\0\0\0\0\0\x2ap\0\0\0\0\x01x";
+        assert_eq!(
+            parse_streamed(streamed).unwrap(),
+            (
+                Some(7),
+                Message::Logical {
+                    transactional: false,
+                    prefix: "p".into(),
+                    content: b"x".to_vec()
+                }
+            )
+        );
+        assert!(parse(b"M\x01\0\0\0\0\0\0\0\x2ap\0\0\0\0\x09ab").is_err());
     }
 }

@@ -32,6 +32,7 @@
 //!   unknown relation stops the run too (the stream itself is broken).
 
 pub mod decode;
+pub mod incremental;
 pub mod lookup;
 mod setup;
 pub mod snapshot;
@@ -294,6 +295,10 @@ pub struct PostgresSourceReader {
     dead_letters: DeadLetters,
     /// Dead letters of the transaction being handed out, written before the poll returns.
     pending_letters: Vec<DeadLetter>,
+    /// On-demand snapshots ([`incremental`]).
+    on_demand: incremental::OnDemand,
+    /// A watermark met in the stream asked for this (done before the replay goes on).
+    work: Option<incremental::Action>,
 }
 
 impl PostgresSourceReader {
@@ -329,7 +334,13 @@ impl PostgresSourceReader {
             .get(0);
         let state_table = parse_table_name(&cfg.state_table).map_err(PgSourceError::Setup)?;
         let chunk_table = (state_table.0.clone(), format!("{}_chunks", state_table.1));
-        let mut internal = HashSet::from([source_name(&state_table), source_name(&chunk_table)]);
+        let requests_table =
+            incremental::requests_table(&cfg.state_table).map_err(PgSourceError::Setup)?;
+        let mut internal = HashSet::from([
+            source_name(&state_table),
+            source_name(&chunk_table),
+            source_name(&requests_table),
+        ]);
         if let Some(h) = &cfg.heartbeat_table {
             internal.insert(source_name(
                 &parse_table_name(h).map_err(PgSourceError::Setup)?,
@@ -365,6 +376,8 @@ impl PostgresSourceReader {
             msg_buf: Vec::new(),
             dead_letters: DeadLetters::nowhere(),
             pending_letters: Vec::new(),
+            on_demand: incremental::OnDemand::new(cfg)?,
+            work: None,
         };
         reader.ensure_publication(cfg).await?;
         reader.check_replica_identity().await?;
@@ -465,6 +478,9 @@ impl PostgresSourceReader {
         }
         self.periodic().await?;
         self.ensure_stream().await?;
+        if self.streaming_protocol {
+            self.on_demand.tick(&self.client).await?;
+        }
         let mut out = Vec::new();
         let token = CancellationToken::new();
         let sleep = tokio::time::sleep(wait);
@@ -473,6 +489,13 @@ impl PostgresSourceReader {
         loop {
             if self.replaying.is_some() {
                 self.drain_replay(&mut out, max_events)?;
+                // A watermark stopped the replay: do what it asks, then go on with it.
+                while let Some(action) = self.work.take() {
+                    self.on_watermark(action, &mut out).await?;
+                    if self.replaying.is_some() {
+                        self.drain_replay(&mut out, max_events)?;
+                    }
+                }
                 // Durable before anything of the transaction can be acknowledged.
                 let letters = std::mem::take(&mut self.pending_letters);
                 Self::write_dead_letters(&self.dead_letters, &letters).await?;

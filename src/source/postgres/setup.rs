@@ -65,6 +65,15 @@ impl PostgresSourceReader {
                     self.cfg.state_table,
                     error_text(&e)
                 ))
+            })?;
+        super::incremental::ensure_requests_table(&self.client, self.on_demand.requests_table())
+            .await
+            .map_err(|e| {
+                PgSourceError::Setup(format!(
+                    "creating the on-demand snapshot requests table {}: {}",
+                    source_name(self.on_demand.requests_table()),
+                    error_text(&e)
+                ))
             })
     }
 
@@ -165,6 +174,8 @@ impl PostgresSourceReader {
                 jitter: false,
             },
         )
+        // Logical messages carry the on-demand snapshots' watermarks (PostgreSQL 14 on).
+        .with_messages(self.streaming_protocol)
         .with_slot_options(ReplicationSlotOptions {
             temporary,
             snapshot: Some(snapshot.to_string()),

@@ -165,14 +165,14 @@ impl Pool {
 
 /// What reading and decoding a table's chunk needs, shared by its reads.
 #[derive(Debug)]
-struct TableSpec {
-    source: String,
+pub(super) struct TableSpec {
+    pub(super) source: String,
     columns: Vec<(String, u32)>,
-    key: Vec<String>,
+    pub(super) key: Vec<String>,
     /// `SELECT {cols} FROM {table} t`, the key expression, and each key column's bound
     /// expression for a `text[]` parameter.
-    select: String,
-    keys: String,
+    pub(super) select: String,
+    pub(super) keys: String,
     key_types: Vec<String>,
     row_schema: Arc<crate::event::RowSchema>,
     type_names: Arc<HashMap<u32, String>>,
@@ -181,23 +181,23 @@ struct TableSpec {
 
 /// One chunk's key range: `(lower, upper]`, open where `None`.
 #[derive(Debug, Clone)]
-struct Job {
-    chunk: u64,
-    lower: Option<Vec<String>>,
-    upper: Option<Vec<String>>,
+pub(super) struct Job {
+    pub(super) chunk: u64,
+    pub(super) lower: Option<Vec<String>>,
+    pub(super) upper: Option<Vec<String>>,
     /// Recorded before its rows are handed out (a new chunk, not one read again).
-    new: bool,
+    pub(super) new: bool,
     /// A truncate event goes first.
-    truncate: bool,
+    pub(super) truncate: bool,
 }
 
 /// A chunk read and decoded.
-struct ChunkRead {
-    job: Job,
-    events: Vec<ChangeEvent>,
-    letters: Vec<DeadLetter>,
+pub(super) struct ChunkRead {
+    pub(super) job: Job,
+    pub(super) events: Vec<ChangeEvent>,
+    pub(super) letters: Vec<DeadLetter>,
     /// The key of its last row, as text.
-    last_key: Option<Vec<String>>,
+    pub(super) last_key: Option<Vec<String>>,
 }
 
 impl ChunkRead {
@@ -471,7 +471,7 @@ impl Snapshot {
             truncate: std::mem::take(&mut t.truncate),
         };
         self.next_chunk += 1;
-        let read = decode_chunk(&spec, job, &rows)?;
+        let read = decode_chunk(&spec, job, &rows, spec.base)?;
         let record = ChunkRecord {
             schema: t.schema.clone(),
             name: t.name.clone(),
@@ -515,29 +515,7 @@ impl Snapshot {
     }
 
     fn spec_of(&self, t: &SnapTable) -> TableSpec {
-        TableSpec {
-            source: format!("{}.{}", t.schema, t.name),
-            columns: t.columns.clone(),
-            key: t.key.clone(),
-            select: format!(
-                "SELECT {} FROM {} t",
-                select_list(t),
-                quote_qualified(&t.schema, &t.name)
-            ),
-            keys: t
-                .key
-                .iter()
-                .map(|c| format!("t.{}", quote_ident(c)))
-                .collect::<Vec<_>>()
-                .join(", "),
-            key_types: t.key_columns.iter().map(|(_, ty)| ty.clone()).collect(),
-            row_schema: Arc::new(decode::row_schema(
-                t.columns.iter().map(|(c, oid)| (c.as_str(), *oid)),
-                &self.type_names,
-            )),
-            type_names: self.type_names.clone(),
-            base: self.base,
-        }
+        table_spec(t, &self.type_names, self.base)
     }
 
     /// Ends the snapshot transactions.
@@ -549,6 +527,37 @@ impl Snapshot {
             c.batch_execute("COMMIT").await.map_err(db)?;
         }
         Ok(())
+    }
+}
+
+/// How table `t`'s chunks are read and decoded; `base` is the commit LSN of their positions.
+pub(super) fn table_spec(
+    t: &SnapTable,
+    type_names: &Arc<HashMap<u32, String>>,
+    base: Lsn,
+) -> TableSpec {
+    TableSpec {
+        source: format!("{}.{}", t.schema, t.name),
+        columns: t.columns.clone(),
+        key: t.key.clone(),
+        select: format!(
+            "SELECT {} FROM {} t",
+            select_list(t),
+            quote_qualified(&t.schema, &t.name)
+        ),
+        keys: t
+            .key
+            .iter()
+            .map(|c| format!("t.{}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        key_types: t.key_columns.iter().map(|(_, ty)| ty.clone()).collect(),
+        row_schema: Arc::new(decode::row_schema(
+            t.columns.iter().map(|(c, oid)| (c.as_str(), *oid)),
+            type_names,
+        )),
+        type_names: type_names.clone(),
+        base,
     }
 }
 
@@ -584,7 +593,7 @@ async fn snapshot_client(
 
 impl TableSpec {
     /// The key bound given as `text[]` parameter `$param`, each element cast to its column's type.
-    fn bound(&self, param: usize) -> String {
+    pub(super) fn bound(&self, param: usize) -> String {
         let vals: Vec<String> = self
             .key_types
             .iter()
@@ -627,17 +636,18 @@ async fn read_chunk(
     drop(permit);
     let rows = rows.map_err(db)?;
     // Decoding is the CPU-heavy part: on a blocking thread, beside the other reads.
-    tokio::task::spawn_blocking(move || decode_chunk(&spec, job, &rows))
+    tokio::task::spawn_blocking(move || decode_chunk(&spec, job, &rows, spec.base))
         .await
         .map_err(|e| PgSourceError::Setup(format!("decoding a snapshot chunk failed: {e}")))?
 }
 
-/// Chunk `job`'s `rows` as events (rows from its second ordinal, the last event at
-/// [`chunk_end`]; a truncate event first when one is due) and dead letters.
-fn decode_chunk(
+/// Chunk `job`'s `rows` as events at commit LSN `base` (rows from its second ordinal, the last
+/// event at [`chunk_end`]; a truncate event first when one is due) and dead letters.
+pub(super) fn decode_chunk(
     spec: &TableSpec,
     job: Job,
     rows: &[tokio_postgres::Row],
+    base: Lsn,
 ) -> Result<ChunkRead, PgSourceError> {
     let source = &spec.source;
     let now = Utc::now();
@@ -652,7 +662,7 @@ fn decode_chunk(
             before: None,
             after: None,
             schema_version: 1,
-            position: super::position(spec.base, chunk << CHUNK_BITS),
+            position: super::position(base, chunk << CHUNK_BITS),
             source_ts: Some(now),
             embedding: None,
             text_hash: None,
@@ -669,7 +679,7 @@ fn decode_chunk(
     }
     let mut raw: Vec<Option<&[u8]>> = Vec::with_capacity(spec.columns.len());
     for (ordinal, r) in ((chunk << CHUNK_BITS) + 1..).zip(rows) {
-        let position = super::position(spec.base, ordinal);
+        let position = super::position(base, ordinal);
         raw.clear();
         for i in 0..spec.columns.len() {
             let v: Option<RawText<'_>> = r.try_get(i).map_err(db)?;
@@ -721,7 +731,7 @@ fn decode_chunk(
         _ => None,
     };
     if let Some(last) = out.last_mut() {
-        last.position = super::position(spec.base, chunk_end(chunk));
+        last.position = super::position(base, chunk_end(chunk));
     }
     Ok(ChunkRead {
         job,
@@ -780,7 +790,7 @@ fn rejected(
     )
 }
 
-async fn plan_table(
+pub(super) async fn plan_table(
     client: &Client,
     schema: String,
     name: String,
@@ -881,7 +891,10 @@ fn select_list(t: &SnapTable) -> String {
 }
 
 /// Row `r`'s key as text, in key column order (what a chunk's bound is recorded as).
-fn key_text(spec: &TableSpec, r: &tokio_postgres::Row) -> Result<Vec<String>, PgSourceError> {
+pub(super) fn key_text(
+    spec: &TableSpec,
+    r: &tokio_postgres::Row,
+) -> Result<Vec<String>, PgSourceError> {
     spec.key
         .iter()
         .map(|k| {

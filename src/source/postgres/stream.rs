@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use pg_walstream::{LogicalReplicationStream, ReplicationError};
 
 use super::decode::{self, Message, Relation, TupleValue};
+use super::incremental::{self, Action};
 use super::txbuf::TxBuffer;
 use super::{
     InFlight, PgSourceError, PostgresSourceReader, Replaying, is_permanent_start_error, is_refused,
@@ -245,6 +246,23 @@ impl PostgresSourceReader {
             let (commit_lsn, commit_ts) = (r.commit_lsn, r.commit_ts);
             match msg {
                 Message::Relation(_) | Message::Type { .. } => self.apply_meta(msg),
+                Message::Logical {
+                    transactional: true,
+                    prefix,
+                    content,
+                } if prefix == incremental::PREFIX => match self.on_demand.on_message(&content) {
+                    Action::None => {}
+                    Action::Emit => {
+                        let end_lsn = self.end_lsn_of(commit_lsn);
+                        let chunk = self.on_demand.emit(commit_lsn, end_lsn)?;
+                        self.hand_out_chunk(chunk, commit_ts, out);
+                    }
+                    action => {
+                        // Needs the database: done by the poll before the replay goes on.
+                        self.work = Some(action);
+                        break;
+                    }
+                },
                 Message::Insert { .. }
                 | Message::Update { .. }
                 | Message::Delete { .. }
@@ -269,6 +287,7 @@ impl PostgresSourceReader {
                                 r.last_event = Some(r.ordinal);
                                 ev.position = position;
                                 ev.source_ts = Some(commit_ts);
+                                self.on_demand.saw(&ev);
                                 out.push(ev);
                             }
                             Err(rejected) => {
@@ -283,6 +302,79 @@ impl PostgresSourceReader {
         }
         self.msg_buf = buf;
         Ok(())
+    }
+
+    /// The end LSN of the transaction committed at `commit_lsn` (being handed out).
+    fn end_lsn_of(&self, commit_lsn: Lsn) -> Lsn {
+        self.in_flight
+            .iter()
+            .rev()
+            .find(|f| f.commit_lsn == commit_lsn)
+            .map_or(commit_lsn, |f| f.end_lsn)
+    }
+
+    /// Hands out an on-demand snapshot chunk as the changes of the transaction being replayed
+    /// (its high watermark's): its last event ends the transaction's ordinals.
+    fn hand_out_chunk(
+        &mut self,
+        chunk: incremental::Handout,
+        commit_ts: DateTime<Utc>,
+        out: &mut Vec<ChangeEvent>,
+    ) {
+        let r = self.replaying.as_mut().expect("replaying");
+        if let Some(last) = chunk.events.last() {
+            let end = last.position.minor as u64;
+            r.last_event = Some(end);
+            r.ordinal = end + 1;
+        }
+        self.pending_letters.extend(chunk.letters);
+        out.extend(chunk.events.into_iter().map(|mut ev| {
+            ev.source_ts = Some(commit_ts);
+            ev
+        }));
+    }
+
+    /// Does what a watermark asked for (see [`incremental`]).
+    pub(super) async fn on_watermark(
+        &mut self,
+        action: Action,
+        out: &mut Vec<ChangeEvent>,
+    ) -> Result<(), PgSourceError> {
+        let result = match action {
+            Action::Select => self.on_demand.select(&self.client).await,
+            Action::Redo {
+                lower, upper, last, ..
+            } => {
+                let Some((commit_lsn, commit_ts)) =
+                    self.replaying.as_ref().map(|r| (r.commit_lsn, r.commit_ts))
+                else {
+                    return Ok(());
+                };
+                let end_lsn = self.end_lsn_of(commit_lsn);
+                match self
+                    .on_demand
+                    .redo(&self.client, lower, upper, last, commit_lsn, end_lsn)
+                    .await
+                {
+                    Ok(chunk) => {
+                        self.hand_out_chunk(chunk, commit_ts, out);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Action::None | Action::Emit => Ok(()),
+        };
+        match result {
+            // The table cannot be read as asked (no key any more, dropped, renamed): the request
+            // ends with the error, the stream goes on.
+            Err(PgSourceError::Setup(e)) => self.on_demand.fail(&self.client, &e).await,
+            Err(PgSourceError::Connection(e)) if e.as_db_error().is_some() => {
+                let text = crate::pg::error_text(&e);
+                self.on_demand.fail(&self.client, &text).await
+            }
+            other => other,
+        }
     }
 
     /// Tells the source that everything up to `pos` is durable in every sink. For streamed
@@ -330,6 +422,8 @@ impl PostgresSourceReader {
         if lsn <= self.flushed {
             return Ok(());
         }
+        // On-demand snapshot chunks up to here are durable: recorded before the slot passes them.
+        self.on_demand.record(&self.client, lsn).await?;
         self.flushed = lsn;
         if let Some(s) = self.stream.as_mut().filter(|_| self.started) {
             s.shared_lsn_feedback.update_flushed_lsn(lsn.0);
