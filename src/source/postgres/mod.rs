@@ -7,7 +7,9 @@
 //! - On first start the slot is created on a replication connection with `EXPORT_SNAPSHOT`,
 //!   and every existing row is emitted as `Op::Snapshot` from inside that snapshot
 //!   ([`snapshot`]); streaming then starts at the slot's consistent point, so nothing is missed
-//!   or doubled. Per-table completion is recorded in the state table once acknowledged.
+//!   or doubled. Per-table completion is recorded in the state table once acknowledged. A
+//!   table can be read again while streaming (`tributary snapshot`): [`incremental`]'s chunks
+//!   between watermarks the source writes to the WAL as logical messages.
 //! - Changes stream over the replication protocol (`pg_walstream` for the transport: start-up,
 //!   authentication, TLS, CopyBoth, keepalives, standby status updates). pgoutput messages are
 //!   decoded here ([`decode`]): `pg_walstream`'s own decoder produces its event type, not ours,

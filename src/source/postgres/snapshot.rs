@@ -32,8 +32,8 @@
 //! without a primary key has no key to resume at: it is read again whole from the new snapshot,
 //! after a `truncate` event that tells Bronze and pgvector to forget the interrupted attempt.
 //!
-//! Not here yet (#17): chunks reconciled with the live stream by watermarks (reads outside a long
-//! transaction, streaming never paused) and snapshots of one table on demand.
+//! A snapshot of one table on demand, while the stream runs, is [`super::incremental`]'s: chunks
+//! reconciled with the stream by watermarks, no transaction held open.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
