@@ -375,6 +375,22 @@ async fn snapshot_with_concurrent_writes_misses_and_doubles_nothing() {
     let mut cfg = db.config(&["t"]);
     cfg.snapshot_chunk_rows = 500;
     let mut src = PostgresSourceReader::connect(&cfg).await.unwrap();
+    let connections = async || -> i64 {
+        db.client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(
+        connections().await,
+        i64::from(cfg.snapshot_workers) + 1,
+        "while the snapshot is read the server sees snapshot_workers + 1 connections"
+    );
     // Writes racing the snapshot: committed after the slot exported it.
     let writer = {
         let url = db.url.clone();
@@ -420,6 +436,11 @@ async fn snapshot_with_concurrent_writes_misses_and_doubles_nothing() {
     let mut state = Default::default();
     apply(&mut state, &evs);
     assert_eq!(state, table_state(&db.client, "t").await);
+    assert_eq!(
+        connections().await,
+        2,
+        "once it is read, the snapshot connections are closed (one SQL, one replication)"
+    );
 
     // The table's snapshot is recorded done only once its last row is acknowledged.
     assert!(!snapshot_done(&db).await);

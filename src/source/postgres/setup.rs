@@ -284,9 +284,15 @@ impl PostgresSourceReader {
                 self.record_snapshot_plan(&tables, consistent, 1).await?;
                 self.open_snapshot_at(&name, tables, consistent, consistent, Resumes::default())
                     .await?;
+                // Every snapshot connection imported the exported snapshot, which stays valid in
+                // their transactions: the replication connection closes, so the server sees
+                // `snapshot_workers` + 1 connections while the snapshot is read; the stream
+                // connects anew once it is.
+                drop(stream);
+            } else {
+                // Kept: it becomes the stream.
+                self.stream = Some(stream);
             }
-            // Keep the connection: it becomes the stream once the snapshot is read.
-            self.stream = Some(stream);
             return Ok(());
         }
         // Existing slot: resume an interrupted snapshot, if any.
