@@ -618,6 +618,95 @@ listen = ""
     common::drop_source_db(&admin, &dbname, &slot).await;
 }
 
+/// The process dies right after creating the slot, before the snapshot's plan has its LSN: the
+/// restart takes the snapshot anyway (from a new exported snapshot, which holds the change made
+/// in between), so no row is missing and none is doubled.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_right_after_the_slot_was_created_still_takes_the_snapshot() {
+    let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let (dbname, src_url, src) = common::create_source_db(
+        &admin,
+        "slotplan",
+        "CREATE TABLE items (id int PRIMARY KEY, note text NOT NULL);
+         INSERT INTO items SELECT g, 'note ' || g FROM generate_series(1, 300) g;",
+    )
+    .await;
+    let slot = unique("slot");
+    let schema = unique("slotplan");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+name = "slot-plan-test"
+[sources.postgres]
+url = "{src_url}"
+publication = "items_pub"
+slot = "{slot}"
+tables = ["items"]
+[sinks.delta]
+uri = "{lake}"
+flush_interval_ms = 200
+[sinks.pgvector]
+url = "{pg}"
+schema = "{schema}"
+[pipeline]
+batch_max_wait_ms = 50
+[telemetry]
+listen = ""
+"#,
+            pg = env("TRIBUTARY_PG_URL"),
+            lake = dir.path().join("lake").display(),
+        ),
+    )
+    .unwrap();
+    let run = common::run::start_with_env(
+        &config,
+        &[("FAILPOINTS", "postgres::slot-created-before-plan=return")],
+    );
+    let (code, log) = wait_exit(run, &config).await;
+    assert_ne!(code, Some(0), "the run dies at the crash point: {log}");
+    let slot_exists = admin
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .is_some();
+    assert!(slot_exists, "the slot was created before the crash");
+    src.execute("UPDATE items SET note = 'changed' WHERE id = 7", &[])
+        .await
+        .unwrap();
+    let run = start(&config);
+    let pg = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    wait_for("the snapshot in pgvector", async || {
+        pg.query_one(
+            &format!(
+                "SELECT count(*) = 300 AND bool_or(id = 7 AND payload->>'note' = 'changed')
+                   FROM \"{schema}\".\"items\""
+            ),
+            &[],
+        )
+        .await
+        .is_ok_and(|r| r.get::<_, Option<bool>>(0) == Some(true))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, log) = stop(run, &config);
+    assert_eq!(code, 0, "{log}");
+    let bronze = dir.path().join("lake").join("public.items");
+    assert_eq!(
+        common::bronze_positions(&bronze),
+        (300, 300),
+        "Bronze holds each row once"
+    );
+    drop(src);
+    common::drop_source_db(&admin, &dbname, &slot).await;
+}
+
 /// The TOAST workload, run while the connector is being killed: notes updated while the TOASTed
 /// column stays untouched, the TOASTed column updated and then the note in the next transaction,
 /// key moves, inserts and deletes, each in its own transaction. Returns the row changes.

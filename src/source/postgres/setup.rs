@@ -215,8 +215,12 @@ impl PostgresSourceReader {
                 }
                 wal_status.as_deref() == Some("lost")
             }
-            // Snapshot state without a slot: someone dropped it.
-            None => !state_rows.is_empty(),
+            // Snapshot state without a slot: someone dropped it (unless the state is only the
+            // plan an attempt recorded before its slot was created, LSN 0/0: that attempt died
+            // creating it, and this one starts over).
+            None => state_rows
+                .iter()
+                .any(|r| r.try_get::<_, i64>(2).is_ok_and(|lsn| lsn != 0)),
         };
         let mut slot_exists = slot.is_some();
         if lost {
@@ -259,6 +263,16 @@ impl PostgresSourceReader {
                     .await
                     .map_err(db)?;
             }
+            // The plan goes first (at LSN 0/0): a crash between the slot's creation and the
+            // plan's LSN leaves a slot whose tables the next start reads from a new snapshot,
+            // not a slot without any snapshot.
+            let tables = if want_snapshot {
+                let tables = self.published_tables().await?;
+                self.record_snapshot_plan(&tables, Lsn(0), 1).await?;
+                tables
+            } else {
+                Vec::new()
+            };
             let mode = if want_snapshot { "export" } else { "nothing" };
             let mut stream = LogicalReplicationStream::new(
                 &replication_url(&self.cfg.url)?,
@@ -280,7 +294,9 @@ impl PostgresSourceReader {
                     .ok_or_else(|| {
                         PgSourceError::Setup("the new slot exported no snapshot".into())
                     })?;
-                let tables = self.published_tables().await?;
+                fail::fail_point!("postgres::slot-created-before-plan", |_| {
+                    std::process::abort()
+                });
                 self.record_snapshot_plan(&tables, consistent, 1).await?;
                 self.open_snapshot_at(&name, tables, consistent, consistent, Resumes::default())
                     .await?;
