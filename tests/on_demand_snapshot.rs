@@ -94,12 +94,16 @@ for r in rows("public.orders"):
         else:
             changed.add(k)
 other = sum(1 for r in rows("public.other") if r["_op"] == "snapshot" and r["_position_major"] >= since)
+positions = [(r["_position_major"], r["_position_minor"], r["_op"]) for r in rows("public.orders") if r["_position_major"] >= since]
+changes = [p[:2] for p in positions if p[2] != "snapshot"]
+snaps = [p[:2] for p in positions if p[2] == "snapshot"]
 print(json.dumps({{
     "orders": {{str(k): v for k, v in orders.items()}},
     "on_demand_keys": sorted(snap),
     "on_demand_dups": sum(1 for n in snap.values() if n > 1),
     "changed_keys": sorted(changed),
     "other_snapshot": other,
+    "interleaved": bool(changes and snaps and min(changes) < max(snaps)),
 }}))
 sys.stdout.flush()
 os._exit(0)  # deltalake's runtime threads can abort the interpreter at exit
@@ -186,8 +190,9 @@ struct Setup {
 }
 
 /// A source database with `orders` (ROWS rows) and `other`, a config reading both into Bronze
-/// and pgvector, and the initial snapshot taken and durable.
-async fn setup(prefix: &str) -> Setup {
+/// and pgvector with `snapshot = mode`, and (for `initial`) the initial snapshot taken and
+/// durable.
+async fn setup(prefix: &str, mode: &str) -> Setup {
     let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
     let (_, src_url, src) = common::create_source_db(
         &admin,
@@ -217,6 +222,7 @@ url = "{src_url}"
 publication = "od_pub"
 slot = "{slot}"
 tables = ["orders", "other"]
+snapshot = "{mode}"
 snapshot_chunk_rows = 1500
 [sinks.delta]
 uri = "{lake}"
@@ -234,6 +240,20 @@ listen = ""
         ),
     )
     .unwrap();
+    let pg = pg_connect(&env("TRIBUTARY_PG_URL")).await;
+    let vector_table = format!("\"{schema}\".\"orders\"");
+    if mode != "initial" {
+        return Setup {
+            src,
+            src_url,
+            pg,
+            slot,
+            vector_table,
+            config,
+            lake,
+            _dir: dir,
+        };
+    }
     let run = start(&config);
     wait_for("the initial snapshot to be durable", async || {
         src.query_one(
@@ -250,9 +270,9 @@ listen = ""
     Setup {
         src,
         src_url,
-        pg: pg_connect(&env("TRIBUTARY_PG_URL")).await,
+        pg,
         slot,
-        vector_table: format!("\"{schema}\".\"orders\""),
+        vector_table,
         config,
         lake,
         _dir: dir,
@@ -279,8 +299,10 @@ async fn damage(s: &Setup) {
     assert_eq!((gone, wrong), (300, 300));
 }
 
-/// The end checks shared by both tests, after the workload stopped and a clean run caught up.
-async fn check_end(s: &Setup, since: i64) {
+/// The end checks shared by the tests, after the workload stopped and a clean run caught up;
+/// returns Bronze's replay.
+/// `other_read`: the other table was read too (the initial snapshot), not left alone.
+async fn check_end(s: &Setup, since: i64, other_read: bool) -> serde_json::Value {
     let source = source_orders(&s.src).await;
     let pgvector = pgvector_orders(&s.pg, &s.vector_table).await;
     assert!(
@@ -298,10 +320,12 @@ async fn check_end(s: &Setup, since: i64) {
         bronze["on_demand_dups"], 0,
         "no key twice in the on-demand snapshot"
     );
-    assert_eq!(
-        bronze["other_snapshot"], 0,
-        "the other table got no snapshot rows"
-    );
+    let other = bronze["other_snapshot"].as_i64().unwrap();
+    if other_read {
+        assert!(other > 0, "the other table was read too");
+    } else {
+        assert_eq!(other, 0, "the other table got no snapshot rows");
+    }
     let replayed: Orders = serde_json::from_value::<
         BTreeMap<String, (String, String, Option<String>)>,
     >(bronze["orders"].clone())
@@ -334,6 +358,7 @@ async fn check_end(s: &Setup, since: i64) {
         read.len(),
         source.len()
     );
+    bronze
 }
 
 async fn current_lsn(src: &tokio_postgres::Client) -> i64 {
@@ -345,7 +370,7 @@ async fn current_lsn(src: &tokio_postgres::Client) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_on_demand_snapshot_while_streaming_repairs_pgvector_without_gap_or_duplicate() {
-    let s = setup("ondemand").await;
+    let s = setup("ondemand", "initial").await;
     damage(&s).await;
     // Each chunk's window held open 150 ms: many changes fall between a chunk's SELECT and its
     // high watermark, the rows that must be left out of it.
@@ -382,7 +407,7 @@ async fn an_on_demand_snapshot_while_streaming_repairs_pgvector_without_gap_or_d
         log.contains("rows the stream changed inside the window left out"),
         "some chunk's window saw changes to it (the case the watermarks exist for)"
     );
-    check_end(&s, since).await;
+    check_end(&s, since, false).await;
 
     // The status shows the finished request.
     let status = Command::new(env!("CARGO_BIN_EXE_tributary"))
@@ -402,7 +427,7 @@ async fn an_on_demand_snapshot_while_streaming_repairs_pgvector_without_gap_or_d
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_an_on_demand_snapshot_neither_loses_nor_doubles_a_row() {
-    let s = setup("odkill").await;
+    let s = setup("odkill", "initial").await;
     damage(&s).await;
     let stop_work = Arc::new(AtomicBool::new(false));
     let work = tokio::spawn(workload(s.src_url.clone(), stop_work.clone()));
@@ -464,5 +489,62 @@ async fn sigkill_during_an_on_demand_snapshot_neither_loses_nor_doubles_a_row() 
     .await;
     let (code, log) = stop(run, &s.config);
     assert_eq!(code, 0, "{log}");
-    check_end(&s, since).await;
+    check_end(&s, since, false).await;
+}
+
+/// `snapshot = "incremental"`: the initial load itself runs in chunks between watermarks while
+/// the stream goes on from the slot's creation, and no connection holds a transaction open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_initial_snapshot_streams_meanwhile_and_holds_no_transaction_open() {
+    let s = setup("odinit", "incremental").await;
+    let stop_work = Arc::new(AtomicBool::new(false));
+    let work = tokio::spawn(workload(s.src_url.clone(), stop_work.clone()));
+    let run = start(&s.config);
+    let mut longest: f64 = 0.0;
+    wait_for("the incremental snapshot to be durable", async || {
+        let open: f64 = s
+            .src
+            .query_one(
+                "SELECT coalesce(max(extract(epoch FROM now() - xact_start)), 0)::float8
+                   FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        longest = longest.max(open);
+        s.src
+            .query_one(
+                "SELECT count(*) = 2 AND bool_and(done) AND bool_and(error IS NULL)
+                   FROM public.tributary_snapshot_state_requests WHERE slot = $1",
+                &[&s.slot],
+            )
+            .await
+            .map(|r| r.get::<_, Option<bool>>(0) == Some(true))
+            .unwrap_or(false)
+    })
+    .await;
+    stop_work.store(true, Ordering::Relaxed);
+    assert!(work.await.unwrap() > 100, "the workload ran");
+    let source = source_orders(&s.src).await;
+    wait_for("pgvector to catch up", async || {
+        pgvector_orders(&s.pg, &s.vector_table).await == source
+    })
+    .await;
+    let (code, log) = stop(run, &s.config);
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        !log.contains("initial snapshot read"),
+        "no exported snapshot was read: {log}"
+    );
+    let bronze = check_end(&s, 0, true).await;
+    assert_eq!(
+        bronze["interleaved"], true,
+        "streamed changes reached Bronze between the snapshot's chunks"
+    );
+    assert!(
+        longest < 3.0,
+        "no connection held a transaction open for long (longest {longest:.1} s)"
+    );
 }

@@ -25,7 +25,10 @@ pub struct PostgresSourceConfig {
     /// Publish every table of this schema instead of a list.
     pub schema: Option<String>,
     /// `initial` (default): on first start, emit every existing row as a snapshot read inside
-    /// the snapshot the slot exported; `never`: stream changes only.
+    /// the snapshot the slot exported (parallel, fastest); `incremental`: stream from the start
+    /// and read every table in key chunks between watermarks, as `tributary snapshot` does (no
+    /// transaction held open, streaming never waits; needs primary keys and PostgreSQL 14);
+    /// `never`: stream changes only.
     #[serde(default)]
     pub snapshot: SnapshotMode,
     /// Rows per primary-key chunk while snapshotting.
@@ -91,6 +94,7 @@ impl PostgresSourceConfig {
 pub enum SnapshotMode {
     #[default]
     Initial,
+    Incremental,
     Never,
 }
 

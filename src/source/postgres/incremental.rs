@@ -697,6 +697,16 @@ pub async fn request(cfg: &PostgresSourceConfig, table: &str) -> Result<String, 
                 ))
             })?;
     }
+    enqueue(&client, &requests, &cfg.slot, &t).await
+}
+
+/// Records a request to read table `t` for `slot` in `requests`; returns its id.
+pub(super) async fn enqueue(
+    client: &Client,
+    requests: &(String, String),
+    slot: &str,
+    t: &(String, String),
+) -> Result<String, PgSourceError> {
     let id = uuid::Uuid::new_v4().to_string();
     client
         .execute(
@@ -706,7 +716,7 @@ pub async fn request(cfg: &PostgresSourceConfig, table: &str) -> Result<String, 
                    FROM pg_class WHERE oid = $5::text::regclass",
                 quote_qualified(&requests.0, &requests.1)
             ),
-            &[&cfg.slot, &id, &t.0, &t.1, &quote_qualified(&t.0, &t.1)],
+            &[&slot, &id, &t.0, &t.1, &quote_qualified(&t.0, &t.1)],
         )
         .await
         .map_err(db)?;

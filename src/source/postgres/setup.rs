@@ -253,6 +253,10 @@ impl PostgresSourceReader {
             }
         }
         let want_snapshot = self.cfg.snapshot == SnapshotMode::Initial;
+        let incremental = self.cfg.snapshot == SnapshotMode::Incremental;
+        if incremental {
+            self.check_incremental().await?;
+        }
         if !slot_exists {
             for t in [&self.state_table, &self.chunk_table] {
                 self.client
@@ -266,7 +270,7 @@ impl PostgresSourceReader {
             // The plan goes first (at LSN 0/0): a crash between the slot's creation and the
             // plan's LSN leaves a slot whose tables the next start reads from a new snapshot,
             // not a slot without any snapshot.
-            let tables = if want_snapshot {
+            let tables = if want_snapshot || incremental {
                 let tables = self.published_tables().await?;
                 self.record_snapshot_plan(&tables, Lsn(0), 1).await?;
                 tables
@@ -306,6 +310,9 @@ impl PostgresSourceReader {
                 // connects anew once it is.
                 drop(stream);
             } else {
+                if incremental {
+                    self.plan_incremental(&tables, consistent).await?;
+                }
                 // Kept: it becomes the stream.
                 self.stream = Some(stream);
             }
@@ -344,7 +351,7 @@ impl PostgresSourceReader {
         // A table added to the publication since the slot's initial snapshot: its existing rows
         // are read like an interrupted table's, from a fresh snapshot whose LSN filters its
         // stream (a slot created without a snapshot keeps `never` for tables added later too).
-        if want_snapshot && !state_rows.is_empty() {
+        if (want_snapshot || incremental) && !state_rows.is_empty() {
             let added: Vec<(String, String)> = self
                 .published_tables()
                 .await?
@@ -355,6 +362,12 @@ impl PostgresSourceReader {
                 tracing::info!(tables = ?added.iter().map(source_name).collect::<Vec<_>>(), "tables new to the publication: taking their snapshot");
                 pending.extend(added);
             }
+        }
+        if incremental && !pending.is_empty() {
+            // Planned but not handed to the on-demand reader yet (a crash came in between), or
+            // new to the publication: read while streaming, like the rest.
+            let confirmed = slot.map(|s| s.2).unwrap_or(Lsn(0));
+            return self.plan_incremental(&pending, confirmed).await;
         }
         if !pending.is_empty() {
             let confirmed = slot.map(|s| s.2).unwrap_or(Lsn(0));
@@ -398,6 +411,95 @@ impl PostgresSourceReader {
             drop(temp);
         }
         Ok(())
+    }
+
+    /// `snapshot = "incremental"`: the `tables` are noted done in the state table at `lsn` (no
+    /// exported snapshot to read; their stream starts there) and requested from the on-demand
+    /// reader, in one transaction, so a crash leaves either the plan to do again or both.
+    async fn plan_incremental(
+        &mut self,
+        tables: &[(String, String)],
+        lsn: Lsn,
+    ) -> Result<(), PgSourceError> {
+        self.client.batch_execute("BEGIN").await.map_err(db)?;
+        let planned = async {
+            self.record_snapshot_plan(tables, lsn, 1).await?;
+            for t in tables {
+                self.client
+                    .execute(
+                        &format!(
+                            "UPDATE {} SET done = true, done_at = now()
+                             WHERE slot = $1 AND schema_name = $2 AND table_name = $3",
+                            Self::qualified(&self.state_table)
+                        ),
+                        &[&self.cfg.slot, &t.0, &t.1],
+                    )
+                    .await
+                    .map_err(db)?;
+                super::incremental::enqueue(
+                    &self.client,
+                    self.on_demand.requests_table(),
+                    &self.cfg.slot,
+                    t,
+                )
+                .await?;
+            }
+            self.client.batch_execute("COMMIT").await.map_err(db)
+        }
+        .await;
+        if planned.is_err() {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        planned?;
+        for t in tables {
+            self.snapshot_lsn.insert(source_name(t), lsn);
+        }
+        tracing::info!(
+            tables = tables.len(),
+            "incremental snapshot planned: tables are read in chunks while streaming"
+        );
+        Ok(())
+    }
+
+    /// `snapshot = "incremental"` reads key ranges and logical messages: every published table
+    /// needs a primary key, the server PostgreSQL 14.
+    async fn check_incremental(&self) -> Result<(), PgSourceError> {
+        if !self.streaming_protocol {
+            return Err(PgSourceError::Setup(
+                "sources.postgres.snapshot = \"incremental\" needs PostgreSQL 14 or later \
+                 (logical messages in pgoutput); use \"initial\""
+                    .into(),
+            ));
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT quote_ident(p.schemaname) || '.' || quote_ident(p.tablename)
+                 FROM pg_publication_tables p
+                 WHERE p.pubname = $1 AND NOT EXISTS (
+                    SELECT 1 FROM pg_index i
+                    WHERE i.indrelid = (quote_ident(p.schemaname) || '.' || quote_ident(p.tablename))::regclass
+                      AND i.indisprimary)
+                 ORDER BY 1",
+                &[&self.cfg.publication],
+            )
+            .await
+            .map_err(db)?;
+        let keyless: Vec<String> = rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|t| {
+                parse_table_name(t).is_ok_and(|n| !self.internal.contains(&source_name(&n)))
+            })
+            .collect();
+        if keyless.is_empty() {
+            return Ok(());
+        }
+        Err(PgSourceError::Setup(format!(
+            "sources.postgres.snapshot = \"incremental\" reads tables in primary-key ranges, and \
+             these have no primary key: {}; add one or use snapshot = \"initial\"",
+            keyless.join(", ")
+        )))
     }
 
     /// Whether every sink holds table `t`'s snapshot up to its `last` row; if so, it is marked
