@@ -10,8 +10,9 @@
 //! sink's committed row count, polled every 20 ms; `flush_interval_ms = 500`, so the last rows
 //! wait at most half a second for their commit). The reader alone
 //! (`PostgresSourceReader::poll` until the snapshot is read, nothing else) is measured beside
-//! it, as are process and server CPU, to say what bounds the rate. Each measurement runs 3 times;
-//! medians are reported.
+//! it, as are process and server CPU, to say what bounds the rate. Last, the same run with
+//! `snapshot = "incremental"` (chunks between watermarks while streaming, no exported
+//! snapshot). Each measurement runs 3 times; medians are reported.
 
 use std::time::{Duration, Instant};
 
@@ -221,7 +222,7 @@ async fn main() {
     };
     row("`COPY orders TO STDOUT (FORMAT binary)`", &copy);
 
-    let mut n = 0;
+    let mut n: u32 = 0;
     for &w in &workers {
         // The reader alone.
         let mut alone = Vec::new();
@@ -258,20 +259,51 @@ async fn main() {
         let mut run = Vec::new();
         for _ in 0..RUNS {
             n += 1;
-            let slot = format!("bench_snap_{}_{n}", std::process::id());
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("bench.toml");
-            std::fs::write(
-                &path,
-                format!(
-                    r#"
+            run.push(
+                run_into_bronze(&admin, &db_url, rows, n, &format!("snapshot_workers = {w}")).await,
+            );
+        }
+        row(&format!("`tributary run` into Bronze, {w} worker(s)"), &run);
+    }
+    // The same load through watermarked chunks while streaming (no exported snapshot).
+    let mut run = Vec::new();
+    for _ in 0..RUNS {
+        n += 1;
+        run.push(run_into_bronze(&admin, &db_url, rows, n, r#"snapshot = "incremental""#).await);
+    }
+    row(
+        "`tributary run` into Bronze, `snapshot = \"incremental\"`",
+        &run,
+    );
+    drop(client);
+    let _ = admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await;
+}
+
+/// `tributary run` (in this process) from its start until Bronze holds `rows` rows of
+/// `orders`; `source` is added to `[sources.postgres]`; run `n` names its slot.
+async fn run_into_bronze(
+    admin: &tokio_postgres::Client,
+    db_url: &str,
+    rows: i64,
+    n: u32,
+    source: &str,
+) -> Measured {
+    let slot = format!("bench_snap_{}_{n}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
 name = "bench-snapshot"
 [sources.postgres]
 url = "{db_url}"
 publication = "bench_snap_pub"
 slot = "{slot}"
 tables = ["orders"]
-snapshot_workers = {w}
+{source}
 [sinks.delta]
 uri = "{lake}"
 flush_interval_ms = 500
@@ -282,41 +314,33 @@ batch_max_events = 10000
 [telemetry]
 listen = ""
 "#,
-                    lake = dir.path().join("lake").display(),
-                    dlq = dir.path().join("dlq.jsonl").display(),
-                ),
-            )
-            .unwrap();
-            let config = Config::load(&path).unwrap();
-            let sink =
-                DeltaSink::new("bench-snapshot", config.sinks.delta.as_ref().unwrap()).unwrap();
-            let stop = std::sync::Arc::new(tokio::sync::Notify::new());
-            let s = stop.clone();
-            let mut task = None;
-            let m = measure(rows, async {
-                let t = task.insert(tokio::spawn(tributary::pipeline::run(config, async move {
-                    s.notified().await
-                })));
-                loop {
-                    if let Ok(s) = sink.summary("public.orders").await
-                        && s.rows >= rows as u64
-                    {
-                        break;
-                    }
-                    assert!(!t.is_finished(), "the run ended early");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })
-            .await;
-            stop.notify_one();
-            task.expect("spawned").await.unwrap().unwrap();
-            run.push(m);
-            drop_slot(&admin, &slot).await;
+            lake = dir.path().join("lake").display(),
+            dlq = dir.path().join("dlq.jsonl").display(),
+        ),
+    )
+    .unwrap();
+    let config = Config::load(&path).unwrap();
+    let sink = DeltaSink::new("bench-snapshot", config.sinks.delta.as_ref().unwrap()).unwrap();
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let s = stop.clone();
+    let mut task = None;
+    let m = measure(rows, async {
+        let t = task.insert(tokio::spawn(tributary::pipeline::run(config, async move {
+            s.notified().await
+        })));
+        loop {
+            if let Ok(s) = sink.summary("public.orders").await
+                && s.rows >= rows as u64
+            {
+                break;
+            }
+            assert!(!t.is_finished(), "the run ended early");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        row(&format!("`tributary run` into Bronze, {w} worker(s)"), &run);
-    }
-    drop(client);
-    let _ = admin
-        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
-        .await;
+    })
+    .await;
+    stop.notify_one();
+    task.expect("spawned").await.unwrap().unwrap();
+    drop_slot(admin, &slot).await;
+    m
 }

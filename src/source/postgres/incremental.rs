@@ -248,7 +248,7 @@ impl OnDemand {
         let rows = client
             .query(
                 &format!(
-                    "SELECT id, schema_name, table_name, chunk, after_key, rows FROM {}
+                    "SELECT id, schema_name, table_name, chunk, after_key, rows, estimated FROM {}
                      WHERE slot = $1 AND NOT done ORDER BY requested_at, id",
                     self.qualified()
                 ),
@@ -263,6 +263,10 @@ impl OnDemand {
             }
             let table = (r.try_get(1).map_err(db)?, r.try_get(2).map_err(db)?);
             tracing::info!(table = %source_name(&table), request = %id, "on-demand snapshot requested");
+            if let Some(e) = r.try_get::<_, Option<i64>>(6).map_err(db)? {
+                metrics::gauge!("tributary_snapshot_rows_estimated", "table" => source_name(&table))
+                    .set(e.max(0) as f64);
+            }
             self.queue.push_back(Request {
                 id,
                 table,
