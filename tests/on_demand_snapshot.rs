@@ -361,6 +361,26 @@ async fn check_end(s: &Setup, since: i64, other_read: bool) -> serde_json::Value
     bronze
 }
 
+/// Stops the workload, waits until pgvector equals the source, stops `run` (exit 0) and returns
+/// its log.
+async fn settle(
+    s: &Setup,
+    stop_work: &AtomicBool,
+    work: tokio::task::JoinHandle<u64>,
+    run: common::run::Running,
+) -> String {
+    stop_work.store(true, Ordering::Relaxed);
+    assert!(work.await.unwrap() > 100, "the workload ran");
+    let source = source_orders(&s.src).await;
+    wait_for("pgvector to catch up", async || {
+        pgvector_orders(&s.pg, &s.vector_table).await == source
+    })
+    .await;
+    let (code, log) = stop(run, &s.config);
+    assert_eq!(code, 0, "{log}");
+    log
+}
+
 async fn current_lsn(src: &tokio_postgres::Client) -> i64 {
     src.query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[])
         .await
@@ -393,15 +413,7 @@ async fn an_on_demand_snapshot_while_streaming_repairs_pgvector_without_gap_or_d
     .unwrap();
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("durable in every sink"), "{out}");
-    stop_work.store(true, Ordering::Relaxed);
-    assert!(work.await.unwrap() > 100, "the workload ran");
-    let source = source_orders(&s.src).await;
-    wait_for("pgvector to catch up", async || {
-        pgvector_orders(&s.pg, &s.vector_table).await == source
-    })
-    .await;
-    let (code, log) = stop(run, &s.config);
-    assert_eq!(code, 0, "{log}");
+    let log = settle(&s, &stop_work, work, run).await;
     assert!(log.contains("on-demand snapshot durable"), "{log}");
     assert!(
         log.contains("rows the stream changed inside the window left out"),
@@ -479,16 +491,8 @@ async fn sigkill_during_an_on_demand_snapshot_neither_loses_nor_doubles_a_row() 
         kills >= 2 && progressed >= 1,
         "the snapshot was killed {kills} times, {progressed} of them after progress"
     );
-    stop_work.store(true, Ordering::Relaxed);
-    assert!(work.await.unwrap() > 100, "the workload ran");
     let run = start(&s.config);
-    let source = source_orders(&s.src).await;
-    wait_for("pgvector to catch up", async || {
-        pgvector_orders(&s.pg, &s.vector_table).await == source
-    })
-    .await;
-    let (code, log) = stop(run, &s.config);
-    assert_eq!(code, 0, "{log}");
+    settle(&s, &stop_work, work, run).await;
     check_end(&s, since, false).await;
 }
 
@@ -525,15 +529,7 @@ async fn an_incremental_initial_snapshot_streams_meanwhile_and_holds_no_transact
             .unwrap_or(false)
     })
     .await;
-    stop_work.store(true, Ordering::Relaxed);
-    assert!(work.await.unwrap() > 100, "the workload ran");
-    let source = source_orders(&s.src).await;
-    wait_for("pgvector to catch up", async || {
-        pgvector_orders(&s.pg, &s.vector_table).await == source
-    })
-    .await;
-    let (code, log) = stop(run, &s.config);
-    assert_eq!(code, 0, "{log}");
+    let log = settle(&s, &stop_work, work, run).await;
     assert!(
         !log.contains("initial snapshot read"),
         "no exported snapshot was read: {log}"
