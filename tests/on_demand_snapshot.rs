@@ -179,6 +179,8 @@ fn request(config: &std::path::Path, extra: &[&str]) -> (i32, String) {
 }
 
 struct Setup {
+    admin: tokio_postgres::Client,
+    dbname: String,
     src: tokio_postgres::Client,
     src_url: String,
     pg: tokio_postgres::Client,
@@ -194,7 +196,7 @@ struct Setup {
 /// durable.
 async fn setup(prefix: &str, mode: &str) -> Setup {
     let admin = pg_connect(&env("TRIBUTARY_PG_URL")).await;
-    let (_, src_url, src) = common::create_source_db(
+    let (dbname, src_url, src) = common::create_source_db(
         &admin,
         prefix,
         &format!(
@@ -244,6 +246,8 @@ listen = ""
     let vector_table = format!("\"{schema}\".\"orders\"");
     if mode != "initial" {
         return Setup {
+            admin,
+            dbname,
             src,
             src_url,
             pg,
@@ -268,6 +272,8 @@ listen = ""
     let (code, log) = stop(run, &config);
     assert_eq!(code, 0, "{log}");
     Setup {
+        admin,
+        dbname,
         src,
         src_url,
         pg,
@@ -276,6 +282,15 @@ listen = ""
         config,
         lake,
         _dir: dir,
+    }
+}
+
+impl Setup {
+    /// Drops the test's slot and source database (a slot left behind holds one of the server's
+    /// `max_replication_slots` for good).
+    async fn teardown(self) {
+        drop(self.src);
+        common::drop_source_db(&self.admin, &self.dbname, &self.slot).await;
     }
 }
 
@@ -435,6 +450,7 @@ async fn an_on_demand_snapshot_while_streaming_repairs_pgvector_without_gap_or_d
             .any(|p| p["table"] == "public.orders" && p["on_demand"] == true && p["done"] == true),
         "{status}"
     );
+    s.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,6 +510,7 @@ async fn sigkill_during_an_on_demand_snapshot_neither_loses_nor_doubles_a_row() 
     let run = start(&s.config);
     settle(&s, &stop_work, work, run).await;
     check_end(&s, since, false).await;
+    s.teardown().await;
 }
 
 /// `snapshot = "incremental"`: the initial load itself runs in chunks between watermarks while
@@ -543,4 +560,5 @@ async fn an_incremental_initial_snapshot_streams_meanwhile_and_holds_no_transact
         longest < 3.0,
         "no connection held a transaction open for long (longest {longest:.1} s)"
     );
+    s.teardown().await;
 }
